@@ -1,0 +1,48 @@
+"""The one place tfhybrid imports Keras.
+
+tfhybrid uses Keras 2 (the `tf_keras` package), the Keras that TF-MOT supports.
+Everything Keras-version specific (private classes included) is named here or in
+`graph.py`, so a later Keras 3 port touches few files.
+"""
+
+import tf_keras as keras
+from tf_keras.src.engine.keras_tensor import KerasTensor
+
+# Layer families, by what they do to the channel axis.
+
+#: Layers that apply the same function to every channel and keep the channel axis.
+PASS_THROUGH = tuple(
+    getattr(keras.layers, name)
+    for name in (
+        "Activation ReLU PReLU LeakyReLU ELU ThresholdedReLU Identity "
+        "MaxPooling1D MaxPooling2D MaxPooling3D AveragePooling1D AveragePooling2D "
+        "AveragePooling3D GlobalMaxPooling1D GlobalMaxPooling2D GlobalMaxPooling3D "
+        "GlobalAveragePooling1D GlobalAveragePooling2D GlobalAveragePooling3D "
+        "ZeroPadding1D ZeroPadding2D ZeroPadding3D Cropping1D Cropping2D Cropping3D "
+        "UpSampling1D UpSampling2D UpSampling3D Dropout SpatialDropout1D SpatialDropout2D "
+        "SpatialDropout3D GaussianNoise GaussianDropout AlphaDropout ActivityRegularization"
+    ).split()
+)
+MERGE = tuple(
+    getattr(keras.layers, name) for name in "Add Subtract Multiply Maximum Minimum Average".split()
+)
+TRANSPOSED_CONV = (
+    keras.layers.Conv1DTranspose,
+    keras.layers.Conv2DTranspose,
+    keras.layers.Conv3DTranspose,
+)
+DEPTHWISE_CONV = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+SEPARABLE_CONV = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+#: Plain convolutions (the classes above derive from these or their base; test them first).
+CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+
+__all__ = [
+    "keras",
+    "KerasTensor",
+    "CONV",
+    "DEPTHWISE_CONV",
+    "MERGE",
+    "PASS_THROUGH",
+    "SEPARABLE_CONV",
+    "TRANSPOSED_CONV",
+]

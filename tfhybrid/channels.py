@@ -1,0 +1,416 @@
+"""Channel dependency analysis: which channels of a Keras graph must shrink together.
+
+Every tensor's channel axis (the last one) is described by a *layout*: a tuple of
+segments `(group, mult)`, read left to right. A segment stands for the channels of
+one channel group, each repeated `mult` times in a row (a depthwise multiplier).
+A Flatten repeats its input's layout once per spatial position; a Concatenate
+joins layouts; an Add unifies the groups of its inputs. Producers (Conv, Dense)
+start a fresh group. Anything the analysis cannot see through makes the groups it
+touches non-prunable, with the layer named in the reason: never guessed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+
+from tfhybrid import graph
+from tfhybrid._keras import (
+    CONV,
+    DEPTHWISE_CONV,
+    MERGE,
+    PASS_THROUGH,
+    SEPARABLE_CONV,
+    TRANSPOSED_CONV,
+    keras,
+)
+
+L = keras.layers
+
+_CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
+
+Layout = tuple  # tuple of (group, mult) segments
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """A layer's part in a channel group.
+
+    Attributes:
+        layer: layer name.
+        role: "produces" (creates the channels), "passes" (carries them through,
+            its weights sliced if it has any) or "consumes" (reads them on its
+            input axis, e.g. the input channels of a Conv kernel).
+        offset: where the group's first channel sits on the layer's channel axis
+            (non-zero after a Concatenate).
+        mult: channels per group channel on that axis (a depthwise multiplier).
+        repeats: how often the group recurs along the axis (a Flatten's positions).
+    """
+
+    layer: str
+    role: str
+    offset: int = 0
+    mult: int = 1
+    repeats: int = 1
+
+
+@dataclasses.dataclass
+class ChannelGroup:
+    """Channels that must be removed together, in every tensor that carries them.
+
+    Attributes:
+        id: index of the group in `channel_groups(model)`.
+        size: number of channels.
+        prunable: whether channels may be removed.
+        reason: why not, when not prunable.
+        members: the layers that produce, pass through or consume these channels.
+    """
+
+    id: int
+    size: int
+    prunable: bool
+    reason: str | None
+    members: list[Member]
+
+    def layers(self, role: str | None = None) -> list[str]:
+        """Names of member layers, optionally only those with `role`."""
+        return list(dict.fromkeys(m.layer for m in self.members if role in (None, m.role)))
+
+    def __repr__(self) -> str:
+        state = "prunable" if self.prunable else f"kept whole: {self.reason}"
+        return f"ChannelGroup(id={self.id}, size={self.size}, {state}, layers={self.layers()})"
+
+
+@dataclasses.dataclass
+class ChannelAnalysis:
+    """The result of `analyze`: groups plus the layout of every tensor.
+
+    Attributes:
+        model: the analysed model (nested models inlined); its tensors are the keys.
+        groups: the channel groups, in a stable order.
+        layouts: id of each Keras tensor -> its layout as ((group id, mult), ...).
+        unsupported: names of layers the analysis could not see through.
+    """
+
+    model: Any
+    groups: list[ChannelGroup]
+    layouts: dict
+    unsupported: list[str]
+
+    def layout(self, tensor: Any) -> Layout:
+        """The layout of one of `model`'s Keras tensors."""
+        return self.layouts[id(tensor)]
+
+    def indices(self, tensor: Any, keep: dict) -> np.ndarray | None:
+        """Channel indices of `tensor` that survive when groups keep `keep[gid]`.
+
+        Returns None when the tensor keeps all its channels.
+        """
+        return channel_indices(self.layout(tensor), keep, [g.size for g in self.groups])
+
+
+def channel_indices(layout: Layout, keep: dict, sizes: list[int]) -> np.ndarray | None:
+    """Positions on a tensor's channel axis that survive a removal.
+
+    Args:
+        layout: the tensor's ((group id, mult), ...) layout.
+        keep: group id -> sorted array of the group channels kept; groups not
+            listed keep all their channels.
+        sizes: channel count of every group, by id.
+
+    Returns:
+        The kept positions in increasing order, or None if nothing is removed.
+    """
+    if not any(gid in keep for gid, _ in layout):
+        return None
+    parts, offset = [], 0
+    for gid, mult in layout:
+        kept = keep.get(gid, np.arange(sizes[gid]))
+        parts.append(offset + (np.asarray(kept)[:, None] * mult + np.arange(mult)).ravel())
+        offset += sizes[gid] * mult
+    return np.concatenate(parts).astype(np.int64)
+
+
+def channel_groups(model: Any) -> list[ChannelGroup]:
+    """The channel groups of a functional or Sequential model.
+
+    Args:
+        model: a functional or built Sequential tf_keras model (not modified).
+
+    Returns:
+        The groups in a stable order; `group.id` is its index.
+
+    Raises:
+        TypeError: for a subclassed model.
+    """
+    return analyze(model).groups
+
+
+def analyze(model: Any) -> ChannelAnalysis:
+    """Channel groups and tensor layouts of `model` (nested models inlined).
+
+    Layers the analysis cannot see through are reported in one warning.
+    """
+    flat = graph.flatten(model)
+    analysis = _Analyzer().run(flat)
+    if analysis.unsupported:
+        warnings.warn(
+            "tfhybrid keeps the channels around these layers whole, since it cannot see "
+            f"through them: {', '.join(analysis.unsupported)}",
+            stacklevel=2,
+        )
+    return analysis
+
+
+class _UnionFind:
+    """Channel groups under construction: sizes, merges and reasons to keep whole."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.reasons: dict[int, str] = {}
+
+    def new(self, size: int, reason: str | None = None) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        if reason:
+            self.block(len(self.parent) - 1, reason)
+        return len(self.parent) - 1
+
+    def find(self, g: int) -> int:
+        while self.parent[g] != g:
+            self.parent[g] = self.parent[self.parent[g]]
+            g = self.parent[g]
+        return g
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        keep, drop = min(ra, rb), max(ra, rb)
+        self.parent[drop] = keep
+        if drop in self.reasons:
+            self.reasons.setdefault(keep, self.reasons.pop(drop))
+
+    def block(self, g: int, reason: str) -> None:
+        self.reasons.setdefault(self.find(g), reason)
+
+
+class _Analyzer:
+    """Walks a flat functional model once and builds its channel groups."""
+
+    def __init__(self) -> None:
+        self.uf = _UnionFind()
+        self.layouts: dict[int, Layout] = {}
+        self.members: list[tuple[int, Member]] = []
+        self.first_inputs: dict[int, list[Layout]] = {}
+        self.produced: dict[int, int] = {}
+        self.unsupported: list[str] = []
+
+    def run(self, model: Any) -> ChannelAnalysis:
+        for kt, name in zip(model.inputs, model.input_names):
+            self.layouts[id(kt)] = self._fresh(kt, f"it touches the model input '{name}'")
+        for op in graph.ops(model):
+            self._visit(op)
+        for kt, name in zip(model.outputs, model.output_names):
+            self._block(self.layouts[id(kt)], f"it feeds the model output '{name}'")
+        return self._result(model)
+
+    # -- helpers -----------------------------------------------------------------
+    def _fresh(self, kt: Any, reason: str | None = None) -> Layout:
+        channels = kt.shape[-1] if kt.shape.rank else 1
+        if channels is None:
+            return ((self.uf.new(1, reason or "its channel count is unknown"), 1),)
+        return ((self.uf.new(int(channels), reason), 1),)
+
+    def _block(self, layout: Layout, reason: str) -> None:
+        for g, _ in layout:
+            self.uf.block(g, reason)
+
+    def _seg_size(self, seg: tuple) -> int:
+        return self.uf.size[self.uf.find(seg[0])] * seg[1]
+
+    def _record(self, layout: Layout, layer: Any, role: str) -> None:
+        offset, seen = 0, {}
+        for g, mult in layout:
+            if g in seen:
+                seen[g] = dataclasses.replace(seen[g], repeats=seen[g].repeats + 1)
+            else:
+                seen[g] = Member(layer.name, role, offset, mult)
+            offset += self._seg_size((g, mult))
+        self.members.extend(seen.items())
+
+    def _unify(self, a: Layout, b: Layout, layer: Any) -> None:
+        same_shape = len(a) == len(b) and all(
+            sa[1] == sb[1] and self._seg_size(sa) == self._seg_size(sb) for sa, sb in zip(a, b)
+        )
+        if same_shape:
+            for (ga, _), (gb, _) in zip(a, b):
+                self.uf.union(ga, gb)
+            return
+        reason = (
+            f"'{layer.name}' ({type(layer).__name__}) joins tensors whose channels are "
+            "laid out differently"
+        )
+        self._block(a, reason)
+        self._block(b, reason)
+
+    # -- the rules ---------------------------------------------------------------
+    def _visit(self, op: graph.Op) -> None:
+        layer = op.layer
+        ins = [self.layouts[id(kt)] for kt in op.inputs]
+        if layer.weights and id(layer) in self.first_inputs:
+            for first, now in zip(self.first_inputs[id(layer)], ins):
+                self._unify(first, now, layer)
+        self.first_inputs.setdefault(id(layer), ins)
+        outs = self._rule(op, ins)
+        for kt, layout in zip(op.outputs, outs, strict=True):
+            self.layouts[id(kt)] = layout
+
+    def _rule(self, op: graph.Op, ins: list[Layout]) -> list[Layout]:
+        layer = op.layer
+        if not _channels_last(layer):
+            return self._opaque(op, ins, "it is not channels-last")
+        if isinstance(layer, DEPTHWISE_CONV):
+            return self._depthwise(op, ins[0])
+        if isinstance(layer, (*SEPARABLE_CONV, *TRANSPOSED_CONV, *CONV, L.Dense)):
+            return self._producer(op, ins[0])
+        if isinstance(layer, L.BatchNormalization):
+            return self._batch_norm(op, ins[0])
+        if isinstance(layer, L.LayerNormalization):
+            return self._layer_norm(op, ins[0])
+        if isinstance(layer, (L.Normalization, L.Rescaling)):
+            return self._preprocessing(op, ins[0])
+        if isinstance(layer, MERGE):
+            return self._merge(op, ins)
+        if isinstance(layer, L.Concatenate):
+            return self._concatenate(op, ins)
+        if isinstance(layer, L.Flatten):
+            return self._flatten(op, ins[0])
+        if isinstance(layer, L.Reshape):
+            return self._reshape(op, ins[0])
+        if isinstance(layer, PASS_THROUGH) and not _mixes_channels(layer):
+            return self._pass(op, ins[0])
+        return self._opaque(op, ins, "tfhybrid cannot see through it")
+
+    def _pass(self, op: graph.Op, layout: Layout) -> list[Layout]:
+        if op.outputs[0].shape[-1] != op.inputs[0].shape[-1]:
+            return self._opaque(op, [layout], "it changes the channel axis")
+        self._record(layout, op.layer, "passes")
+        return [layout]
+
+    def _producer(self, op: graph.Op, layout: Layout) -> list[Layout]:
+        layer = op.layer
+        self._record(layout, layer, "consumes")
+        if id(layer) not in self.produced:
+            self.produced[id(layer)] = self._fresh(op.outputs[0])[0][0]
+        out = ((self.produced[id(layer)], 1),)
+        self._record(out, layer, "produces")
+        if getattr(layer, "groups", 1) > 1:
+            reason = f"grouped convolution '{layer.name}' (groups={layer.groups}) is kept whole"
+            self._block(layout, reason)
+            self._block(out, reason)
+        if _mixes_channels(layer):
+            self._block(out, f"'{layer.name}' applies a softmax across its channels")
+        return [out]
+
+    def _depthwise(self, op: graph.Op, layout: Layout) -> list[Layout]:
+        self._record(layout, op.layer, "passes")
+        return [tuple((g, mult * op.layer.depth_multiplier) for g, mult in layout)]
+
+    def _batch_norm(self, op: graph.Op, layout: Layout) -> list[Layout]:
+        axis = op.layer.axis if isinstance(op.layer.axis, (list, tuple)) else [op.layer.axis]
+        rank = op.inputs[0].shape.rank
+        if [a % rank for a in axis] != [rank - 1]:
+            return self._opaque(op, [layout], f"it normalizes over axis {op.layer.axis}")
+        return self._pass(op, layout)
+
+    def _layer_norm(self, op: graph.Op, layout: Layout) -> list[Layout]:
+        self._block(
+            layout,
+            f"LayerNormalization '{op.layer.name}' computes its statistics across the "
+            "channels, so removing channels would change them (approximate only)",
+        )
+        return self._pass(op, layout)
+
+    def _preprocessing(self, op: graph.Op, layout: Layout) -> list[Layout]:
+        self._block(layout, f"'{op.layer.name}' keeps per-channel preprocessing constants whole")
+        return self._pass(op, layout)
+
+    def _merge(self, op: graph.Op, ins: list[Layout]) -> list[Layout]:
+        channels = op.outputs[0].shape[-1]
+        full = [lay for lay, kt in zip(ins, op.inputs) if kt.shape[-1] == channels]
+        if not full:
+            return self._opaque(op, ins, "no input has the output's channel count")
+        for layout in full[1:]:
+            self._unify(full[0], layout, op.layer)
+        for layout in full:
+            self._record(layout, op.layer, "passes")
+        return [full[0]]
+
+    def _concatenate(self, op: graph.Op, ins: list[Layout]) -> list[Layout]:
+        rank = op.outputs[0].shape.rank
+        if op.layer.axis % rank != rank - 1:
+            return self._merge(op, ins)
+        for layout in ins:
+            self._record(layout, op.layer, "passes")
+        return [tuple(seg for layout in ins for seg in layout)]
+
+    def _flatten(self, op: graph.Op, layout: Layout) -> list[Layout]:
+        positions = op.inputs[0].shape[1:-1]
+        if None in positions:
+            return self._opaque(op, [layout], "its input has unknown spatial dimensions")
+        self._record(layout, op.layer, "passes")
+        return [layout * math.prod(positions)]
+
+    def _reshape(self, op: graph.Op, layout: Layout) -> list[Layout]:
+        if op.outputs[0].shape[-1] != op.inputs[0].shape[-1]:
+            return self._opaque(op, [layout], "it reshapes the channel axis")
+        return self._pass(op, layout)
+
+    def _opaque(self, op: graph.Op, ins: list[Layout], why: str) -> list[Layout]:
+        layer = op.layer
+        reason = f"it passes through '{layer.name}' ({type(layer).__name__}): {why}"
+        if layer.name not in self.unsupported:
+            self.unsupported.append(layer.name)
+        for layout in ins:
+            self._block(layout, reason)
+        return [self._fresh(kt, reason) for kt in op.outputs]
+
+    # -- the result --------------------------------------------------------------
+    def _result(self, model: Any) -> ChannelAnalysis:
+        ids: dict[int, int] = {}
+        for g in range(len(self.uf.parent)):
+            ids.setdefault(self.uf.find(g), len(ids))
+        groups = [
+            ChannelGroup(
+                id=gid,
+                size=self.uf.size[root],
+                prunable=root not in self.uf.reasons,
+                reason=self.uf.reasons.get(root),
+                members=[],
+            )
+            for root, gid in ids.items()
+        ]
+        for g, member in self.members:
+            members = groups[ids[self.uf.find(g)]].members
+            if member not in members:
+                members.append(member)
+        layouts = {
+            key: tuple((ids[self.uf.find(g)], mult) for g, mult in layout)
+            for key, layout in self.layouts.items()
+        }
+        return ChannelAnalysis(model, groups, layouts, self.unsupported)
+
+
+def _channels_last(layer: Any) -> bool:
+    return getattr(layer, "data_format", "channels_last") in ("channels_last", None)
+
+
+def _mixes_channels(layer: Any) -> bool:
+    activation = getattr(layer, "activation", None)
+    return getattr(activation, "__name__", activation) in _CHANNEL_MIXING_ACTIVATIONS

@@ -1,0 +1,331 @@
+"""Model surgery: build physically smaller Keras models and copy their weights.
+
+`prune_channels` removes channels of channel groups (or, as a reference, masks
+them); `factorize` splits Dense / Conv2D layers by truncated SVD. Both return new
+models and never modify the one passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tfhybrid import channels, cost, graph
+from tfhybrid._keras import (
+    CONV,
+    DEPTHWISE_CONV,
+    SEPARABLE_CONV,
+    TRANSPOSED_CONV,
+    keras,
+)
+
+L = keras.layers
+
+
+@keras.utils.register_keras_serializable(package="tfhybrid")
+class ChannelMask(L.Layer):
+    """Multiplies the channel axis by a fixed 0/1 mask (the masked reference model).
+
+    Args:
+        mask: one 0/1 value per channel.
+    """
+
+    def __init__(self, mask: Iterable[float], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.mask = [float(v) for v in mask]
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        return inputs * tf.constant(self.mask, dtype=inputs.dtype)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "mask": self.mask}
+
+    def compression_note(self) -> str:
+        """What `tfhybrid.summary` shows for this layer."""
+        return f"kept {int(sum(self.mask))}/{len(self.mask)} channels"
+
+
+def prune_channels(model: Any, remove: Mapping[int, Iterable[int]], *, masked: bool = False):
+    """Removes channels from channel groups.
+
+    Args:
+        model: a functional or built Sequential tf_keras model (not modified).
+        remove: channel group id (see `channel_groups`) -> indices of the group's
+            channels to remove.
+        masked: if True, keep every shape and multiply every tensor of each group
+            by its 0/1 mask instead (the reference the pruned model must equal).
+
+    Returns:
+        A new functional model (nested models inlined). With `masked=False` its
+        layers are physically smaller, weights and BatchNorm statistics sliced.
+
+    Raises:
+        KeyError: for an unknown group id.
+        ValueError: for a group that is not prunable, out-of-range or duplicate
+            indices, or a removal of all channels of a group.
+    """
+    analysis = channels.analyze(model)
+    keep = _kept_channels(analysis.groups, remove)
+    if masked:
+        return graph.rebuild(analysis.model, lambda op: _masked_op(op, analysis, keep))
+    return graph.rebuild(analysis.model, lambda op: _pruned_op(op, analysis, keep))
+
+
+def _kept_channels(groups: list, remove: Mapping[int, Iterable[int]]) -> dict:
+    """Validates `remove` and returns group id -> sorted array of kept channels."""
+    if not isinstance(remove, Mapping):
+        raise TypeError(
+            f"`remove` must map channel group ids to channel indices, got {type(remove).__name__}"
+        )
+    keep = {}
+    for gid, indices in remove.items():
+        if not isinstance(gid, (int, np.integer)) or not 0 <= gid < len(groups):
+            raise KeyError(
+                f"Channel group {gid!r} does not exist: this model has groups 0..{len(groups) - 1} "
+                "(see tfhybrid.channel_groups(model))."
+            )
+        group = groups[gid]
+        indices = [int(i) for i in indices]
+        if not indices:
+            continue
+        if not group.prunable:
+            raise ValueError(f"Channel group {gid} is not prunable: {group.reason}.")
+        for i in indices:
+            if not 0 <= i < group.size:
+                raise ValueError(
+                    f"Channel group {gid} has {group.size} channels (0..{group.size - 1}); "
+                    f"channel index {i} is out of range."
+                )
+        if len(set(indices)) != len(indices):
+            twice = sorted({i for i in indices if indices.count(i) > 1})
+            raise ValueError(f"Channel group {gid}: channel indices {twice} are listed twice.")
+        if len(indices) == group.size:
+            raise ValueError(
+                f"Removing all {group.size} channels of channel group {gid} would cut the "
+                f"graph at layers {group.layers('produces') or group.layers()}; keep at least one."
+            )
+        keep[int(gid)] = np.setdiff1d(np.arange(group.size), indices)
+    return keep
+
+
+def _masked_op(op: graph.Op, analysis: channels.ChannelAnalysis, keep: dict):
+    """A copy of the op's layer followed by a ChannelMask on each affected output."""
+    masks = []
+    for kt in op.outputs:
+        kept = analysis.indices(kt, keep)
+        if kept is None:
+            masks.append(None)
+            continue
+        mask = np.zeros(kt.shape[-1], np.float32)
+        mask[kept] = 1.0
+        masks.append(ChannelMask(mask, name=f"{op.layer.name}_channel_mask"))
+    if not any(m is not None for m in masks):
+        return None
+    layer_call = graph.copy_of(op.layer)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        outputs = tf.nest.flatten(layer_call(*args, **kwargs))
+        masked = [m(t) if m is not None else t for m, t in zip(masks, outputs)]
+        return masked if len(masked) > 1 else masked[0]
+
+    return call
+
+
+def _pruned_op(op: graph.Op, analysis: channels.ChannelAnalysis, keep: dict):
+    """A smaller copy of the op's layer, or None when its channels are untouched."""
+    kept_in = analysis.indices(op.inputs[0], keep) if op.inputs else None
+    kept_out = analysis.indices(op.outputs[0], keep)
+    if kept_in is None and kept_out is None:
+        return None
+    layer = op.layer
+    for family, slicer in _SLICERS:
+        if isinstance(layer, family):
+            config, weights = slicer(layer, kept_in, kept_out)
+            return graph.with_weights(graph.clone_layer(layer, **config), weights)
+    return None  # no weights and no channel count in the config (Add, ReLU, pooling...)
+
+
+def _take(array: np.ndarray, indices: np.ndarray | None, axis: int) -> np.ndarray:
+    return array if indices is None else np.take(array, indices, axis=axis)
+
+
+def _size(indices: np.ndarray | None, layer: Any, attr: str) -> int:
+    return getattr(layer, attr) if indices is None else len(indices)
+
+
+def _slice_conv(layer: Any, kept_in, kept_out) -> tuple[dict, list]:
+    """Conv / Dense: kernel (..., in, out) and bias (out)."""
+    weights = layer.get_weights()
+    weights[0] = _take(_take(weights[0], kept_in, -2), kept_out, -1)
+    if layer.use_bias:
+        weights[1] = _take(weights[1], kept_out, 0)
+    attr = "units" if isinstance(layer, L.Dense) else "filters"
+    return {attr: _size(kept_out, layer, attr)}, weights
+
+
+def _slice_transposed(layer: Any, kept_in, kept_out) -> tuple[dict, list]:
+    """Transposed conv: kernel (..., out, in) and bias (out)."""
+    weights = layer.get_weights()
+    weights[0] = _take(_take(weights[0], kept_in, -1), kept_out, -2)
+    if layer.use_bias:
+        weights[1] = _take(weights[1], kept_out, 0)
+    return {"filters": _size(kept_out, layer, "filters")}, weights
+
+
+def _slice_depthwise(layer: Any, kept_in, kept_out) -> tuple[dict, list]:
+    """Depthwise conv: kernel (..., in, multiplier) and bias (in * multiplier)."""
+    weights = layer.get_weights()
+    weights[0] = _take(weights[0], kept_in, -2)
+    if layer.use_bias:
+        weights[1] = _take(weights[1], kept_out, 0)
+    return {}, weights
+
+
+def _slice_separable(layer: Any, kept_in, kept_out) -> tuple[dict, list]:
+    """Separable conv: depthwise (..., in, m), pointwise (..., in * m, out), bias (out)."""
+    weights = layer.get_weights()
+    mult = layer.depth_multiplier
+    kept_mid = None if kept_in is None else (kept_in[:, None] * mult + np.arange(mult)).ravel()
+    weights[0] = _take(weights[0], kept_in, -2)
+    weights[1] = _take(_take(weights[1], kept_mid, -2), kept_out, -1)
+    if layer.use_bias:
+        weights[2] = _take(weights[2], kept_out, 0)
+    return {"filters": _size(kept_out, layer, "filters")}, weights
+
+
+def _slice_per_channel(layer: Any, kept_in, kept_out) -> tuple[dict, list]:
+    """BatchNorm, PReLU: weights along the channel axis (a PReLU's shared axis stays 1)."""
+    weights = [w if w.shape[-1] == 1 else _take(w, kept_in, -1) for w in layer.get_weights()]
+    return {}, weights
+
+
+def _slice_reshape(layer: Any, kept_in, kept_out) -> tuple[dict, list]:
+    """Reshape that keeps the channel axis last: its target shape shrinks."""
+    target = list(layer.target_shape)
+    if target[-1] != -1:
+        target[-1] = len(kept_out)
+    return {"target_shape": tuple(target)}, []
+
+
+_SLICERS = (
+    (TRANSPOSED_CONV, _slice_transposed),
+    (DEPTHWISE_CONV, _slice_depthwise),
+    (SEPARABLE_CONV, _slice_separable),
+    ((*CONV, L.Dense), _slice_conv),
+    ((L.BatchNormalization, L.PReLU), _slice_per_channel),
+    (L.Reshape, _slice_reshape),
+)
+
+
+def factorize(model: Any, ranks: Mapping[str, int], *, force: bool = False):
+    """Splits Dense and Conv2D layers into two by truncated SVD.
+
+    Dense(n -> m) becomes Dense(n -> r, no bias) + Dense(r -> m) with the original
+    bias and activation. Conv2D k x k (c -> o) becomes Conv2D k x k (c -> r, no bias,
+    same strides, padding and dilation) + Conv2D 1 x 1 (r -> o) with the original
+    bias and activation. The singular values are split evenly (sqrt) between the
+    two factors, so the product equals the rank-r truncated SVD of the kernel.
+
+    Args:
+        model: a functional or built Sequential tf_keras model (not modified).
+        ranks: layer name -> rank r to keep.
+        force: allow ranks that do not reduce the layer's MACs.
+
+    Returns:
+        A new functional model; the factor layers are named `<name>_u` and `<name>_v`.
+
+    Raises:
+        KeyError: for a name that is not a layer of the model.
+        TypeError: for a layer that is not a Dense or plain Conv2D.
+        ValueError: for a rank outside 1..full rank - 1, or one that does not reduce
+            MACs (unless `force`).
+    """
+    flat = graph.flatten(model)
+    calls = {}
+    for op in graph.ops(flat):
+        calls.setdefault(op.layer.name, op)
+    names = {layer.name for layer in flat.layers}
+    for name, rank in ranks.items():
+        _check_rank(calls, names, name, rank, force)
+
+    def replace(op: graph.Op):
+        return _factorized(op.layer, ranks[op.layer.name]) if op.layer.name in ranks else None
+
+    return graph.rebuild(flat, replace)
+
+
+def _check_rank(calls: dict, names: set, name: str, rank: Any, force: bool) -> None:
+    """Raises a clear error unless `name` can be factorized at `rank`."""
+    factorable = sorted(n for n, op in calls.items() if _is_factorable(op.layer))
+    if name not in calls:
+        raise KeyError(f"No layer named '{name}' in the model. Factorizable layers: {factorable}.")
+    layer = calls[name].layer
+    if not _is_factorable(layer):
+        raise TypeError(
+            f"Layer '{name}' is a {type(layer).__name__} (groups={getattr(layer, 'groups', 1)}); "
+            f"factorize handles Dense and plain Conv2D layers. Factorizable layers: {factorable}."
+        )
+    for new_name in (f"{name}_u", f"{name}_v"):
+        if new_name in names:
+            raise ValueError(f"Cannot factorize '{name}': a layer named '{new_name}' exists.")
+    rows, cols = _kernel_matrix(layer.get_weights()[0]).shape
+    full = min(rows, cols)
+    if not isinstance(rank, (int, np.integer)) or not 1 <= rank < full:
+        raise ValueError(
+            f"Rank {rank!r} for layer '{name}' is invalid: its kernel is a {rows} x {cols} "
+            f"matrix of full rank {full}; choose a rank in 1..{full - 1}."
+        )
+    op = calls[name]
+    in_shape, out_shape = tuple(op.inputs[0].shape), tuple(op.outputs[0].shape)
+    before = cost.layer_macs(layer, in_shape, out_shape)
+    after = _factorized_macs(layer, in_shape, out_shape, int(rank))
+    if after >= before and not force:
+        largest = (rows * cols - 1) // (rows + cols)
+        raise ValueError(
+            f"Rank {rank} for layer '{name}' does not reduce its MACs ({after} >= {before}); "
+            f"ranks up to {largest} do. Pass force=True to factorize anyway."
+        )
+
+
+def _is_factorable(layer: Any) -> bool:
+    if type(layer) is L.Dense:
+        return True
+    return type(layer) is L.Conv2D and layer.groups == 1 and layer.data_format == "channels_last"
+
+
+def _kernel_matrix(kernel: np.ndarray) -> np.ndarray:
+    """A Dense kernel as is; a conv kernel (kh, kw, c, o) as a (kh*kw*c) x o matrix."""
+    return kernel.reshape(-1, kernel.shape[-1])
+
+
+def _factorized_macs(layer: Any, in_shape: tuple, out_shape: tuple, rank: int) -> int:
+    mid_shape = out_shape[:-1] + (rank,)
+    first = cost.layer_macs(layer, in_shape, mid_shape)
+    positions = int(np.prod(out_shape[1:-1]))
+    return first + positions * rank * out_shape[-1]
+
+
+def _factorized(layer: Any, rank: int):
+    """A replacement computing `layer` through its rank-`rank` truncated SVD."""
+    weights = layer.get_weights()
+    kernel = weights[0]
+    u, s, vt = np.linalg.svd(_kernel_matrix(kernel), full_matrices=False)
+    root = np.sqrt(s[:rank])
+    first_kernel = (u[:, :rank] * root).reshape(kernel.shape[:-1] + (rank,))
+    second_kernel = root[:, None] * vt[:rank]
+    units = "units" if isinstance(layer, L.Dense) else "filters"
+    first = graph.clone_layer(
+        layer, name=f"{layer.name}_u", **{units: rank}, use_bias=False, activation="linear"
+    )
+    second_config = {"name": f"{layer.name}_v"}
+    if isinstance(layer, L.Conv2D):
+        second_kernel = second_kernel.reshape(1, 1, rank, -1)
+        second_config.update(kernel_size=(1, 1), strides=(1, 1), padding="valid")
+        second_config.update(dilation_rate=(1, 1))
+    second = graph.clone_layer(layer, **second_config)
+    first_call = graph.with_weights(first, [first_kernel.astype(kernel.dtype)])
+    second_call = graph.with_weights(second, [second_kernel.astype(kernel.dtype), *weights[1:]])
+    return lambda *args, **kwargs: second_call(first_call(*args, **kwargs))

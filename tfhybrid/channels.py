@@ -161,7 +161,7 @@ def analyze(model: Any) -> ChannelAnalysis:
         warnings.warn(
             "tfhybrid keeps the channels around these layers whole, since it cannot see "
             f"through them: {', '.join(analysis.unsupported)}",
-            stacklevel=2,
+            stacklevel=3,
         )
     return analysis
 

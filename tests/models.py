@@ -1,0 +1,129 @@
+"""Architectures the tests run on, and helpers that compare models."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import tfhybrid as th
+
+keras = th.keras
+layers = keras.layers
+
+
+def lenet5() -> keras.Model:
+    """Caffe LeNet-5 (20-50-500-10) as a Sequential model."""
+    return keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            layers.Conv2D(20, 5, name="conv1"),
+            layers.MaxPooling2D(name="pool1"),
+            layers.Conv2D(50, 5, name="conv2"),
+            layers.MaxPooling2D(name="pool2"),
+            layers.Flatten(name="flatten"),
+            layers.Dense(500, activation="relu", name="fc1"),
+            layers.Dense(10, name="fc2"),
+        ],
+        name="lenet5",
+    )
+
+
+def resnet_style() -> keras.Model:
+    """A small functional ResNet: identity and projection shortcuts, pre-pool head."""
+    inputs = keras.Input((16, 16, 3))
+    x = layers.Conv2D(8, 3, padding="same", name="stem")(inputs)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.ReLU(name="stem_relu")(x)
+    for i, (filters, stride) in enumerate([(8, 1), (16, 2), (16, 1)]):
+        y = layers.Conv2D(filters, 3, strides=stride, padding="same", name=f"b{i}_c1")(x)
+        y = layers.BatchNormalization(name=f"b{i}_bn1")(y)
+        y = layers.ReLU(name=f"b{i}_relu1")(y)
+        y = layers.Conv2D(filters, 3, padding="same", name=f"b{i}_c2")(y)
+        y = layers.BatchNormalization(name=f"b{i}_bn2")(y)
+        if stride != 1 or x.shape[-1] != filters:
+            x = layers.Conv2D(filters, 1, strides=stride, name=f"b{i}_proj")(x)
+            x = layers.BatchNormalization(name=f"b{i}_proj_bn")(x)
+        x = layers.Add(name=f"b{i}_add")([x, y])
+        x = layers.ReLU(name=f"b{i}_out")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = layers.Dense(10, name="logits")(x)
+    return keras.Model(inputs, outputs, name="resnet_style")
+
+
+APPLICATIONS = {
+    "MobileNetV2": lambda: keras.applications.MobileNetV2(
+        weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None
+    ),
+    "ResNet50": lambda: keras.applications.ResNet50(
+        weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None
+    ),
+    "EfficientNetB0": lambda: keras.applications.EfficientNetB0(
+        weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None
+    ),
+    "DenseNet121": lambda: keras.applications.DenseNet121(
+        weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None
+    ),
+    "MobileNet": lambda: keras.applications.MobileNet(
+        weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None
+    ),
+    "VGG16": lambda: keras.applications.VGG16(
+        weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None
+    ),
+}
+
+
+def randomize_batchnorm(model: keras.Model, seed: int = 0) -> keras.Model:
+    """Gives every BatchNorm random statistics so that signals neither vanish nor blow up.
+
+    Freshly initialised networks (zero-gamma residual branches, unit statistics)
+    pass tiny signals; random affine BNs make a masked/pruned comparison sensitive.
+    """
+    rng = np.random.default_rng(seed)
+    for layer in model.submodules:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, w.shape).astype(w.dtype)
+                    if "variance" in v.name or "gamma" in v.name
+                    else rng.normal(0, 0.1, w.shape).astype(w.dtype)
+                    for v, w in zip(layer.weights, layer.get_weights())
+                ]
+            )
+    return model
+
+
+def random_removal(model: keras.Model, fraction: float = 0.25, seed: int = 0) -> dict:
+    """Removes `fraction` of the channels (at least one, never all) of every prunable group."""
+    rng = np.random.default_rng(seed)
+    remove = {}
+    for group in th.channel_groups(model):
+        if group.prunable and group.size > 1:
+            count = min(group.size - 1, max(1, int(group.size * fraction)))
+            remove[group.id] = rng.choice(group.size, count, replace=False)
+    return remove
+
+
+def max_relative_diff(a: keras.Model, b: keras.Model, x: np.ndarray) -> float:
+    """Max |a(x) - b(x)| over the scale of a(x), in inference mode, all outputs."""
+    ya = [np.asarray(t) for t in _as_list(a(x, training=False))]
+    yb = [np.asarray(t) for t in _as_list(b(x, training=False))]
+    scale = max(float(np.abs(t).max()) for t in ya)
+    assert scale > 1e-6, "outputs vanish: the comparison would prove nothing"
+    return max(float(np.abs(p - q).max()) for p, q in zip(ya, yb)) / scale
+
+
+def _as_list(outputs):
+    return outputs if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+def weights_snapshot(model: keras.Model) -> list[np.ndarray]:
+    """Copies of all weights, to check that a model was not modified."""
+    return [w.copy() for w in model.get_weights()]
+
+
+def assert_unchanged(model: keras.Model, snapshot: list[np.ndarray], config: dict) -> None:
+    """The model's weights and config equal an earlier snapshot."""
+    now = model.get_weights()
+    assert len(now) == len(snapshot)
+    for a, b in zip(now, snapshot):
+        np.testing.assert_array_equal(a, b)
+    assert model.get_config() == config

@@ -1,0 +1,154 @@
+"""channel_groups: which channels are coupled, and which groups are kept whole (and why)."""
+
+import re
+
+import pytest
+import tensorflow as tf
+from models import lenet5, resnet_style
+
+import tfhybrid as th
+
+keras = th.keras
+layers = keras.layers
+
+
+def _group_of(groups, layer, role="produces"):
+    found = [g for g in groups if layer in g.layers(role)]
+    assert len(found) == 1, f"{layer} should {role} exactly one group, got {found}"
+    return found[0]
+
+
+def test_lenet_groups_in_order_with_members_and_flatten_repeats():
+    groups = th.channel_groups(lenet5())
+    assert [g.id for g in groups] == list(range(len(groups)))
+    assert [(g.size, g.prunable) for g in groups] == [
+        (1, False), (20, True), (50, True), (500, True), (10, False)
+    ]
+    assert "model input" in groups[0].reason and "model output 'fc2'" in groups[4].reason
+    conv2 = groups[2]
+    assert conv2.layers("produces") == ["conv2"]
+    assert conv2.layers("passes") == ["pool2", "flatten"]
+    assert conv2.layers("consumes") == ["fc1"]
+    fc1_input = next(m for m in conv2.members if m.layer == "fc1")
+    assert fc1_input.repeats == 16  # Flatten: 4 x 4 positions
+
+
+def test_order_is_stable():
+    model = resnet_style()
+    first = [(g.size, g.layers()) for g in th.channel_groups(model)]
+    assert first == [(g.size, g.layers()) for g in th.channel_groups(model)]
+
+
+def test_residual_adds_couple_every_producer_of_a_stage():
+    groups = th.channel_groups(resnet_style())
+    stage1 = _group_of(groups, "stem")
+    assert {"stem", "b0_c2"} <= set(stage1.layers("produces"))
+    stage2 = _group_of(groups, "b1_proj")
+    assert set(stage2.layers("produces")) == {"b1_proj", "b1_c2", "b2_c2"}
+    assert {"b1_add", "b2_add", "b1_proj_bn", "gap"} <= set(stage2.layers("passes"))
+    assert stage2.prunable
+    inner = _group_of(groups, "b1_c1")
+    assert inner.layers("produces") == ["b1_c1"] and inner.size == 16
+
+
+def test_squeeze_excite_gate_is_coupled_to_the_gated_tensor():
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(16, 3, name="conv")(inputs)
+    s = layers.GlobalAveragePooling2D(keepdims=True, name="pool")(x)
+    s = layers.Conv2D(4, 1, activation="relu", name="reduce")(s)
+    s = layers.Conv2D(16, 1, activation="sigmoid", name="expand")(s)
+    x = layers.Multiply(name="gate")([x, s])
+    model = keras.Model(inputs, layers.Conv2D(2, 1, name="out")(x))
+    groups = th.channel_groups(model)
+    gated = _group_of(groups, "conv")
+    assert set(gated.layers("produces")) == {"conv", "expand"}
+    assert gated.prunable and "reduce" in gated.layers("consumes")
+    assert _group_of(groups, "reduce").prunable
+
+
+def test_concatenate_records_offsets():
+    inputs = keras.Input((4, 4, 3))
+    a = layers.Conv2D(5, 1, name="a")(inputs)
+    b = layers.Conv2D(7, 1, name="b")(inputs)
+    x = layers.Concatenate(name="cat")([a, b])
+    model = keras.Model(inputs, layers.Conv2D(2, 1, name="out")(x))
+    groups = th.channel_groups(model)
+    offsets = {
+        g.layers("produces")[0]: next(m.offset for m in g.members if m.layer == "out")
+        for g in groups if g.layers("produces") in (["a"], ["b"])
+    }
+    assert offsets == {"a": 0, "b": 5}
+
+
+def test_depthwise_multiplier_expands_the_group():
+    inputs = keras.Input((6, 6, 3))
+    x = layers.Conv2D(4, 1, name="pw")(inputs)
+    x = layers.DepthwiseConv2D(3, depth_multiplier=3, name="dw")(x)
+    model = keras.Model(inputs, layers.Conv2D(2, 1, name="out")(x))
+    group = _group_of(th.channel_groups(model), "pw")
+    member = {m.layer: m for m in group.members}
+    assert group.size == 4 and member["dw"].role == "passes" and member["out"].mult == 3
+
+
+@pytest.mark.parametrize(
+    "make_block,reason",
+    [
+        (lambda x: layers.Conv2D(8, 1, groups=2, name="grouped")(x), r"grouped convolution"),
+        (lambda x: tf.transpose(x, [0, 2, 1, 3]), r"tf.compat.v1.transpose|tf.transpose"),
+        (lambda x: layers.LayerNormalization(name="ln")(x), r"approximate"),
+        (lambda x: layers.Softmax(name="sm")(x), r"'sm' \(Softmax\)"),
+        (lambda x: layers.BatchNormalization(axis=1, name="bn1")(x), r"normalizes over axis"),
+    ],
+)
+def test_ops_it_cannot_see_through_keep_their_groups_whole(make_block, reason):
+    inputs = keras.Input((6, 6, 3))
+    x = layers.Conv2D(8, 1, name="before")(inputs)
+    x = make_block(x)
+    model = keras.Model(inputs, layers.Conv2D(2, 1, name="after")(x))
+    group = _group_of(th.channel_groups(model), "before")
+    assert not group.prunable
+    assert re.search(reason, group.reason), group.reason
+
+
+def test_unsupported_layers_are_named_in_a_warning():
+    inputs = keras.Input((6, 6, 3))
+    x = layers.Conv2D(8, 1, name="before")(inputs)
+    x = layers.Permute((2, 1, 3), name="perm")(x)
+    model = keras.Model(inputs, layers.Conv2D(2, 1, name="after")(x))
+    with pytest.warns(UserWarning, match="cannot see through them: perm"):
+        th.channel_groups(model)
+
+
+def test_nested_models_are_analysed_through():
+    inner = keras.Sequential(
+        [keras.Input((5, 5, 6)), layers.BatchNormalization(name="bn"), layers.ReLU(name="r")],
+        name="inner",
+    )
+    inputs = keras.Input((5, 5, 3))
+    x = layers.Conv2D(6, 1, name="conv")(inputs)
+    model = keras.Model(inputs, layers.Conv2D(2, 1, name="out")(inner(x)))
+    group = _group_of(th.channel_groups(model), "conv")
+    assert group.prunable and {"bn", "r"} <= set(group.layers("passes"))
+    assert "out" in group.layers("consumes")
+
+
+def test_dense_on_sequences_and_reshape_keep_channels_last():
+    inputs = keras.Input((7, 12))
+    x = layers.Dense(16, name="d1")(inputs)
+    x = layers.Reshape((7, 1, 16), name="rs")(x)
+    x = layers.Reshape((7, 16), name="rs2")(x)
+    model = keras.Model(inputs, layers.Dense(3, name="d2")(x))
+    group = _group_of(th.channel_groups(model), "d1")
+    assert group.prunable and group.layers("passes") == ["rs", "rs2"]
+
+
+def test_shared_layer_couples_all_its_calls():
+    inputs = keras.Input((4, 4, 3))
+    a = layers.Conv2D(6, 1, name="a")(inputs)
+    b = layers.Conv2D(6, 1, name="b")(inputs)
+    shared = layers.Conv2D(5, 1, name="shared")
+    x = layers.Concatenate(name="cat")([shared(a), shared(b)])
+    model = keras.Model(inputs, layers.Conv2D(2, 1, name="out")(x))
+    groups = th.channel_groups(model)
+    assert _group_of(groups, "a") is _group_of(groups, "b")
+    assert len([g for g in groups if "shared" in g.layers("produces")]) == 1

@@ -1,0 +1,99 @@
+"""profile: MACs against hand counts and TensorFlow's own graph profiler; params."""
+
+import pytest
+import tensorflow as tf
+from models import lenet5, resnet_style
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+import tfhybrid as th
+
+keras = th.keras
+layers = keras.layers
+
+#: Graph ops whose float operations are multiply-accumulates (2 FLOPs each).
+_MAC_OPS = ("Conv2D", "MatMul", "BatchMatMulV2", "DepthwiseConv2dNative", "Conv2DBackpropInput")
+
+
+def tensorflow_profiler_macs(model) -> int:
+    """MACs by TensorFlow's graph profiler: float ops of the MAC ops / 2, batch 1."""
+    spec = tf.TensorSpec((1,) + tuple(model.input_shape[1:]), tf.float32)
+    function = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+    graph = convert_variables_to_constants_v2(function).graph
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    root = tf.compat.v1.profiler.profile(graph=graph, cmd="scope", options=options)
+    op_types = {op.name: op.type for op in graph.get_operations()}
+    flops, stack = 0, [root]
+    while stack:
+        node = stack.pop()
+        if op_types.get(node.name) in _MAC_OPS:
+            flops += node.float_ops
+        stack.extend(node.children)
+    return flops // 2
+
+
+def _mixed_model():
+    inputs = keras.Input((12, 12, 4))
+    x = layers.SeparableConv2D(8, 3, depth_multiplier=2, padding="same")(inputs)
+    x = layers.DepthwiseConv2D(3, strides=2, depth_multiplier=2)(x)
+    x = layers.Conv2D(6, 3, padding="same")(x)
+    x = layers.Reshape((-1, 6))(x)
+    x = layers.Dense(5)(x)
+    return keras.Model(inputs, x)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lenet5,
+        resnet_style,
+        _mixed_model,
+        lambda: keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10),
+        lambda: keras.applications.DenseNet121(weights=None, input_shape=(32, 32, 3), classes=10),
+    ],
+)
+def test_macs_agree_with_tensorflow_profiler(build):
+    model = build()
+    assert th.profile(model).macs == tensorflow_profiler_macs(model)
+
+
+def test_lenet_hand_count():
+    prof = th.profile(lenet5())
+    assert prof.layer("conv1").macs == 24 * 24 * 5 * 5 * 1 * 20
+    assert prof.layer("conv2").macs == 8 * 8 * 5 * 5 * 20 * 50
+    assert prof.layer("fc1").macs == 800 * 500
+    assert prof.layer("pool1").macs == 0
+    assert prof.macs == 2_293_000
+    assert prof.params == 431_080
+
+
+def test_hand_counts_for_transposed_grouped_and_sequence_layers():
+    inputs = keras.Input((5, 5, 8))
+    t = layers.Conv2DTranspose(3, 3, strides=2, name="deconv")(inputs)
+    g = layers.Conv2D(6, 3, groups=2, name="grouped")(inputs)
+    s = layers.Dense(4, name="seq")(layers.Reshape((25, 8))(inputs))
+    # TF runs dilated convs on a padded space-to-batch layout, so its profiler counts more.
+    d = layers.Conv2D(2, 3, dilation_rate=2, padding="same", name="dilated")(inputs)
+    prof = th.profile(keras.Model(inputs, [t, g, s, d]))
+    assert prof.layer("deconv").macs == 5 * 5 * 3 * 3 * 8 * 3
+    assert prof.layer("grouped").macs == 3 * 3 * 3 * 3 * (8 // 2) * 6
+    assert prof.layer("seq").macs == 25 * 8 * 4
+    assert prof.layer("dilated").macs == 5 * 5 * 3 * 3 * 8 * 2
+
+
+def test_params_match_keras_and_shared_layers_count_once():
+    inputs = keras.Input((10,))
+    shared = layers.Dense(10, name="shared")
+    model = keras.Model(inputs, shared(shared(inputs)))
+    prof = th.profile(model)
+    assert prof.params == model.count_params() == 110
+    assert [c.params for c in prof.layers] == [110, 0]
+    assert prof.macs == 200
+
+
+def test_sequential_and_nested_models_count_like_their_flat_version():
+    inner = lenet5()
+    inputs = keras.Input((28, 28, 1))
+    outer = keras.Model(inputs, layers.Softmax()(inner(inputs)))
+    assert th.profile(outer).macs == th.profile(inner).macs
+    assert th.profile(outer).params == inner.count_params()

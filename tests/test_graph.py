@@ -1,0 +1,80 @@
+"""graph: walking and rebuilding functional models without changing what they compute."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfhybrid as th
+from tfhybrid import graph
+
+keras = th.keras
+layers = keras.layers
+
+
+def _tricky_model():
+    """Two inputs, two outputs, a TF op, a shared layer and a nested Sequential."""
+    image = keras.Input((6, 6, 3), name="image")
+    extra = keras.Input((4,), name="extra")
+    inner = keras.Sequential(
+        [keras.Input((6, 6, 3)), layers.Conv2D(4, 3, name="conv"), layers.ReLU()], name="inner"
+    )
+    x = inner(image)
+    x = tf.reduce_mean(x, axis=[1, 2])
+    shared = layers.Dense(4, name="shared")
+    y = shared(shared(extra))
+    joined = layers.Concatenate(name="conv")([x, y])  # clashes with the inner layer's name
+    return keras.Model([image, extra], {"a": layers.Dense(2)(joined), "b": y * 2.0})
+
+
+def test_rebuild_copies_the_function_and_shares_nothing():
+    model = _tricky_model()
+    copy = graph.rebuild(model)
+    data = [np.random.rand(2, 6, 6, 3).astype("f4"), np.random.rand(2, 4).astype("f4")]
+    for key in ("a", "b"):
+        np.testing.assert_allclose(copy(data)[key], model(data)[key], rtol=1e-6)
+    originals = {id(v) for v in model.weights}
+    assert not originals & {id(v) for v in copy.weights}
+    assert copy.input_names == ["image", "extra"]
+
+
+def test_rebuild_inlines_nested_models_and_renames_clashes():
+    flat = graph.flatten(_tricky_model())
+    names = [layer.name for layer in flat.layers]
+    assert not any(isinstance(layer, keras.Model) for layer in flat.layers)
+    assert "inner_conv" in names and "conv" in names
+    assert len(names) == len(set(names))
+
+
+def test_shared_layers_stay_shared():
+    copy = graph.rebuild(_tricky_model())
+    shared = copy.get_layer("shared")
+    assert len(shared._inbound_nodes) == 2
+
+
+def test_replace_can_insert_a_subgraph():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, layers.Dense(2, name="fc")(inputs))
+
+    def replace(op):
+        if op.layer.name != "fc":
+            return None
+        copy = graph.copy_of(op.layer)
+        return lambda x: layers.Lambda(lambda t: t * 0.0 + 1.0)(copy(x))
+
+    replaced = graph.rebuild(model, replace)
+    np.testing.assert_array_equal(replaced(np.ones((1, 3), "f4")), [[1.0, 1.0]])
+
+
+def test_ops_are_topological():
+    model = _tricky_model()
+    seen = {id(t) for t in model.inputs}
+    for op in graph.ops(model):
+        assert all(id(t) in seen for t in op.inputs)
+        seen.update(id(t) for t in op.outputs)
+
+
+def test_unbuilt_sequential_and_non_models_are_refused():
+    with pytest.raises(ValueError, match="no known input shape.*keras.Input"):
+        graph.check_functional(keras.Sequential([layers.Dense(2)]))
+    with pytest.raises(TypeError, match="Expected a tf_keras model"):
+        graph.check_functional(layers.Dense(2))

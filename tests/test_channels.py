@@ -4,9 +4,10 @@ import re
 
 import pytest
 import tensorflow as tf
-from models import lenet5, resnet_style
 
 import tfhybrid as th
+
+from models import lenet5, resnet_style
 
 keras = th.keras
 layers = keras.layers
@@ -22,7 +23,11 @@ def test_lenet_groups_in_order_with_members_and_flatten_repeats():
     groups = th.channel_groups(lenet5())
     assert [g.id for g in groups] == list(range(len(groups)))
     assert [(g.size, g.prunable) for g in groups] == [
-        (1, False), (20, True), (50, True), (500, True), (10, False)
+        (1, False),
+        (20, True),
+        (50, True),
+        (500, True),
+        (10, False),
     ]
     assert "model input" in groups[0].reason and "model output 'fc2'" in groups[4].reason
     conv2 = groups[2]
@@ -75,7 +80,8 @@ def test_concatenate_records_offsets():
     groups = th.channel_groups(model)
     offsets = {
         g.layers("produces")[0]: next(m.offset for m in g.members if m.layer == "out")
-        for g in groups if g.layers("produces") in (["a"], ["b"])
+        for g in groups
+        if g.layers("produces") in (["a"], ["b"])
     }
     assert offsets == {"a": 0, "b": 5}
 

@@ -2,10 +2,11 @@
 
 import pytest
 import tensorflow as tf
-from models import lenet5, resnet_style
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 import tfhybrid as th
+
+from models import lenet5, resnet_style
 
 keras = th.keras
 layers = keras.layers

@@ -1,18 +1,30 @@
 """Property: on random graphs of supported layers, masked and pruned models agree."""
 
+import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from models import max_relative_diff, random_removal, randomize_batchnorm
-
-import numpy as np
 
 import tfhybrid as th
+
+from models import max_relative_diff, random_removal, randomize_batchnorm
 
 keras = th.keras
 layers = keras.layers
 
-OPS = ["conv", "depthwise", "separable", "bn", "act", "add", "multiply", "concat", "pool",
-       "pad_crop", "squeeze_excite", "dropout"]
+OPS = [
+    "conv",
+    "depthwise",
+    "separable",
+    "bn",
+    "act",
+    "add",
+    "multiply",
+    "concat",
+    "pool",
+    "pad_crop",
+    "squeeze_excite",
+    "dropout",
+]
 
 
 def _build(data) -> keras.Model:
@@ -24,11 +36,13 @@ def _build(data) -> keras.Model:
         x = data.draw(st.sampled_from(pool))
         channels = x.shape[-1]
         if op == "conv":
-            x = layers.Conv2D(data.draw(st.integers(2, 8)), data.draw(st.sampled_from([1, 3])),
-                              padding="same")(x)
+            x = layers.Conv2D(
+                data.draw(st.integers(2, 8)), data.draw(st.sampled_from([1, 3])), padding="same"
+            )(x)
         elif op == "depthwise":
-            x = layers.DepthwiseConv2D(3, padding="same",
-                                       depth_multiplier=data.draw(st.sampled_from([2, 1])))(x)
+            x = layers.DepthwiseConv2D(
+                3, padding="same", depth_multiplier=data.draw(st.sampled_from([2, 1]))
+            )(x)
         elif op == "separable":
             x = layers.SeparableConv2D(data.draw(st.integers(2, 6)), 3, padding="same")(x)
         elif op == "bn":
@@ -67,8 +81,9 @@ def _build(data) -> keras.Model:
 @given(data=st.data())
 def test_random_graphs_prune_exactly(data):
     model = randomize_batchnorm(_build(data))
-    remove = random_removal(model, data.draw(st.floats(0.1, 0.9)),
-                            seed=data.draw(st.integers(0, 1000)))
+    remove = random_removal(
+        model, data.draw(st.floats(0.1, 0.9)), seed=data.draw(st.integers(0, 1000))
+    )
     masked = th.prune_channels(model, remove, masked=True)
     pruned = th.prune_channels(model, remove)
     x = np.random.default_rng(0).normal(size=(2, 6, 6, 3)).astype(np.float32)

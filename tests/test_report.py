@@ -1,9 +1,10 @@
 """summary: the per-layer table."""
 
 import numpy as np
-from models import lenet5
 
 import tfhybrid as th
+
+from models import lenet5
 
 
 def test_summary_lists_layers_totals_and_kept_channels():

@@ -3,6 +3,9 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+
+import tfhybrid as th
+
 from models import (
     APPLICATIONS,
     assert_unchanged,
@@ -13,8 +16,6 @@ from models import (
     resnet_style,
     weights_snapshot,
 )
-
-import tfhybrid as th
 
 keras = th.keras
 layers = keras.layers
@@ -45,8 +46,9 @@ def test_masked_and_pruned_models_compute_the_same_function(name):
 def test_pruned_lenet_costs_match_hand_count():
     model = lenet5()
     groups = th.channel_groups(model)
-    conv1, conv2, fc1 = (next(g for g in groups if g.layers("produces") == [n]) for n in
-                         ("conv1", "conv2", "fc1"))
+    conv1, conv2, fc1 = (
+        next(g for g in groups if g.layers("produces") == [n]) for n in ("conv1", "conv2", "fc1")
+    )
     pruned = th.prune_channels(
         model, {conv1.id: range(5), conv2.id: range(0, 20, 2), fc1.id: range(100, 200)}
     )
@@ -100,8 +102,12 @@ def _squeeze_excite_model():
 
 def _nested_model():
     block = keras.Sequential(
-        [keras.Input((8, 8, 6)), layers.Conv2D(6, 3, padding="same", name="conv"),
-         layers.BatchNormalization(name="bn"), layers.ReLU(name="relu")],
+        [
+            keras.Input((8, 8, 6)),
+            layers.Conv2D(6, 3, padding="same", name="conv"),
+            layers.BatchNormalization(name="bn"),
+            layers.ReLU(name="relu"),
+        ],
         name="block",
     )
     inputs = keras.Input((8, 8, 3))
@@ -163,7 +169,12 @@ def test_factorized_dense_equals_truncated_svd():
 def test_factorized_conv_equals_truncated_svd(strides, dilation, padding):
     inputs = keras.Input((11, 11, 5))
     conv = layers.Conv2D(
-        12, 3, strides=strides, dilation_rate=dilation, padding=padding, activation="relu",
+        12,
+        3,
+        strides=strides,
+        dilation_rate=dilation,
+        padding=padding,
+        activation="relu",
         name="conv",
     )
     model = keras.Model(inputs, conv(inputs))
@@ -174,13 +185,17 @@ def test_factorized_conv_equals_truncated_svd(strides, dilation, padding):
     reconstructed = _truncated(kernel.reshape(-1, 12), 4).reshape(kernel.shape)
     x = _inputs(model)
     expected = tf.nn.relu(
-        tf.nn.conv2d(x, reconstructed, strides=strides, padding=padding.upper(),
-                     dilations=dilation) + bias
+        tf.nn.conv2d(x, reconstructed, strides=strides, padding=padding.upper(), dilations=dilation)
+        + bias
     )
     np.testing.assert_allclose(small(x).numpy(), expected.numpy(), atol=1e-5)
     first, second = small.get_layer("conv_u"), small.get_layer("conv_v")
     assert (first.filters, first.strides, first.dilation_rate, first.padding) == (
-        4, (strides, strides), (dilation, dilation), padding)
+        4,
+        (strides, strides),
+        (dilation, dilation),
+        padding,
+    )
     assert second.kernel_size == (1, 1)
     assert th.profile(small).macs < th.profile(model).macs
 
@@ -209,8 +224,12 @@ class _Subclassed(keras.Model):
 def test_subclassed_model_is_refused_with_advice():
     model = _Subclassed()
     model(np.zeros((1, 4), np.float32))
-    for call in (th.channel_groups, th.profile, lambda m: th.prune_channels(m, {}),
-                 lambda m: th.factorize(m, {"dense": 1})):
+    for call in (
+        th.channel_groups,
+        th.profile,
+        lambda m: th.prune_channels(m, {}),
+        lambda m: th.factorize(m, {"dense": 1}),
+    ):
         with pytest.raises(TypeError, match="subclassed.*functional API"):
             call(model)
 

@@ -1,0 +1,55 @@
+"""techniques.magnitude: L1-norm channel choice and SVD rank choice."""
+
+import numpy as np
+import pytest
+
+import tfhybrid as th
+from tfhybrid.techniques import magnitude
+
+from models import lenet5, resnet_style
+
+keras = th.keras
+
+
+def _group(model, producer):
+    return next(g for g in th.channel_groups(model) if producer in g.layers("produces"))
+
+
+def test_l1_removal_drops_the_smallest_filters():
+    model = lenet5()
+    kernel = model.get_layer("conv1").kernel.numpy()
+    scale = np.arange(1, 21, dtype=np.float32)[::-1]  # filter i has norm ~ 20 - i
+    model.get_layer("conv1").kernel.assign(np.sign(kernel) * scale)
+    removal = magnitude.l1_removal(model, 0.25)
+    np.testing.assert_array_equal(removal[_group(model, "conv1").id], [15, 16, 17, 18, 19])
+    assert len(removal[_group(model, "fc1").id]) == 125
+
+
+def test_residual_groups_sum_the_norms_of_all_producers():
+    model = resnet_style()
+    group = _group(model, "b1_proj")
+    expected = sum(
+        np.abs(model.get_layer(n).kernel.numpy()).reshape(-1, 16).sum(0)
+        for n in group.layers("produces")
+    )
+    np.testing.assert_allclose(magnitude.channel_l1_norms(model)[group.id], expected, rtol=1e-6)
+
+
+def test_l1_removal_keeps_one_channel_and_rejects_bad_fractions():
+    model = lenet5()
+    assert all(
+        len(v) == _g.size - 1
+        for _g in th.channel_groups(model)
+        for k, v in magnitude.l1_removal(model, 0.999).items()
+        if k == _g.id
+    )
+    with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\), got 1.0"):
+        magnitude.l1_removal(model, 1.0)
+
+
+def test_svd_rank_keeps_the_requested_energy():
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(4, use_bias=False, name="fc")(inputs))
+    model.get_layer("fc").kernel.assign(np.diag([3.0, 2.0, 1.0, 0.5]))
+    # squared spectrum 9, 4, 1, 0.25: cumulative shares 0.63, 0.91, 0.98, 1.0
+    assert [magnitude.svd_rank(model, "fc", e) for e in (0.5, 0.9, 0.95, 1.0)] == [1, 2, 3, 4]

@@ -1,0 +1,1 @@
+"""Compression techniques: one module per method (see DESIGN.md)."""

@@ -1,0 +1,84 @@
+"""Magnitude heuristics: uniform L1-norm filter pruning and SVD rank truncation.
+
+These are the classic one-shot baselines (Li et al. 2017, "Pruning filters for
+efficient ConvNets"; truncated SVD of layer kernels). They decide *what* to
+remove; `surgery.prune_channels` / `surgery.factorize` make it physical.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tfhybrid import channels, graph
+
+
+def channel_l1_norms(model: Any) -> dict[int, np.ndarray]:
+    """L1 norm of every channel of every prunable group.
+
+    A channel's norm sums the L1 norms of the kernel slices that produce it, over
+    all producers of its group (e.g. both branches feeding a residual Add).
+
+    Args:
+        model: a functional or built Sequential tf_keras model.
+
+    Returns:
+        Group id -> array of one norm per channel, for prunable groups with a
+        weighted producer.
+    """
+    analysis = channels.analyze(model)
+    layers = {layer.name: layer for layer in analysis.model.layers}
+    norms = {}
+    for group in analysis.groups:
+        if not group.prunable:
+            continue
+        total = np.zeros(group.size)
+        for name in group.layers("produces"):
+            kernel = layers[name].get_weights()[0]
+            total += np.abs(kernel.reshape(-1, kernel.shape[-1])).sum(axis=0)
+        if total.any():
+            norms[group.id] = total
+    return norms
+
+
+def l1_removal(model: Any, fraction: float) -> dict[int, np.ndarray]:
+    """Channels to remove so every prunable group loses `fraction` of them.
+
+    The channels with the smallest L1 norm go first; every group keeps at least one.
+
+    Args:
+        model: a functional or built Sequential tf_keras model.
+        fraction: share of each group's channels to remove, in [0, 1).
+
+    Returns:
+        A `remove` mapping for `prune_channels`.
+
+    Raises:
+        ValueError: for a fraction outside [0, 1).
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction!r}")
+    removal = {}
+    for gid, norms in channel_l1_norms(model).items():
+        count = min(int(round(fraction * len(norms))), len(norms) - 1)
+        if count:
+            removal[gid] = np.sort(np.argsort(norms, kind="stable")[:count])
+    return removal
+
+
+def svd_rank(model: Any, layer_name: str, energy: float) -> int:
+    """Smallest rank whose singular values keep `energy` of a kernel's squared spectrum.
+
+    Args:
+        model: a functional or built Sequential tf_keras model.
+        layer_name: a Dense or Conv2D layer.
+        energy: share of sum(s**2) to keep, in (0, 1].
+
+    Returns:
+        The rank r (1 <= r <= full rank).
+    """
+    kernel = graph.flatten(model).get_layer(layer_name).get_weights()[0]
+    s = np.linalg.svd(kernel.reshape(-1, kernel.shape[-1]), compute_uv=False)
+    kept = np.cumsum(s**2) / np.sum(s**2)
+    return int(np.searchsorted(kept, energy - 1e-12) + 1)

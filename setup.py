@@ -22,5 +22,8 @@ setup(
         "ai-edge-litert",
         "numpy",
     ],
-    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "ruff"]},
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "hypothesis", "ruff"],
+        "benchmark": ["matplotlib"],
+    },
 )

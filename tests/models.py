@@ -49,25 +49,20 @@ def resnet_style() -> keras.Model:
     return keras.Model(inputs, outputs, name="resnet_style")
 
 
+def application(name: str, size: int = 32):
+    """A builder of `keras.applications.<name>` with random weights and 10 logits."""
+
+    def build() -> keras.Model:
+        return getattr(keras.applications, name)(
+            weights=None, input_shape=(size, size, 3), classes=10, classifier_activation=None
+        )
+
+    return build
+
+
 APPLICATIONS = {
-    "MobileNetV2": lambda: keras.applications.MobileNetV2(
-        weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None
-    ),
-    "ResNet50": lambda: keras.applications.ResNet50(
-        weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None
-    ),
-    "EfficientNetB0": lambda: keras.applications.EfficientNetB0(
-        weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None
-    ),
-    "DenseNet121": lambda: keras.applications.DenseNet121(
-        weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None
-    ),
-    "MobileNet": lambda: keras.applications.MobileNet(
-        weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None
-    ),
-    "VGG16": lambda: keras.applications.VGG16(
-        weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None
-    ),
+    name: application(name)
+    for name in ("MobileNetV2", "ResNet50", "EfficientNetB0", "DenseNet121", "MobileNet", "VGG16")
 }
 
 

@@ -96,6 +96,7 @@ def test_depthwise_multiplier_expands_the_group():
     assert group.size == 4 and member["dw"].role == "passes" and member["out"].mult == 3
 
 
+@pytest.mark.filterwarnings("ignore:tfhybrid keeps the channels")
 @pytest.mark.parametrize(
     "make_block,reason",
     [

@@ -145,6 +145,11 @@ def _pruned_op(op: graph.Op, analysis: channels.ChannelAnalysis, keep: dict):
         if isinstance(layer, family):
             config, weights = slicer(layer, kept_in, kept_out)
             return graph.with_weights(graph.clone_layer(layer, **config), weights)
+    if layer.weights:  # channels.py let a weighted layer into a group it cannot slice
+        raise NotImplementedError(
+            f"tfhybrid cannot slice the weights of layer '{layer.name}' "
+            f"({type(layer).__name__}); please report this with the model."
+        )
     return None  # no weights and no channel count in the config (Add, ReLU, pooling...)
 
 

@@ -17,6 +17,9 @@ import math
 from fractions import Fraction
 from typing import Any
 
+import numpy as np
+import tensorflow as tf
+
 from tfhybrid import graph
 from tfhybrid._keras import CONV, DEPTHWISE_CONV, SEPARABLE_CONV, TRANSPOSED_CONV, keras
 
@@ -121,3 +124,155 @@ def profile(model: Any) -> Profile:
         counted.add(id(layer))
         costs.append(LayerCost(layer.name, type(layer).__name__, out_shape[1:], macs, params))
     return Profile(macs=sum(c.macs for c in costs), params=model.count_params(), layers=costs)
+
+
+def param_terms(layer: Any, channels_in: int) -> tuple[float, float, float, float]:
+    """The terms (p0, pa, pb, pc) of `params = p0 + pa*cin + pb*cin*cout + pc*cout`."""
+    bias = float(getattr(layer, "use_bias", False))
+    if isinstance(layer, DEPTHWISE_CONV):
+        mult = layer.depth_multiplier
+        return 0.0, math.prod(layer.kernel_size) * mult + bias * mult, 0.0, 0.0
+    if isinstance(layer, SEPARABLE_CONV):
+        mult = layer.depth_multiplier
+        return 0.0, math.prod(layer.kernel_size) * mult, float(mult), bias
+    if isinstance(layer, (*TRANSPOSED_CONV, *CONV)):
+        return 0.0, 0.0, math.prod(layer.kernel_size) / layer.groups, bias
+    if isinstance(layer, L.Dense):
+        return 0.0, 0.0, 1.0, bias
+    per_channel = sum(
+        w.shape.num_elements() / channels_in
+        for w in layer.weights
+        if channels_in > 1 and w.shape.rank and w.shape[-1] == channels_in
+    )
+    return float(layer.count_params() - per_channel * channels_in), per_channel, 0.0, 0.0
+
+
+@dataclasses.dataclass
+class LayerTerms:
+    """Cost of one layer call as a function of its channel counts (and rank).
+
+    Attributes:
+        name: layer name.
+        inputs: layout ((group id, mult), ...) of the layer's (first) input.
+        outputs: layout of its output.
+        macs: (a, b) of `MACs = a*cin + b*cin*cout`.
+        params: (p0, pa, pb, pc) of `params = p0 + pa*cin + pb*cin*cout + pc*cout`.
+        factored: for Dense/Conv2D that may be split: (area, positions) with which
+            the split costs `positions*(area*cin*r + r*cout)` MACs and
+            `area*cin*r + r*cout + pc*cout` params; None otherwise.
+    """
+
+    name: str
+    inputs: tuple
+    outputs: tuple
+    macs: tuple
+    params: tuple
+    factored: tuple | None = None
+
+
+class CostModel:
+    """MACs and params of a model as a function of group channel counts and ranks.
+
+    The same arithmetic serves exact counts (ints), numpy arrays and tensors (the
+    differentiable budget), so the penalty, the budget projection and
+    `profile(strip(model))` agree.
+
+    Args:
+        terms: one `LayerTerms` per layer call.
+        sizes: channel count of every group, by id.
+    """
+
+    def __init__(self, terms: list[LayerTerms], sizes: list[int]):
+        self.terms = terms
+        self.sizes = list(sizes)
+
+    @classmethod
+    def from_analysis(cls, analysis: Any) -> CostModel:
+        """Cost terms of the model that `channels.analyze` looked at."""
+        terms, counted = [], set()
+        for op in graph.ops(analysis.model):
+            if not op.inputs:
+                continue
+            layer = op.layer
+            in_shape, out_shape = tuple(op.inputs[0].shape), tuple(op.outputs[0].shape)
+            a, b = mac_terms(layer, in_shape, out_shape)
+            params = param_terms(layer, in_shape[-1] or 1)
+            if id(layer) in counted:
+                params = (0.0, 0.0, 0.0, 0.0)
+            counted.add(id(layer))
+            factored = None
+            if type(layer) in (L.Dense, L.Conv2D) and getattr(layer, "groups", 1) == 1:
+                area = math.prod(getattr(layer, "kernel_size", (1,)))
+                factored = (float(area), float(math.prod(out_shape[1:-1])))
+            terms.append(
+                LayerTerms(
+                    layer.name,
+                    analysis.layout(op.inputs[0]),
+                    analysis.layout(op.outputs[0]),
+                    (float(a), float(b)),
+                    params,
+                    factored,
+                )
+            )
+        return cls(terms, [g.size for g in analysis.groups])
+
+    def channels(self, layout: tuple, counts: dict) -> Any:
+        """Channel count of a tensor with `layout` when groups keep `counts[gid]`."""
+        return sum(counts.get(gid, self.sizes[gid]) * mult for gid, mult in layout)
+
+    def evaluate(self, counts: dict | None = None, ranks: dict | None = None) -> tuple:
+        """(MACs, params) for group channel counts and layer ranks.
+
+        Args:
+            counts: group id -> channels kept (int, float or tensor); others keep all.
+            ranks: layer name -> rank (int, float or tensor) for layers that may be
+                split; a layer counts as split only where that needs fewer MACs.
+
+        Returns:
+            (MACs, params), ints if every count and rank is an int.
+        """
+        counts, ranks = counts or {}, ranks or {}
+        macs = params = 0
+        for t in self.terms:
+            cin, cout = self.channels(t.inputs, counts), self.channels(t.outputs, counts)
+            (a, b), (p0, pa, pb, pc) = t.macs, t.params
+            layer_macs = a * cin + b * cin * cout
+            layer_params = p0 + pa * cin + pb * cin * cout + pc * cout
+            if t.factored is not None and t.name in ranks:
+                area, positions = t.factored
+                rank = ranks[t.name]
+                split_macs = positions * (area * cin * rank + rank * cout)
+                split_params = area * cin * rank + rank * cout + pc * cout
+                cheaper = split_macs < layer_macs
+                layer_macs = _select(cheaper, split_macs, layer_macs)
+                layer_params = _select(cheaper, split_params, layer_params)
+            macs, params = macs + layer_macs, params + layer_params
+        return _exact(macs), _exact(params)
+
+    def get_config(self) -> dict:
+        return {"terms": [dataclasses.asdict(t) for t in self.terms], "sizes": self.sizes}
+
+    @classmethod
+    def from_config(cls, config: dict) -> CostModel:
+        terms = []
+        for t in config["terms"]:
+            t = dict(t)
+            t["inputs"] = tuple(tuple(seg) for seg in t["inputs"])
+            t["outputs"] = tuple(tuple(seg) for seg in t["outputs"])
+            t["macs"], t["params"] = tuple(t["macs"]), tuple(t["params"])
+            t["factored"] = tuple(t["factored"]) if t["factored"] is not None else None
+            terms.append(LayerTerms(**t))
+        return cls(terms, config["sizes"])
+
+
+def _select(condition: Any, if_true: Any, if_false: Any) -> Any:
+    if isinstance(condition, (bool, np.bool_)):
+        return if_true if condition else if_false
+    return tf.where(condition, if_true, if_false)
+
+
+def _exact(value: Any) -> Any:
+    """Floats that hold whole numbers become ints; tensors pass through."""
+    if isinstance(value, (int, float, np.floating)) and float(value).is_integer():
+        return int(value)
+    return value

@@ -4,16 +4,28 @@ The public API, re-exported; see DESIGN.md for the architecture.
 """
 
 from tfhybrid._keras import keras
+from tfhybrid.api import custom_object_scope, hybrid_compress, strip
+from tfhybrid.budget import Budget
+from tfhybrid.callbacks import CompressionLogger, CompressionScheduler
 from tfhybrid.channels import ChannelGroup, Member, channel_groups
 from tfhybrid.cost import LayerCost, Profile, profile
 from tfhybrid.report import summary
+from tfhybrid.schedules import ExponentialDecay, LinearRamp
 from tfhybrid.surgery import ChannelMask, factorize, prune_channels
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Budget",
+    "CompressionLogger",
+    "CompressionScheduler",
+    "custom_object_scope",
+    "hybrid_compress",
+    "strip",
     "ChannelGroup",
     "ChannelMask",
+    "ExponentialDecay",
+    "LinearRamp",
     "LayerCost",
     "Member",
     "Profile",

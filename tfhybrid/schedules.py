@@ -91,4 +91,3 @@ def deserialize(config: dict | Schedule) -> Schedule:
     if name not in classes:
         raise ValueError(f"Unknown schedule {name!r}; known: {sorted(classes)}.")
     return classes[name].from_config(dict(config["config"]))
-

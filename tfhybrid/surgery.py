@@ -334,3 +334,46 @@ def _factorized(layer: Any, rank: int):
     first_call = graph.with_weights(first, [first_kernel.astype(kernel.dtype)])
     second_call = graph.with_weights(second, [second_kernel.astype(kernel.dtype), *weights[1:]])
     return lambda *args, **kwargs: second_call(first_call(*args, **kwargs))
+
+
+def strip(
+    model: Any,
+    replacements: Mapping[str, graph.Replacement],
+    remove: Mapping[tuple, Iterable[int]],
+    ranks: Mapping[str, int],
+):
+    """Builds the plain, physically smaller model that a compression decided on.
+
+    Three steps, each exact: training-time layers are replaced by plain ones
+    (`replacements`), channels are removed (`prune_channels`), and layers are split
+    where their rank makes that cheaper (`factorize`).
+
+    Args:
+        model: a functional model holding training-time layers.
+        replacements: layer name -> replacement (a plain layer, or the identity).
+        remove: channels to remove, keyed by the sorted producer layer names of
+            their group (stable across rebuilds, unlike group ids).
+        ranks: layer name -> rank of its kernel; the layer is split if that
+            reduces its MACs, else kept whole.
+
+    Returns:
+        A plain functional `keras.Model`.
+    """
+    plain = graph.rebuild(model, lambda op: replacements.get(op.layer.name))
+    by_producers = {
+        tuple(sorted(g.layers("produces"))): g.id for g in channels.channel_groups(plain)
+    }
+    pruned = prune_channels(plain, {by_producers[tuple(k)]: v for k, v in remove.items()})
+    calls = {op.layer.name: op for op in graph.ops(pruned)}
+    cheaper = {}
+    for name, rank in ranks.items():
+        op = calls[name]
+        in_shape, out_shape = tuple(op.inputs[0].shape), tuple(op.outputs[0].shape)
+        rows, cols = _kernel_matrix(op.layer.get_weights()[0]).shape
+        before = cost.layer_macs(op.layer, in_shape, out_shape)
+        if (
+            rank < min(rows, cols)
+            and _factorized_macs(op.layer, in_shape, out_shape, rank) < before
+        ):
+            cheaper[name] = int(rank)
+    return factorize(pruned, cheaper) if cheaper else pruned

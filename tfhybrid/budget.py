@@ -1,0 +1,59 @@
+"""The budget: what share of the original model's MACs and/or parameters may remain."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Fractions of the original model to keep, e.g. `Budget(macs=0.25)`.
+
+    Args:
+        macs: share of the original multiply-accumulates, in (0, 1].
+        params: share of the original parameters, in (0, 1].
+
+    Raises:
+        ValueError: if neither is given or one is outside (0, 1].
+    """
+
+    macs: float | None = None
+    params: float | None = None
+
+    def __post_init__(self):
+        if self.macs is None and self.params is None:
+            raise ValueError("Budget needs macs=..., params=... or both, e.g. Budget(macs=0.25).")
+        for name, value in self.targets().items():
+            if not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ValueError(
+                    f"Budget({name}={value!r}) is outside (0, 1]: it is the share of the "
+                    f"original model's {name} to keep, e.g. {name}=0.25 keeps a quarter."
+                )
+
+    def targets(self) -> dict[str, float]:
+        """{"macs": fraction, "params": fraction} for the quantities constrained."""
+        return {k: v for k, v in (("macs", self.macs), ("params", self.params)) if v is not None}
+
+    def met_by(self, ratios: dict[str, float]) -> bool:
+        """True if every constrained ratio (new / original) is within its fraction."""
+        return all(ratios[k] <= v + 1e-12 for k, v in self.targets().items())
+
+    def get_config(self) -> dict:
+        return {"macs": self.macs, "params": self.params}
+
+
+def penalty(ratios: dict[str, Any], budget: Budget) -> tf.Tensor:
+    """How far soft ratios exceed the budget: sum of relu(ratio / target - 1).
+
+    Args:
+        ratios: "macs"/"params" -> current (soft) ratio to the original model.
+        budget: the targets.
+
+    Returns:
+        A scalar tensor, zero when the budget is met.
+    """
+    terms = [tf.nn.relu(ratios[k] / v - 1.0) for k, v in budget.targets().items()]
+    return tf.add_n(terms)

@@ -1,0 +1,650 @@
+"""DF: filters (DML-S) and ranks (DTL-S) learned together under one budget.
+
+After Eo, Kang & Rhee (2023), "A Differentiable Framework for End-to-End Learning
+of Hybrid Structured Compression".
+
+- DML-S: one vector of mask logits per channel group; the soft mask
+  sigmoid(logit / T) multiplies every tensor of the group (DESIGN.md's exactness
+  rule), with T annealed so masks become 0/1.
+- DTL-S: a Dense/Conv2D layer is trained as W = U diag(relu(s - tau)) V, started
+  from the SVD of its kernel; singular value thresholding by a learnable tau.
+  U's columns and V's rows are kept at unit norm, so each component's size lives
+  in s alone and thresholding s is meaningful. The soft rank is
+  sum(sigmoid((s - tau) / T)).
+- Budget: the soft channel counts and ranks feed `cost.CostModel`, the same
+  arithmetic as `profile`; the penalty relu(ratio / target - 1) is added to the
+  loss with a ramped weight.
+- At the end of the search the decisions are made hard and, if they are over
+  budget, projected: the least important channels/ranks go until the budget holds.
+
+This module builds the training-time layers and decisions; `surgery.strip` turns
+them into a plain model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tfhybrid import budget as budget_lib
+from tfhybrid import cost, graph, schedules
+from tfhybrid._keras import keras
+
+L = keras.layers
+
+#: Mask logits and thresholds are stored divided by this, so that optimizer steps of
+#: the usual size (1e-3) move them quickly enough for a search of a few 1000 steps.
+LOGIT_SCALE = 10.0
+#: Initial mask logit: sigmoid(6) = 0.9975, so the starting model stays close to the
+#: pretrained one although every tensor of a group is masked.
+INITIAL_LOGIT = 6.0
+
+
+def _int_var(layer: L.Layer, name: str) -> tf.Variable:
+    return layer.add_weight(name, shape=(), dtype=tf.int64, initializer="zeros", trainable=False)
+
+
+@keras.utils.register_keras_serializable(package="tfhybrid")
+class ChannelGates(L.Layer):
+    """The masks of the channel groups under search, shared by all their tensors.
+
+    Called once per masked tensor with that tensor's `layout`: a list of
+    `[gate index or -1, group size, mult]` segments along its channel axis.
+
+    Args:
+        group_ids: ids (in `channel_groups` of the original model) of the gated groups.
+        group_keys: producer layer names of each gated group (stable across rebuilds).
+        sizes: channels per gated group.
+        temperature: schedule config of T (see `schedules`).
+        search_steps: steps of the soft search; from then on the masks are hard.
+    """
+
+    def __init__(self, group_ids, group_keys, sizes, temperature, search_steps, **kwargs):
+        super().__init__(**kwargs)
+        self.group_ids = [int(g) for g in group_ids]
+        self.group_keys = [list(k) for k in group_keys]
+        self.sizes = [int(s) for s in sizes]
+        self.temperature = schedules.deserialize(temperature)
+        self.search_steps = int(search_steps)
+
+    def build(self, input_shape):
+        init = keras.initializers.Constant(INITIAL_LOGIT / LOGIT_SCALE)
+        self.logits = [
+            self.add_weight(f"logits_{i}", shape=(n,), initializer=init)
+            for i, n in enumerate(self.sizes)
+        ]
+        self.keep = [
+            self.add_weight(f"keep_{i}", shape=(n,), initializer="ones", trainable=False)
+            for i, n in enumerate(self.sizes)
+        ]
+        self.step = _int_var(self, "step")
+        super().build(input_shape)
+
+    def masks(self, hard: bool = False) -> list[tf.Tensor]:
+        """One mask per gated group: soft during the search, the kept 0/1 after it.
+
+        With `hard=True` the search's current hard decisions (logit > 0) are given.
+        """
+        searching = self.step < self.search_steps
+        result = []
+        for logits, keep in zip(self.logits, self.keep):
+            if hard:
+                current = tf.cast(logits > 0, tf.float32)
+            else:
+                current = tf.sigmoid(LOGIT_SCALE * logits / self.temperature(self.step))
+            result.append(tf.where(searching, current, keep))
+        return result
+
+    def call(self, inputs, layout=()):
+        masks = self.masks()
+        parts = []
+        for index, size, mult in layout:
+            if index < 0:
+                parts.append(tf.ones((size * mult,)))
+            else:
+                parts.append(masks[index] if mult == 1 else tf.repeat(masks[index], mult))
+        return inputs * tf.cast(tf.concat(parts, 0), inputs.dtype)
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "group_ids": self.group_ids,
+            "group_keys": self.group_keys,
+            "sizes": self.sizes,
+            "temperature": schedules.serialize(self.temperature),
+            "search_steps": self.search_steps,
+        }
+
+    def compression_note(self) -> str:
+        kept = [int(np.sum(m)) for m in self._hard_numpy()]
+        return f"gates {len(self.sizes)} groups, kept {sum(kept)}/{sum(self.sizes)} channels"
+
+    def _hard_numpy(self) -> list[np.ndarray]:
+        return [np.asarray(m) for m in self.masks(hard=True)]
+
+
+class _Factored(L.Layer):
+    """Base of the factored layers: W = U diag(relu(s - tau)) V (DTL-S).
+
+    Args:
+        plain: `{"class_name", "config"}` of the layer this one stands for.
+        rank: number of components searched (at most the kernel's rank).
+        temperature: schedule config of the soft rank's temperature.
+        search_steps: steps of the soft search; then the kept components freeze.
+        s_max: the kernel's largest initial singular value; the threshold is
+            `tau * s_max` and the soft rank's temperature is scaled by `s_max / 10`.
+    """
+
+    plain_class: type
+
+    def __init__(self, plain, rank, temperature, search_steps, s_max=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.plain = {"class_name": plain["class_name"], "config": dict(plain["config"])}
+        self.rank = int(rank)
+        self.temperature = schedules.deserialize(temperature)
+        self.search_steps = int(search_steps)
+        self.s_max = float(s_max)
+        config = self.plain["config"]
+        self.units = int(config.get("units") or config.get("filters"))
+        self.use_bias = bool(config.get("use_bias", True))
+        self.activation = keras.activations.get(config.get("activation"))
+
+    def build(self, input_shape):
+        rows = self._rows(input_shape)
+        self.u = self.add_weight("u", shape=(rows, self.rank))
+        self.s = self.add_weight("s", shape=(self.rank,), initializer="ones")
+        self.v = self.add_weight("v", shape=(self.rank, self.units))
+        self.bias = self.add_weight("bias", shape=(self.units,)) if self.use_bias else None
+        self.tau = self.add_weight("tau", shape=(), initializer="zeros")
+        self.active = self.add_weight(
+            "active", shape=(self.rank,), initializer="ones", trainable=False
+        )
+        self.step = _int_var(self, "step")
+        super().build(input_shape)
+
+    def threshold(self) -> tf.Tensor:
+        return self.tau * self.s_max
+
+    def singular_values(self) -> tf.Tensor:
+        """relu(s - tau) during the search; the kept components' s - tau after it."""
+        shifted = self.s - self.threshold()
+        return tf.where(self.step < self.search_steps, tf.nn.relu(shifted), shifted * self.active)
+
+    def soft_rank(self, hard: bool = False) -> tf.Tensor:
+        """Smooth count of the components above the threshold (or the hard count)."""
+        margin = self.s - self.threshold()
+        if hard:
+            current = tf.cast(margin > 0, tf.float32)
+        else:
+            t = self.temperature(self.step) * self.s_max / LOGIT_SCALE
+            current = tf.sigmoid(margin / t)
+        kept = tf.where(self.step < self.search_steps, current, self.active)
+        return tf.reduce_sum(kept)
+
+    def factors(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """U with unit columns and V with unit rows."""
+        return tf.math.l2_normalize(self.u, axis=0), tf.math.l2_normalize(self.v, axis=1)
+
+    def call(self, inputs):
+        u, v = self.factors()
+        hidden = self._first(inputs, u) * tf.cast(self.singular_values(), inputs.dtype)
+        outputs = tf.tensordot(hidden, v, [[hidden.shape.rank - 1], [0]])
+        if self.use_bias:
+            outputs = outputs + self.bias
+        return self.activation(outputs)
+
+    def dense_kernel(self, active: np.ndarray | None = None) -> np.ndarray:
+        """The kernel of the equivalent plain layer, U diag(s_eff) V reshaped.
+
+        With `active` given, s_eff = (s - tau) on those components, 0 elsewhere.
+        """
+        u, v = (np.asarray(f) for f in self.factors())
+        if active is None:
+            s_eff = np.asarray(self.singular_values())
+        else:
+            s_eff = (self.s.numpy() - float(self.threshold())) * active
+        matrix = (u * s_eff) @ v
+        return matrix.reshape(self._kernel_shape())
+
+    def to_plain(self, active: np.ndarray | None = None) -> graph.Replacement:
+        """The plain layer computing the same function with the components `active`.
+
+        Args:
+            active: 0/1 per component; by default the layer's own current decision.
+        """
+        layer = self.plain_class.from_config(self.plain["config"])
+        weights = [self.dense_kernel(active)] + ([self.bias.numpy()] if self.use_bias else [])
+        return graph.with_weights(layer, weights)
+
+    def initial_weights(self, kernel: np.ndarray, bias: np.ndarray | None) -> list:
+        """Weights in `build` order that start the layer at the kernel's top-`rank` SVD."""
+        u, s, vt = np.linalg.svd(kernel.reshape(-1, kernel.shape[-1]), full_matrices=False)
+        k = self.rank
+        weights = [u[:, :k], s[:k], vt[:k]] + ([bias] if self.use_bias else [])
+        return [*weights, np.float32(0.0), np.ones(k, np.float32), np.int64(0)]
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "plain": self.plain,
+            "rank": self.rank,
+            "temperature": schedules.serialize(self.temperature),
+            "search_steps": self.search_steps,
+            "s_max": self.s_max,
+        }
+
+    def compression_note(self) -> str:
+        return f"rank {int(self.soft_rank(hard=True))}/{self.rank} (searched)"
+
+
+@keras.utils.register_keras_serializable(package="tfhybrid")
+class FactoredDense(_Factored):
+    """A Dense layer trained in factored form (see `_Factored`)."""
+
+    plain_class = L.Dense
+
+    def _rows(self, input_shape) -> int:
+        return int(input_shape[-1])
+
+    def _first(self, inputs, u):
+        return tf.tensordot(inputs, u, [[inputs.shape.rank - 1], [0]])
+
+    def _kernel_shape(self) -> tuple:
+        return (self.u.shape[0], self.units)
+
+
+@keras.utils.register_keras_serializable(package="tfhybrid")
+class FactoredConv2D(_Factored):
+    """A Conv2D layer trained in factored form: k x k conv to `rank` channels, then 1 x 1."""
+
+    plain_class = L.Conv2D
+
+    def build(self, input_shape):
+        self.channels_in = int(input_shape[-1])
+        super().build(input_shape)
+
+    def _rows(self, input_shape) -> int:
+        return math.prod(self.plain["config"]["kernel_size"]) * int(input_shape[-1])
+
+    def _first(self, inputs, u):
+        config = self.plain["config"]
+        kernel = tf.reshape(u, (*config["kernel_size"], self.channels_in, self.rank))
+        return tf.nn.conv2d(
+            inputs,
+            tf.cast(kernel, inputs.dtype),
+            strides=config["strides"],
+            padding=config["padding"].upper(),
+            dilations=config["dilation_rate"],
+        )
+
+    def _kernel_shape(self) -> tuple:
+        return (*self.plain["config"]["kernel_size"], self.channels_in, self.units)
+
+
+def searched_rank(layer: Any, kernel: np.ndarray) -> int:
+    """Components worth searching: up to the break-even rank of a split (at most full)."""
+    rows, cols = int(np.prod(kernel.shape[:-1])), kernel.shape[-1]
+    return min(rows, cols, math.ceil(rows * cols / (rows + cols)))
+
+
+def factored_layer(layer: Any, rank: int, temperature: dict, search_steps: int) -> _Factored:
+    """The factored stand-in for a Dense / Conv2D `layer`, same name, unbuilt."""
+    kernel = layer.get_weights()[0]
+    s_max = float(np.linalg.norm(kernel.reshape(-1, kernel.shape[-1]), 2)) or 1.0
+    cls = FactoredDense if isinstance(layer, L.Dense) else FactoredConv2D
+    plain = {"class_name": type(layer).__name__, "config": layer.get_config()}
+    return cls(plain, rank, temperature, search_steps, s_max=s_max, name=layer.name)
+
+
+@keras.utils.register_keras_serializable(package="tfhybrid")
+class HybridModel(keras.Model):
+    """A functional model under DF search.
+
+    It adds the budget penalty to the loss (`compute_loss`), reports the current
+    hard MACs/params ratios as `macs_ratio` / `params_ratio` in the logs, and
+    refuses to `fit` during the search without a `CompressionScheduler`.
+
+    Args:
+        inputs, outputs: as for a functional `keras.Model`.
+        compression: the search's settings (JSON text or dict): budget, cost
+            model, original MACs/params, penalty schedule, search steps, round_to.
+    """
+
+    def __init__(self, inputs, outputs, compression, **kwargs):
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        if not isinstance(compression, str):
+            compression = json.dumps(compression)
+        self._compression = compression
+        settings = json.loads(compression)
+        self.budget = budget_lib.Budget(**settings["budget"])
+        self.cost_model = cost.CostModel.from_config(settings["cost"])
+        self.original_cost = (settings["original"]["macs"], settings["original"]["params"])
+        self.penalty_weight = schedules.deserialize(settings["penalty"])
+        self.search_steps = int(settings["search_steps"])
+        self.round_to = int(settings["round_to"])
+
+    # -- the layers under search -----------------------------------------------------
+    @property
+    def gates(self) -> ChannelGates | None:
+        return next((la for la in self.layers if isinstance(la, ChannelGates)), None)
+
+    @property
+    def factored_layers(self) -> list[_Factored]:
+        return [la for la in self.layers if isinstance(la, _Factored)]
+
+    def _searched_layers(self) -> list:
+        return ([self.gates] if self.gates else []) + self.factored_layers
+
+    @property
+    def compression_step(self) -> tf.Variable:
+        """Batches trained under the scheduler so far."""
+        return self._searched_layers()[0].step
+
+    def search_finished(self) -> bool:
+        """True once the hard decisions were taken (the model is fine-tuning)."""
+        return int(self.compression_step.numpy()) > self.search_steps
+
+    # -- cost ------------------------------------------------------------------------
+    def ratios(self, hard: bool = False) -> dict:
+        """MACs and params of the current (soft or hard) decisions over the original's."""
+        gates = self.gates
+        counts = {}
+        if gates is not None:
+            for gid, mask in zip(gates.group_ids, gates.masks(hard)):
+                counts[gid] = tf.reduce_sum(mask)
+        ranks = {la.name: la.soft_rank(hard) for la in self.factored_layers}
+        macs, params = self.cost_model.evaluate(counts, ranks)
+        return {"macs": macs / self.original_cost[0], "params": params / self.original_cost[1]}
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None):
+        loss = super().compute_loss(x, y, y_pred, sample_weight)
+        step = self.compression_step
+        weight = tf.where(step < self.search_steps, self.penalty_weight(step), 0.0)
+        penalty = budget_lib.penalty(self.ratios(), self.budget)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return loss + weight * penalty / replicas
+
+    def compute_metrics(self, x, y, y_pred, sample_weight):
+        result = super().compute_metrics(x, y, y_pred, sample_weight)
+        hard = self.ratios(hard=True)
+        return {**result, "macs_ratio": hard["macs"], "params_ratio": hard["params"]}
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        drives = any(getattr(cb, "drives_compression", False) for cb in callbacks or [])
+        if not drives and not self.search_finished():
+            raise ValueError(
+                f"Model '{self.name}' is searching its compression (step "
+                f"{int(self.compression_step.numpy())} of {self.search_steps}): add "
+                "callbacks=[tfhybrid.CompressionScheduler()] to fit(), which advances the "
+                "search's schedules every batch."
+            )
+        return super().fit(*args, callbacks=callbacks, **kwargs)
+
+    # -- the search's steps ----------------------------------------------------------
+    def begin_batch(self) -> None:
+        """Called before each batch: takes the hard decisions when the search ends."""
+        if int(self.compression_step.numpy()) == self.search_steps:
+            self.finish_search()
+
+    def end_batch(self) -> None:
+        """Called after each batch: advances the step of every searched layer."""
+        for layer in self._searched_layers():
+            layer.step.assign_add(1)
+
+    def finish_search(self) -> None:
+        """Freezes the hard decisions, projected onto the budget."""
+        keep, active = self.hard_decisions()
+        gates = self.gates
+        if gates is not None:
+            for var, gid in zip(gates.keep, gates.group_ids):
+                var.assign(keep[gid].astype(np.float32))
+        for layer in self.factored_layers:
+            layer.active.assign(active[layer.name].astype(np.float32))
+
+    def hard_decisions(self) -> tuple[dict, dict]:
+        """The channels kept per group and components kept per factored layer.
+
+        After the search: the frozen decisions. During it: the current decisions,
+        projected onto the budget (the model is not modified).
+
+        Returns:
+            (group id -> bool array over its channels,
+             layer name -> bool array over its searched components)
+        """
+        gates = self.gates
+        if self.search_finished():
+            keep = (
+                {}
+                if gates is None
+                else {gid: var.numpy() > 0.5 for gid, var in zip(gates.group_ids, gates.keep)}
+            )
+            return keep, {la.name: la.active.numpy() > 0.5 for la in self.factored_layers}
+        return _Projection(self).run()
+
+    def get_config(self) -> dict:
+        from tf_keras.src.engine import functional  # the functional graph config
+
+        return {**functional.get_network_config(self), "compression": self._compression}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        from tf_keras.src.engine import functional
+
+        config = dict(config)
+        compression = config.pop("compression")
+        inputs, outputs, _ = functional.reconstruct_from_config(config, custom_objects)
+        return cls(inputs, outputs, compression, name=config.get("name"))
+
+
+class _Projection:
+    """Hard decisions from the search's scores, projected onto the budget.
+
+    Each unit (a channel of a gated group, a component of a factored layer) has a
+    score, the logit of its soft decision at T = 1; a unit is kept when its score is
+    positive. Counts are rounded up to multiples of `round_to`. While the budget is
+    exceeded, the chunk of units whose removal costs least importance per unit of
+    budget saved goes.
+    """
+
+    def __init__(self, model: HybridModel):
+        self.model = model
+        self.round_to = model.round_to
+        self.scores: dict = {}  # ("group", gid) or ("rank", name) -> scores
+        gates = model.gates
+        if gates is not None:
+            for gid, logits in zip(gates.group_ids, gates.logits):
+                self.scores["group", gid] = LOGIT_SCALE * logits.numpy()
+        for layer in model.factored_layers:
+            margin = layer.s.numpy() - float(layer.threshold())
+            self.scores["rank", layer.name] = margin * LOGIT_SCALE / layer.s_max
+
+    def minimum(self, key) -> int:
+        return min(self.round_to, len(self.scores[key]))
+
+    def rounded(self, key, count: int) -> int:
+        size = len(self.scores[key])
+        return min(size, max(self.minimum(key), math.ceil(count / self.round_to) * self.round_to))
+
+    def next_count(self, key, count: int) -> int:
+        """The next smaller allowed count: a multiple of round_to, about 3% lower."""
+        lower = (count - max(1, count // 32)) // self.round_to * self.round_to
+        return max(self.minimum(key), lower)
+
+    def run(self) -> tuple[dict, dict]:
+        counts = {k: self.rounded(k, int(np.sum(v > 0))) for k, v in self.scores.items()}
+        while not self.model.budget.met_by(self.ratios(counts)):
+            key, chunk = self.cheapest_cut(counts)
+            counts[key] -= chunk
+        keep, active = {}, {}
+        for (kind, name), scores in self.scores.items():
+            kept = np.zeros(len(scores), bool)
+            kept[np.argsort(-scores, kind="stable")[: counts[kind, name]]] = True
+            (keep if kind == "group" else active)[name] = kept
+        return keep, active
+
+    def ratios(self, counts: dict) -> dict:
+        groups = {gid: n for (kind, gid), n in counts.items() if kind == "group"}
+        ranks = {name: n for (kind, name), n in counts.items() if kind == "rank"}
+        macs, params = self.model.cost_model.evaluate(groups, ranks)
+        original = self.model.original_cost
+        return {"macs": macs / original[0], "params": params / original[1]}
+
+    def cheapest_cut(self, counts: dict) -> tuple:
+        now = self.ratios(counts)
+        targets = self.model.budget.targets()
+        best, best_price = None, np.inf
+        for key, count in counts.items():
+            chunk = count - self.next_count(key, count)
+            if chunk <= 0:
+                continue
+            after = self.ratios({**counts, key: count - chunk})
+            saved = sum(max(now[k] - after[k], 0.0) / v for k, v in targets.items())
+            if saved <= 0:
+                continue
+            removed = np.sort(self.scores[key])[::-1][count - chunk : count]
+            price = float(np.mean(1 / (1 + np.exp(-removed)))) * chunk / saved
+            if price < best_price:
+                best, best_price = (key, chunk), price
+        if best is None:
+            raise RuntimeError(
+                f"No channel or rank left to remove, yet the budget {self.model.budget} is "
+                f"not met (now {now}); this should have been refused by hybrid_compress."
+            )
+        return best
+
+
+def compress(
+    model: Any,
+    budget: budget_lib.Budget,
+    *,
+    filters: bool = True,
+    ranks: bool = True,
+    layers: list[str] | None = None,
+    skip: tuple = (),
+    round_to: int = 1,
+    search_steps: int = 2000,
+    temperature: schedules.Schedule | None = None,
+    penalty: schedules.Schedule | None = None,
+) -> HybridModel:
+    """Wraps `model` for the DF search (see `tfhybrid.hybrid_compress`)."""
+    if not isinstance(budget, budget_lib.Budget):
+        raise TypeError(f"budget must be a tfhybrid.Budget, got {type(budget).__name__}.")
+    if int(round_to) < 1 or int(search_steps) < 1:
+        raise ValueError(f"round_to and search_steps must be >= 1, got {round_to}, {search_steps}.")
+    from tfhybrid import channels  # the analysis of the model to wrap
+
+    analysis = channels.analyze(model)
+    temperature = temperature or schedules.ExponentialDecay(1.0, 0.05, search_steps)
+    penalty = penalty or schedules.LinearRamp(0.0, 5.0, max(1, search_steps // 4))
+    chosen = _Choice(analysis, filters, ranks, set(layers or ()), set(skip))
+    chosen.check()
+    cost_model = cost.CostModel.from_analysis(analysis)
+    original = cost_model.evaluate()
+    settings = {
+        "budget": budget.get_config(),
+        "cost": cost_model.get_config(),
+        "original": {"macs": original[0], "params": original[1]},
+        "penalty": schedules.serialize(penalty),
+        "search_steps": int(search_steps),
+        "round_to": int(round_to),
+    }
+    _check_reachable(chosen, cost_model, original, budget, int(round_to))
+    temp = schedules.serialize(temperature)
+    gates = None
+    if chosen.groups:
+        gates = ChannelGates(
+            [g.id for g in chosen.groups],
+            [sorted(g.layers("produces")) for g in chosen.groups],
+            [g.size for g in chosen.groups],
+            temp,
+            search_steps,
+            name="channel_gates",
+        )
+    gate_index = {g.id: i for i, g in enumerate(chosen.groups)}
+
+    def replace(op: graph.Op):
+        call = graph.copy_of(op.layer)
+        if op.layer.name in chosen.ranks:
+            layer = factored_layer(op.layer, chosen.ranks[op.layer.name], temp, search_steps)
+            kernel, *bias = op.layer.get_weights()
+            call = graph.with_weights(layer, layer.initial_weights(kernel, (bias or [None])[0]))
+        layouts = [analysis.layout(kt) for kt in op.outputs]
+        if gates is None or not any(gid in gate_index for lay in layouts for gid, _ in lay):
+            return call if op.layer.name in chosen.ranks else None
+        sizes = [g.size for g in analysis.groups]
+        gate_layouts = [
+            [[gate_index.get(gid, -1), sizes[gid], mult] for gid, mult in lay] for lay in layouts
+        ]
+
+        def gated(*args, **kwargs):
+            outputs = tf.nest.flatten(call(*args, **kwargs))
+            gated_outputs = [gates(t, layout=lay) for t, lay in zip(outputs, gate_layouts)]
+            return gated_outputs if len(gated_outputs) > 1 else gated_outputs[0]
+
+        return gated
+
+    plain = graph.rebuild(analysis.model, replace)
+    return HybridModel(plain._nested_inputs, plain._nested_outputs, settings, name=model.name)
+
+
+class _Choice:
+    """Which groups get masks and which layers get ranks, and why the others not."""
+
+    def __init__(self, analysis, filters: bool, ranks: bool, only: set, skip: set):
+        self.groups, self.ranks, self.why_not = [], {}, []
+        layers = {layer.name: layer for layer in analysis.model.layers}
+        for group in analysis.groups:
+            names = set(group.layers())
+            producers = set(group.layers("produces"))
+            if not filters:
+                reason = "filters=False"
+            elif not group.prunable:
+                reason = group.reason
+            elif group.size < 2:
+                reason = "it has a single channel"
+            elif names & skip:
+                reason = f"it touches skipped layers {sorted(names & skip)}"
+            elif only and not producers & only:
+                reason = f"none of its producers {sorted(producers)} is in `layers`"
+            else:
+                self.groups.append(group)
+                continue
+            self.why_not.append(f"group {group.id} ({', '.join(sorted(producers))}): {reason}")
+        if not ranks:
+            return
+        for name, layer in layers.items():
+            eligible = type(layer) in (L.Dense, L.Conv2D) and getattr(layer, "groups", 1) == 1
+            if not eligible or name in skip or (only and name not in only):
+                continue
+            if getattr(layer, "data_format", "channels_last") != "channels_last":
+                continue
+            rank = searched_rank(layer, layer.get_weights()[0])
+            if rank >= 2:
+                self.ranks[name] = rank
+
+    def check(self) -> None:
+        if not self.groups and not self.ranks:
+            raise ValueError(
+                "Nothing to compress: no channel group can be pruned and no Dense/Conv2D "
+                "layer can be factored. Per group:\n  " + "\n  ".join(self.why_not)
+            )
+
+
+def _check_reachable(chosen, cost_model, original, budget, round_to) -> None:
+    """Raises if even the smallest allowed model exceeds the budget."""
+    counts = {g.id: min(round_to, g.size) for g in chosen.groups}
+    ranks = {name: min(round_to, r) for name, r in chosen.ranks.items()}
+    macs, params = cost_model.evaluate(counts, ranks)
+    smallest = {"macs": macs / original[0], "params": params / original[1]}
+    if not budget.met_by(smallest):
+        floor = ", ".join(f"{k}={v:.4f}" for k, v in smallest.items())
+        raise ValueError(
+            f"{budget} cannot be met: the parts of the model that cannot be compressed "
+            f"alone need {floor} of the original (every searched group at {round_to} "
+            f"channel(s), every searched layer at rank {round_to}). Raise the budget, "
+            "or compress more layers."
+        )

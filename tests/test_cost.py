@@ -98,3 +98,33 @@ def test_sequential_and_nested_models_count_like_their_flat_version():
     outer = keras.Model(inputs, layers.Softmax()(inner(inputs)))
     assert th.profile(outer).macs == th.profile(inner).macs
     assert th.profile(outer).params == inner.count_params()
+
+
+def test_cost_model_matches_profile_before_and_after_pruning():
+    from tfhybrid import channels, cost
+
+    from models import APPLICATIONS, random_removal
+
+    for build in (lenet5, resnet_style, APPLICATIONS["MobileNetV2"], APPLICATIONS["DenseNet121"]):
+        model = build()
+        analysis = channels.analyze(model)
+        model_cost = cost.CostModel.from_analysis(analysis)
+        full = th.profile(model)
+        assert model_cost.evaluate() == (full.macs, full.params)
+        remove = random_removal(model, 0.3)
+        pruned = th.profile(th.prune_channels(model, remove))
+        counts = {gid: analysis.groups[gid].size - len(r) for gid, r in remove.items()}
+        assert model_cost.evaluate(counts) == (pruned.macs, pruned.params)
+        again = cost.CostModel.from_config(model_cost.get_config())
+        assert again.evaluate(counts) == (pruned.macs, pruned.params)
+
+
+def test_cost_model_counts_a_split_only_where_it_is_cheaper():
+    from tfhybrid import channels, cost
+
+    model = lenet5()
+    model_cost = cost.CostModel.from_analysis(channels.analyze(model))
+    for rank in (10, 300, 400):
+        split = th.profile(th.factorize(model, {"fc1": rank}, force=True))
+        expected = min(split.macs, th.profile(model).macs)
+        assert model_cost.evaluate(ranks={"fc1": rank})[0] == expected

@@ -216,38 +216,64 @@ class CostModel:
             )
         return cls(terms, [g.size for g in analysis.groups])
 
-    def channels(self, layout: tuple, counts: dict) -> Any:
-        """Channel count of a tensor with `layout` when groups keep `counts[gid]`."""
-        return sum(counts.get(gid, self.sizes[gid]) * mult for gid, mult in layout)
-
     def evaluate(self, counts: dict | None = None, ranks: dict | None = None) -> tuple:
         """(MACs, params) for group channel counts and layer ranks.
 
         Args:
-            counts: group id -> channels kept (int, float or tensor); others keep all.
-            ranks: layer name -> rank (int, float or tensor) for layers that may be
+            counts: group id -> channels kept (number or tensor); others keep all.
+            ranks: layer name -> rank (number or tensor) for layers that may be
                 split; a layer counts as split only where that needs fewer MACs.
 
         Returns:
-            (MACs, params), ints if every count and rank is an int.
+            (MACs, params): ints for numbers, float32 scalar tensors if any count or
+            rank is a tensor (then differentiable in them).
         """
         counts, ranks = counts or {}, ranks or {}
-        macs = params = 0
-        for t in self.terms:
-            cin, cout = self.channels(t.inputs, counts), self.channels(t.outputs, counts)
-            (a, b), (p0, pa, pb, pc) = t.macs, t.params
-            layer_macs = a * cin + b * cin * cout
-            layer_params = p0 + pa * cin + pb * cin * cout + pc * cout
-            if t.factored is not None and t.name in ranks:
-                area, positions = t.factored
-                rank = ranks[t.name]
-                split_macs = positions * (area * cin * rank + rank * cout)
-                split_params = area * cin * rank + rank * cout + pc * cout
-                cheaper = split_macs < layer_macs
-                layer_macs = _select(cheaper, split_macs, layer_macs)
-                layer_params = _select(cheaper, split_params, layer_params)
-            macs, params = macs + layer_macs, params + layer_params
-        return _exact(macs), _exact(params)
+        if any(tf.is_tensor(v) for v in (*counts.values(), *ranks.values())):
+            return self._evaluate(counts, ranks, _TF)
+        macs, params = self._evaluate(counts, ranks, _NUMPY)
+        return int(round(float(macs))), int(round(float(params)))
+
+    def _evaluate(self, counts: dict, ranks: dict, xp: Any) -> tuple:
+        arr = {k: xp.const(v) for k, v in self._arrays().items()}
+        group_counts = xp.stack([counts.get(g, size) for g, size in enumerate(self.sizes)])
+        cin = xp.matvec(arr["inputs"], group_counts)
+        cout = xp.matvec(arr["outputs"], group_counts)
+        rank = xp.stack([ranks.get(t.name, 0) for t in self.terms])
+        a, b, p0, pa, pb, pc = (arr[k] for k in ("a", "b", "p0", "pa", "pb", "pc"))
+        full_macs = a * cin + b * cin * cout
+        full_params = p0 + pa * cin + pb * cin * cout + pc * cout
+        split_macs = arr["positions"] * (arr["area"] * cin * rank + rank * cout)
+        split_params = (arr["area"] * cin * rank + rank * cout + pc * cout) * arr["first"]
+        ranked = np.array([t.factored is not None and t.name in ranks for t in self.terms])
+        split = xp.logical_and(ranked, split_macs < full_macs)
+        macs = xp.pick(ranked, split, split_macs, full_macs)
+        params = xp.pick(ranked, split, split_params, full_params)
+        return xp.sum(macs), xp.sum(params)
+
+    def _arrays(self) -> dict:
+        """The terms as arrays: layouts as (terms x groups) matrices of multipliers."""
+        if not hasattr(self, "_cache"):
+            shape = (len(self.terms), len(self.sizes))
+            inputs, outputs = np.zeros(shape), np.zeros(shape)
+            for i, t in enumerate(self.terms):
+                for gid, mult in t.inputs:
+                    inputs[i, gid] += mult
+                for gid, mult in t.outputs:
+                    outputs[i, gid] += mult
+            params = np.array([t.params for t in self.terms], np.float64).reshape(-1, 4)
+            factored = np.array([t.factored or (0.0, 0.0) for t in self.terms], np.float64)
+            self._cache = {
+                "inputs": inputs,
+                "outputs": outputs,
+                "a": np.array([t.macs[0] for t in self.terms], np.float64),
+                "b": np.array([t.macs[1] for t in self.terms], np.float64),
+                **{k: params[:, i] for i, k in enumerate(("p0", "pa", "pb", "pc"))},
+                "area": factored[:, 0],
+                "positions": factored[:, 1],
+                "first": np.array([float(any(t.params)) for t in self.terms]),
+            }
+        return self._cache
 
     def get_config(self) -> dict:
         return {"terms": [dataclasses.asdict(t) for t in self.terms], "sizes": self.sizes}
@@ -265,14 +291,37 @@ class CostModel:
         return cls(terms, config["sizes"])
 
 
-def _select(condition: Any, if_true: Any, if_false: Any) -> Any:
-    if isinstance(condition, (bool, np.bool_)):
-        return if_true if condition else if_false
-    return tf.where(condition, if_true, if_false)
+class _NUMPY:
+    """Array operations of `CostModel._evaluate` on numbers (float64)."""
+
+    const = staticmethod(lambda array: array)
+    pick = staticmethod(lambda _ranked, split, yes, no: np.where(split, yes, no))
+    stack = staticmethod(lambda values: np.array(values, dtype=np.float64))
+    matvec = staticmethod(lambda matrix, vector: matrix @ vector)
+    logical_and, sum = np.logical_and, np.sum
 
 
-def _exact(value: Any) -> Any:
-    """Floats that hold whole numbers become ints; tensors pass through."""
-    if isinstance(value, (int, float, np.floating)) and float(value).is_integer():
-        return int(value)
-    return value
+class _TF:
+    """Array operations of `CostModel._evaluate` on tensors (float32, differentiable)."""
+
+    @staticmethod
+    def const(array):
+        return tf.constant(array, tf.float32)
+
+    @staticmethod
+    def stack(values):
+        return tf.stack([tf.cast(v, tf.float32) for v in values])
+
+    matvec = staticmethod(tf.linalg.matvec)
+
+    @staticmethod
+    def pick(ranked, split, if_split, if_whole):
+        """min(split, whole) in value; for ranked layers, the split form's gradient.
+
+        A layer under rank search starts at its break-even rank, where the split is
+        not cheaper yet: the plain minimum would give the rank no gradient at all.
+        """
+        value = tf.where(split, if_split, if_whole)
+        return tf.where(ranked, if_split + tf.stop_gradient(value - if_split), value)
+
+    logical_and, sum = tf.logical_and, tf.reduce_sum

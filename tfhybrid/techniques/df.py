@@ -84,29 +84,30 @@ class ChannelGates(L.Layer):
         self.step = _int_var(self, "step")
         super().build(input_shape)
 
-    def masks(self, hard: bool = False) -> list[tf.Tensor]:
-        """One mask per gated group: soft during the search, the kept 0/1 after it.
+    def mask(self, index: int, hard: bool = False) -> tf.Tensor:
+        """The mask of gated group `index`: soft during the search, the kept 0/1 after.
 
-        With `hard=True` the search's current hard decisions (logit > 0) are given.
+        With `hard=True` the search's current hard decision (logit > 0) is given.
         """
-        searching = self.step < self.search_steps
-        result = []
-        for logits, keep in zip(self.logits, self.keep):
-            if hard:
-                current = tf.cast(logits > 0, tf.float32)
-            else:
-                current = tf.sigmoid(LOGIT_SCALE * logits / self.temperature(self.step))
-            result.append(tf.where(searching, current, keep))
-        return result
+        logits = self.logits[index]
+        if hard:
+            current = tf.cast(logits > 0, tf.float32)
+        else:
+            current = tf.sigmoid(LOGIT_SCALE * logits / self.temperature(self.step))
+        return tf.where(self.step < self.search_steps, current, self.keep[index])
+
+    def masks(self, hard: bool = False) -> list[tf.Tensor]:
+        """The masks of all gated groups (see `mask`)."""
+        return [self.mask(i, hard) for i in range(len(self.sizes))]
 
     def call(self, inputs, layout=()):
-        masks = self.masks()
         parts = []
         for index, size, mult in layout:
             if index < 0:
                 parts.append(tf.ones((size * mult,)))
             else:
-                parts.append(masks[index] if mult == 1 else tf.repeat(masks[index], mult))
+                mask = self.mask(index)
+                parts.append(mask if mult == 1 else tf.repeat(mask, mult))
         return inputs * tf.cast(tf.concat(parts, 0), inputs.dtype)
 
     def get_config(self) -> dict:

@@ -1,0 +1,92 @@
+"""techniques.df: factored layers, gates, soft budget, projection onto the budget."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfhybrid as th
+from tfhybrid.techniques import df
+
+from models import lenet5, randomize_batchnorm, resnet_style
+
+keras = th.keras
+layers = keras.layers
+
+
+def _search_layers(model):
+    return [la for la in model.layers if isinstance(la, (df.ChannelGates, df._Factored))]
+
+
+def test_factored_layers_start_at_the_truncated_svd_of_the_kernel():
+    inputs = keras.Input((9, 9, 4))
+    x = layers.Conv2D(12, 3, strides=2, padding="same", activation="relu", name="conv")(inputs)
+    x = layers.Flatten()(x)
+    outputs = layers.Dense(7, name="fc")(x)
+    model = keras.Model(inputs, outputs)
+    compressed = th.hybrid_compress(model, th.Budget(macs=0.9), filters=False)
+    ranks = {la.name: la.rank for la in compressed.factored_layers}
+    # break-even ranks: ceil(36 * 12 / 48) = 9 < 12; ceil(300 * 7 / 307) = 7, full rank
+    assert ranks == {"conv": 9, "fc": 7}
+    reference = th.factorize(model, {"conv": 9}, force=True)
+    x = np.random.default_rng(0).normal(size=(3, 9, 9, 4)).astype(np.float32)
+    np.testing.assert_allclose(compressed(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_masks_start_near_one_and_freeze_to_the_kept_channels():
+    compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.5), ranks=False, search_steps=5)
+    gates = compressed.gates
+    np.testing.assert_allclose(gates.masks()[0], 0.9975, atol=1e-4)
+    gates.logits[0].assign(np.linspace(-1, 1, 20).astype(np.float32))
+    for layer in _search_layers(compressed):
+        layer.step.assign(5)
+    compressed.finish_search()
+    kept = gates.masks()[0].numpy()
+    assert set(np.unique(kept)) <= {0.0, 1.0} and 0 < kept.sum() < 20
+    np.testing.assert_array_equal(kept, gates.keep[0].numpy())
+
+
+def test_soft_budget_is_differentiable_in_masks_and_thresholds():
+    compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.2))
+    with tf.GradientTape() as tape:
+        ratio = compressed.ratios()["macs"]
+    watched = compressed.gates.logits + [la.tau for la in compressed.factored_layers]
+    grads = tape.gradient(ratio, watched)
+    assert all(g is not None and float(tf.reduce_sum(tf.abs(g))) > 0 for g in grads)
+    assert 0.5 < float(ratio) <= 1.0
+
+
+@pytest.mark.parametrize("round_to,macs", [(1, 0.3), (4, 0.45)])
+def test_projection_meets_the_budget_with_rounded_counts(round_to, macs):
+    model = resnet_style()
+    compressed = th.hybrid_compress(model, th.Budget(macs=macs, params=0.5), round_to=round_to)
+    rng = np.random.default_rng(0)
+    for logits in compressed.gates.logits:
+        logits.assign(rng.normal(0.3, 0.2, logits.shape).astype(np.float32))
+    keep, active = compressed.hard_decisions()
+    for kept in [*keep.values(), *active.values()]:
+        assert kept.sum() % round_to == 0 or kept.sum() == kept.size
+    small = th.strip(compressed)
+    assert th.profile(small).macs <= macs * th.profile(model).macs
+    assert th.profile(small).params <= 0.5 * th.profile(model).params
+    assert all(float(la.step.numpy()) == 0 for la in _search_layers(compressed))
+
+
+def test_hard_masked_model_and_stripped_model_agree():
+    model = randomize_batchnorm(resnet_style())
+    compressed = th.hybrid_compress(model, th.Budget(macs=0.4), search_steps=1)
+    rng = np.random.default_rng(1)
+    for logits in compressed.gates.logits:
+        logits.assign(rng.normal(0.2, 0.3, logits.shape).astype(np.float32))
+    for layer in compressed.factored_layers:
+        layer.tau.assign(0.05)
+    for layer in _search_layers(compressed):
+        layer.step.assign(1)
+    compressed.finish_search()
+    for layer in _search_layers(compressed):
+        layer.step.assign(2)
+    small = th.strip(compressed)
+    x = rng.normal(size=(4, 16, 16, 3)).astype(np.float32)
+    expected = compressed(x, training=False).numpy()
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(small(x, training=False), expected, atol=1e-4 * scale)
+    assert not any(isinstance(la, (df.ChannelGates, df._Factored)) for la in small.layers)

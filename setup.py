@@ -16,6 +16,7 @@ setup(
     install_requires=[
         "tensorflow-cpu==2.21.*",
         "tf-keras==2.21.*",
+        "tensorboard==2.21.*",
         "tensorflow-model-optimization==0.8.1",
         "tensorflow-datasets",
         "absl-py",

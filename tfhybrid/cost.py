@@ -234,6 +234,10 @@ class CostModel:
         macs, params = self._evaluate(counts, ranks, _NUMPY)
         return int(round(float(macs))), int(round(float(params)))
 
+    def evaluate_many(self, counts: dict, ranks: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(MACs, params) of N decision sets at once; counts/ranks hold (N,) arrays."""
+        return self._evaluate(counts, ranks, _NUMPY)
+
     def _evaluate(self, counts: dict, ranks: dict, xp: Any) -> tuple:
         arr = {k: xp.const(v) for k, v in self._arrays().items()}
         group_counts = xp.stack([counts.get(g, size) for g, size in enumerate(self.sizes)])
@@ -296,9 +300,10 @@ class _NUMPY:
 
     const = staticmethod(lambda array: array)
     pick = staticmethod(lambda _ranked, split, yes, no: np.where(split, yes, no))
-    stack = staticmethod(lambda values: np.array(values, dtype=np.float64))
-    matvec = staticmethod(lambda matrix, vector: matrix @ vector)
-    logical_and, sum = np.logical_and, np.sum
+    stack = staticmethod(lambda values: np.stack(np.broadcast_arrays(*values), -1).astype(float))
+    matvec = staticmethod(lambda matrix, vectors: vectors @ matrix.T)
+    logical_and = np.logical_and
+    sum = staticmethod(lambda values: np.sum(values, axis=-1))
 
 
 class _TF:

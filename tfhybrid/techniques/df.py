@@ -221,9 +221,14 @@ class _Factored(L.Layer):
         weights = [self.dense_kernel(active)] + ([self.bias.numpy()] if self.use_bias else [])
         return graph.with_weights(layer, weights)
 
-    def initial_weights(self, kernel: np.ndarray, bias: np.ndarray | None) -> list:
-        """Weights in `build` order that start the layer at the kernel's top-`rank` SVD."""
-        u, s, vt = np.linalg.svd(kernel.reshape(-1, kernel.shape[-1]), full_matrices=False)
+    def initial_weights(self, svd: tuple, bias: np.ndarray | None) -> list:
+        """Weights in `build` order that start the layer at the top-`rank` SVD.
+
+        Args:
+            svd: (u, s, vt) of the kernel as a matrix (see `factored_layer`).
+            bias: the plain layer's bias, if it has one.
+        """
+        u, s, vt = svd
         k = self.rank
         weights = [u[:, :k], s[:k], vt[:k]] + ([bias] if self.use_bias else [])
         return [*weights, np.float32(0.0), np.ones(k, np.float32), np.int64(0)]
@@ -292,13 +297,17 @@ def searched_rank(layer: Any, kernel: np.ndarray) -> int:
     return min(rows, cols, math.ceil(rows * cols / (rows + cols)))
 
 
-def factored_layer(layer: Any, rank: int, temperature: dict, search_steps: int) -> _Factored:
-    """The factored stand-in for a Dense / Conv2D `layer`, same name, unbuilt."""
-    kernel = layer.get_weights()[0]
-    s_max = float(np.linalg.norm(kernel.reshape(-1, kernel.shape[-1]), 2)) or 1.0
+def factored_layer(
+    layer: Any, rank: int, temperature: dict, search_steps: int
+) -> graph.Replacement:
+    """A replacement calling the factored stand-in (same name) of a Dense / Conv2D."""
+    kernel, *bias = layer.get_weights()
+    svd = np.linalg.svd(kernel.reshape(-1, kernel.shape[-1]), full_matrices=False)
+    s_max = float(svd[1][0]) or 1.0
     cls = FactoredDense if isinstance(layer, L.Dense) else FactoredConv2D
     plain = {"class_name": type(layer).__name__, "config": layer.get_config()}
-    return cls(plain, rank, temperature, search_steps, s_max=s_max, name=layer.name)
+    factored = cls(plain, rank, temperature, search_steps, s_max=s_max, name=layer.name)
+    return graph.with_weights(factored, factored.initial_weights(svd, (bias or [None])[0]))
 
 
 @keras.utils.register_keras_serializable(package="tfhybrid")
@@ -488,32 +497,46 @@ class _Projection:
         return keep, active
 
     def ratios(self, counts: dict) -> dict:
+        macs, params = self.cost(counts)
+        original = self.model.original_cost
+        return {"macs": float(macs) / original[0], "params": float(params) / original[1]}
+
+    def cost(self, counts: dict) -> tuple:
+        """(MACs, params) of one set of counts, or of N if the counts are (N,) arrays."""
         groups = {gid: n for (kind, gid), n in counts.items() if kind == "group"}
         ranks = {name: n for (kind, name), n in counts.items() if kind == "rank"}
-        macs, params = self.model.cost_model.evaluate(groups, ranks)
-        original = self.model.original_cost
-        return {"macs": macs / original[0], "params": params / original[1]}
+        return self.model.cost_model.evaluate_many(groups, ranks)
 
     def cheapest_cut(self, counts: dict) -> tuple:
-        now = self.ratios(counts)
-        targets = self.model.budget.targets()
+        """The (unit key, chunk) whose removal buys budget at the least importance."""
+        keys = list(counts)
+        chunks = np.array([counts[k] - self.next_count(k, counts[k]) for k in keys])
+        candidates = np.flatnonzero(chunks > 0)
+        now = self.cost(counts)
+        trial = {
+            k: np.where(candidates == i, counts[k] - chunks[i], counts[k])
+            for i, k in enumerate(keys)
+        }
+        after = self.cost(trial)
+        original = self.model.original_cost
+        saved = sum(
+            np.maximum(now[i] - after[i], 0.0) / original[i] / target
+            for i, target in ((0, self.model.budget.macs), (1, self.model.budget.params))
+            if target is not None
+        )
         best, best_price = None, np.inf
-        for key, count in counts.items():
-            chunk = count - self.next_count(key, count)
-            if chunk <= 0:
+        for j, i in enumerate(candidates):
+            if saved[j] <= 0:
                 continue
-            after = self.ratios({**counts, key: count - chunk})
-            saved = sum(max(now[k] - after[k], 0.0) / v for k, v in targets.items())
-            if saved <= 0:
-                continue
+            key, count, chunk = keys[i], counts[keys[i]], chunks[i]
             removed = np.sort(self.scores[key])[::-1][count - chunk : count]
-            price = float(np.mean(1 / (1 + np.exp(-removed)))) * chunk / saved
+            price = float(np.sum(1 / (1 + np.exp(-removed)))) / saved[j]
             if price < best_price:
-                best, best_price = (key, chunk), price
+                best, best_price = (key, int(chunk)), price
         if best is None:
             raise RuntimeError(
                 f"No channel or rank left to remove, yet the budget {self.model.budget} is "
-                f"not met (now {now}); this should have been refused by hybrid_compress."
+                f"not met (now {self.ratios(counts)}); hybrid_compress should have refused it."
             )
         return best
 
@@ -570,9 +593,7 @@ def compress(
     def replace(op: graph.Op):
         call = graph.copy_of(op.layer)
         if op.layer.name in chosen.ranks:
-            layer = factored_layer(op.layer, chosen.ranks[op.layer.name], temp, search_steps)
-            kernel, *bias = op.layer.get_weights()
-            call = graph.with_weights(layer, layer.initial_weights(kernel, (bias or [None])[0]))
+            call = factored_layer(op.layer, chosen.ranks[op.layer.name], temp, search_steps)
         layouts = [analysis.layout(kt) for kt in op.outputs]
         if gates is None or not any(gid in gate_index for lay in layouts for gid, _ in lay):
             return call if op.layer.name in chosen.ranks else None

@@ -1,0 +1,149 @@
+"""The user's path: hybrid_compress -> fit with the scheduler -> strip; saving; errors."""
+
+import numpy as np
+import pytest
+
+import tfhybrid as th
+from tfhybrid.techniques import df
+
+from models import APPLICATIONS, assert_unchanged, lenet5, randomize_batchnorm, weights_snapshot
+
+keras = th.keras
+layers = keras.layers
+
+
+def _data(model, n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, *model.input_shape[1:])).astype(np.float32)
+    return x, rng.integers(0, model.output_shape[-1], n)
+
+
+def _fit(compressed, x, y, epochs, batch_size=16):
+    compressed.compile(
+        keras.optimizers.Adam(1e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return compressed.fit(
+        x,
+        y,
+        batch_size=batch_size,
+        epochs=epochs,
+        verbose=0,
+        callbacks=[th.CompressionScheduler()],
+    )
+
+
+def _assert_strip_is_exact(compressed, small, x):
+    expected = compressed(x, training=False).numpy()
+    got = small(x, training=False).numpy()
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert not any(isinstance(la, (df.ChannelGates, df._Factored)) for la in small.layers)
+
+
+def test_lenet_path_meets_the_budget_and_logs_ratios():
+    model = lenet5()
+    snapshot, config = weights_snapshot(model), model.get_config()
+    x, y = _data(model, 128)
+    compressed = th.hybrid_compress(model, th.Budget(macs=0.1), search_steps=16)
+    history = _fit(compressed, x, y, epochs=3)  # 8 steps/epoch: search, then fine-tune
+    assert compressed.search_finished()
+    ratios = history.history["macs_ratio"]
+    assert ratios[0] > 0.1 >= ratios[-1] and "params_ratio" in history.history
+    small = th.strip(compressed)
+    assert th.profile(small).macs <= 0.1 * th.profile(model).macs
+    assert th.profile(small).macs / th.profile(model).macs == pytest.approx(ratios[-1])
+    _assert_strip_is_exact(compressed, small, x[:8])
+    assert_unchanged(model, snapshot, config)
+
+
+@pytest.mark.parametrize("name", ["MobileNetV2", "ResNet50", "EfficientNetB0", "DenseNet121"])
+def test_short_search_on_the_zoo_strips_exactly_within_budget(name):
+    model = randomize_batchnorm(APPLICATIONS[name]())
+    x, y = _data(model, 8)
+    compressed = th.hybrid_compress(model, th.Budget(macs=0.5), search_steps=2)
+    _fit(compressed, x, y, epochs=2, batch_size=4)
+    small = th.strip(compressed)
+    assert th.profile(small).macs <= 0.5 * th.profile(model).macs
+    _assert_strip_is_exact(compressed, small, x[:2])
+
+
+@pytest.mark.parametrize("filters,ranks,kind", [(True, False, "gates"), (False, True, "ranks")])
+def test_filters_only_and_ranks_only_use_the_same_path(filters, ranks, kind):
+    model = lenet5()
+    x, y = _data(model, 64)
+    compressed = th.hybrid_compress(
+        model, th.Budget(params=0.3), filters=filters, ranks=ranks, search_steps=4, round_to=2
+    )
+    assert (compressed.gates is not None) == filters
+    assert bool(compressed.factored_layers) == ranks
+    _fit(compressed, x, y, epochs=2)
+    small = th.strip(compressed)
+    assert th.profile(small).params <= 0.3 * th.profile(model).params
+    _assert_strip_is_exact(compressed, small, x[:8])
+    if kind == "ranks":
+        assert [la.name for la in small.layers if la.name.endswith("_u")]
+
+
+def test_layers_and_skip_restrict_the_search():
+    model = lenet5()
+    compressed = th.hybrid_compress(model, th.Budget(macs=0.9), layers=["conv2", "fc1"])
+    assert [la.name for la in compressed.factored_layers] == ["conv2", "fc1"]
+    assert compressed.gates.group_keys == [["conv2"], ["fc1"]]
+    skipped = th.hybrid_compress(model, th.Budget(macs=0.9), skip=["fc1"])
+    assert "fc1" not in [la.name for la in skipped.factored_layers]
+    assert ["fc1"] not in skipped.gates.group_keys and ["conv2"] not in skipped.gates.group_keys
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_save_mid_search_load_and_resume(tmp_path, suffix):
+    model = lenet5()
+    x, y = _data(model, 64)
+    compressed = th.hybrid_compress(model, th.Budget(macs=0.2), search_steps=12)
+    _fit(compressed, x, y, epochs=1)  # 4 of 12 search steps
+    path = str(tmp_path / f"search{suffix}")
+    compressed.save(path)
+    with th.custom_object_scope():
+        loaded = keras.models.load_model(path)
+    assert isinstance(loaded, df.HybridModel)
+    assert int(loaded.compression_step.numpy()) == 4
+    np.testing.assert_allclose(loaded(x[:4]), compressed(x[:4]), rtol=1e-5, atol=1e-6)
+    for a, b in zip(loaded.gates.logits, compressed.gates.logits):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    loaded.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[th.CompressionScheduler()])
+    assert int(loaded.compression_step.numpy()) == 16 and loaded.search_finished()
+    small = th.strip(loaded)
+    assert th.profile(small).macs <= 0.2 * th.profile(model).macs
+    _assert_strip_is_exact(loaded, small, x[:8])
+
+
+def test_fit_without_the_scheduler_is_refused():
+    compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.5))
+    compressed.compile("adam", "sparse_categorical_crossentropy")
+    x, y = _data(lenet5(), 16)
+    with pytest.raises(ValueError, match=r"add callbacks=\[tfhybrid.CompressionScheduler\(\)\]"):
+        compressed.fit(x, y, verbose=0)
+    plain = lenet5()
+    plain.compile("adam", "sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match="models made by tfhybrid.hybrid_compress"):
+        plain.fit(x, y, verbose=0, callbacks=[th.CompressionScheduler()])
+
+
+def test_nothing_compressible_lists_the_reason_per_group():
+    inputs = keras.Input((8,))
+    model = keras.Model(inputs, layers.Dense(4, activation="softmax", name="head")(inputs))
+    with pytest.raises(ValueError, match=r"Nothing to compress(.|\n)*group 0 .*model input"):
+        th.hybrid_compress(model, th.Budget(macs=0.5), ranks=False)
+
+
+def test_budget_below_the_incompressible_part_gives_the_minimum():
+    inputs = keras.Input((32, 32, 3))
+    x = layers.Conv2D(64, 3, name="big")(inputs)  # consumes the model input: fixed cost
+    x = layers.Conv2D(8, 1, name="small")(x)
+    model = keras.Model(inputs, layers.GlobalAveragePooling2D()(x))
+    with pytest.raises(ValueError, match=r"cannot be met.*macs=0\.\d{4}"):
+        th.hybrid_compress(model, th.Budget(macs=0.001), ranks=False)
+
+
+def test_strip_refuses_plain_models():
+    with pytest.raises(TypeError, match="made by tfhybrid.hybrid_compress"):
+        th.strip(lenet5())

@@ -1,0 +1,68 @@
+"""CompressionScheduler under MirroredStrategy; CompressionLogger's TensorBoard scalars."""
+
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import tensorflow as tf
+
+import tfhybrid as th
+
+from models import lenet5
+
+keras = th.keras
+
+_MIRRORED = textwrap.dedent(
+    """
+    import numpy as np, tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import tfhybrid as th
+    from models import lenet5
+    keras = th.keras
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert strategy.num_replicas_in_sync == 2
+    x = np.random.default_rng(0).normal(size=(64, 28, 28, 1)).astype("float32")
+    y = np.random.default_rng(1).integers(0, 10, 64)
+    with strategy.scope():
+        model = th.hybrid_compress(lenet5(), th.Budget(macs=0.2), search_steps=6)
+        model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[th.CompressionScheduler()])
+    assert model.search_finished()
+    searched = [model.gates, *model.factored_layers]
+    for layer in searched:
+        for var in layer.weights:
+            replicas = [v.numpy() for v in var.values]
+            assert len(replicas) == 2 and all(np.array_equal(replicas[0], r) for r in replicas)
+    small = th.strip(model)
+    assert th.profile(small).macs <= 0.2 * th.profile(lenet5()).macs
+    print("MIRRORED OK", int(model.compression_step.numpy()))
+    """
+)
+
+
+def test_search_under_mirrored_strategy_takes_identical_decisions_on_both_replicas():
+    tests = pathlib.Path(__file__).parent
+    result = subprocess.run(
+        [sys.executable, "-c", _MIRRORED], cwd=tests, capture_output=True, text=True, timeout=600
+    )
+    assert "MIRRORED OK 12" in result.stdout, result.stderr[-3000:]
+
+
+def test_logger_writes_ratios_kept_channels_and_ranks(tmp_path):
+    model = lenet5()
+    x = np.random.default_rng(0).normal(size=(32, 28, 28, 1)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 10, 32)
+    compressed = th.hybrid_compress(model, th.Budget(macs=0.3), search_steps=4)
+    compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callbacks = [th.CompressionScheduler(), th.CompressionLogger(str(tmp_path))]
+    compressed.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=callbacks)
+    tags = set()
+    for event_file in tmp_path.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            tags.update(v.tag for v in event.summary.value)
+    assert {"compression/macs_ratio", "compression/temperature", "rank/fc1"} <= tags
+    assert {"kept_channels/conv1", "kept_channels/fc1"} <= tags

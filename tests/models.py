@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
+import pathlib
+import sys
+
 import numpy as np
 
 import tfhybrid as th
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+from mnist import lenet5 as lenet5  # noqa: E402  (the README's LeNet-5, re-exported)
+
 keras = th.keras
 layers = keras.layers
-
-
-def lenet5() -> keras.Model:
-    """Caffe LeNet-5 (20-50-500-10) as a Sequential model."""
-    return keras.Sequential(
-        [
-            keras.Input((28, 28, 1)),
-            layers.Conv2D(20, 5, name="conv1"),
-            layers.MaxPooling2D(name="pool1"),
-            layers.Conv2D(50, 5, name="conv2"),
-            layers.MaxPooling2D(name="pool2"),
-            layers.Flatten(name="flatten"),
-            layers.Dense(500, activation="relu", name="fc1"),
-            layers.Dense(10, name="fc2"),
-        ],
-        name="lenet5",
-    )
 
 
 def resnet_style() -> keras.Model:

@@ -1,0 +1,281 @@
+"""The learned hybrid (DF) against its parts and the usual baselines, on MNIST.
+
+    python benchmarks/mnist_hybrid.py --models=lenet5,lenet_300_100 \
+        --budgets=0.5,0.25,0.1,0.05 --seeds=0,1,2 --pretrain_epochs=8 \
+        --search_epochs=4 --finetune_epochs=4
+
+For every model, MAC budget and seed, from the same pretrained network and with the
+same number of epochs after pretraining (search + fine-tune):
+  hybrid        hybrid_compress(filters and ranks)
+  filters_only  hybrid_compress(ranks=False)
+  ranks_only    hybrid_compress(filters=False)
+  l1_uniform    the same share of every group's channels removed by L1 norm, the
+                largest share that meets the budget; fine-tuned
+  svd_uniform   every Dense/Conv2D truncated to the same share of its rank, the
+                largest that meets the budget; fine-tuned
+  scratch       the architecture `hybrid` found, re-initialised and trained for the
+                pretraining + search + fine-tune epochs (Liu et al. 2019)
+  tfmot         TF-MOT prune_low_magnitude at the hybrid's parameter share
+                (its dense MACs do not fall: reported as they are)
+Also the steady-state ms/step of plain training, the hybrid search and TF-MOT
+pruning (same model and batch, median over steps). Writes JSON and a PNG of test
+error vs MACs under --out.
+"""
+
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+
+import numpy as np  # noqa: E402
+import tensorflow_model_optimization as tfmot  # noqa: E402
+from absl import app, flags  # noqa: E402
+from mnist import compile_model, lenet5, lenet_300_100, mnist  # noqa: E402
+
+import tfhybrid as th  # noqa: E402
+from tfhybrid.techniques import magnitude  # noqa: E402
+
+keras = th.keras
+MODELS = {"lenet5": lenet5, "lenet_300_100": lenet_300_100}
+METHODS = ["hybrid", "filters_only", "ranks_only", "l1_uniform", "svd_uniform", "scratch", "tfmot"]
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["lenet5", "lenet_300_100"], "Models to compress.")
+flags.DEFINE_list("budgets", ["0.5", "0.25", "0.1", "0.05"], "MAC budgets.")
+flags.DEFINE_list("methods", METHODS, "Methods to run.")
+flags.DEFINE_list("seeds", ["0"], "Seeds (each seed pretrains its own network).")
+flags.DEFINE_integer("pretrain_epochs", 8, "Epochs of the original model.")
+flags.DEFINE_integer("search_epochs", 4, "Epochs of search (or the first fine-tune epochs).")
+flags.DEFINE_integer("finetune_epochs", 4, "Epochs of fine-tuning after the search.")
+flags.DEFINE_integer("batch_size", 128, "Batch size.")
+flags.DEFINE_integer("timing_steps", 60, "Steps timed per training kind (0: skip timing).")
+flags.DEFINE_integer("train_batches", 0, "Use only this many training batches (0: all).")
+flags.DEFINE_string("out", "benchmarks/results", "Folder for mnist_hybrid.json/.png.")
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Wall time of every training batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def error_of(model, test) -> float:
+    if not model.compiled_loss:
+        compile_model(model)
+    return 1.0 - model.evaluate(test, verbose=0)[1]
+
+
+def record(model, test, original) -> dict:
+    prof = th.profile(model)
+    return {
+        "test_error": error_of(model, test),
+        "macs": prof.macs,
+        "params": prof.params,
+        "mac_ratio": prof.macs / original.macs,
+        "param_ratio": prof.params / original.params,
+    }
+
+
+def largest_meeting(budget: float, original_macs: int, build, lo=0.0, hi=1.0):
+    """The largest share in [lo, hi] whose model (build(share)) meets the MAC budget."""
+    best = None
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        model = build(mid)
+        if model is not None and th.profile(model).macs <= budget * original_macs:
+            best, lo = model, mid
+        else:
+            hi = mid
+    return best
+
+
+def svd_truncated(model, share: float):
+    ranks = {}
+    for layer in model.layers:
+        if type(layer) in (keras.layers.Dense, keras.layers.Conv2D):
+            kernel = layer.get_weights()[0]
+            full = min(int(np.prod(kernel.shape[:-1])), kernel.shape[-1])
+            rank = max(1, int(share * full))
+            rows, cols = int(np.prod(kernel.shape[:-1])), kernel.shape[-1]
+            if rank * (rows + cols) < rows * cols:
+                ranks[layer.name] = rank
+    return th.factorize(model, ranks) if ranks else None
+
+
+def run_method(method, base, budget, train, test, steps_per_epoch, found):
+    after_epochs = FLAGS.search_epochs + FLAGS.finetune_epochs
+    original = th.profile(base)
+    if method in ("hybrid", "filters_only", "ranks_only"):
+        compressed = th.hybrid_compress(
+            base,
+            th.Budget(macs=budget),
+            filters=method != "ranks_only",
+            ranks=method != "filters_only",
+            search_steps=FLAGS.search_epochs * steps_per_epoch,
+        )
+        compile_model(compressed)
+        compressed.fit(train, epochs=after_epochs, verbose=0, callbacks=[th.CompressionScheduler()])
+        small = th.strip(compressed)
+        if method == "hybrid":
+            found["hybrid"] = small
+        return record(small, test, original)
+    if method == "l1_uniform":
+        small = largest_meeting(
+            budget,
+            original.macs,
+            lambda keep: th.prune_channels(base, magnitude.l1_removal(base, 1 - keep)),
+            lo=0.0,
+            hi=1.0,
+        )
+    elif method == "svd_uniform":
+        small = largest_meeting(budget, original.macs, lambda s: svd_truncated(base, s))
+    elif method == "scratch":
+        small = keras.models.clone_model(found["hybrid"])  # fresh random weights
+        after_epochs += FLAGS.pretrain_epochs
+    elif method == "tfmot":
+        return run_tfmot(base, found, train, test, after_epochs, original)
+    if small is None:
+        return {"unreachable": True}
+    compile_model(small)
+    small.fit(train, epochs=after_epochs, verbose=0)
+    return record(small, test, original)
+
+
+def run_tfmot(base, found, train, test, epochs, original):
+    share = th.profile(found["hybrid"]).params / original.params if "hybrid" in found else 0.1
+    schedule = tfmot.sparsity.keras.ConstantSparsity(1 - share, begin_step=0, frequency=50)
+    start = keras.models.clone_model(base)
+    start.set_weights(base.get_weights())
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(start, pruning_schedule=schedule)
+    compile_model(pruned)
+    pruned.fit(
+        train, epochs=epochs, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()]
+    )
+    stripped = tfmot.sparsity.keras.strip_pruning(pruned)
+    result = record(stripped, test, original)
+    nonzero = sum(int(np.count_nonzero(w)) for w in stripped.get_weights())
+    result.update(nonzero_params=nonzero, nonzero_param_ratio=nonzero / original.params)
+    return result
+
+
+def step_times(build, train, steps: int) -> dict:
+    """Median ms/step of plain training, the hybrid search and TF-MOT pruning."""
+    data = train.take(steps).cache()
+    list(data)  # fill the cache before timing
+    kinds = {}
+    plain = compile_model(build())
+    compressed = compile_model(
+        th.hybrid_compress(build(), th.Budget(macs=0.1), search_steps=10 * steps)
+    )
+    pruned = compile_model(
+        tfmot.sparsity.keras.prune_low_magnitude(
+            build(), pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.9, 0)
+        )
+    )
+    runs = {
+        "plain": (plain, []),
+        "hybrid_search": (compressed, [th.CompressionScheduler()]),
+        "tfmot_pruning": (pruned, [tfmot.sparsity.keras.UpdatePruningStep()]),
+    }
+    for _ in range(2):  # interleaved twice: the machine's drift hits all alike
+        for name, (model, callbacks) in runs.items():
+            timer = StepTimer()
+            model.fit(data, epochs=1, verbose=0, callbacks=[*callbacks, timer])
+            kinds.setdefault(name, []).extend(timer.times[5:])
+    medians = {k: 1000 * statistics.median(v) for k, v in kinds.items()}
+    return {
+        "ms_per_step": medians,
+        "ratio_to_plain": {k: v / medians["plain"] for k, v in medians.items()},
+    }
+
+
+def plot(results: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(results)
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        for method in METHODS:
+            points = [
+                (run["mac_ratio"], 100 * run["test_error"])
+                for budget in results[name]["budgets"].values()
+                for run in budget.get(method, [])
+                if "mac_ratio" in run
+            ]
+            if points:
+                xs, ys = zip(*sorted(points))
+                ax.plot(xs, ys, "o-" if method == "hybrid" else ".--", label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("MACs / original")
+        ax.set_ylabel("test error (%)")
+        ax.set_title(name)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv):
+    del argv
+    out = pathlib.Path(FLAGS.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train = mnist("train", FLAGS.batch_size, shuffle_seed=0)
+    if FLAGS.train_batches:
+        train = train.take(FLAGS.train_batches)
+    test = mnist("test", 1000)
+    steps_per_epoch = int(train.cardinality())
+    results = {}
+    for name in FLAGS.models:
+        entry = results.setdefault(name, {"budgets": {}, "original": []})
+        for seed in map(int, FLAGS.seeds):
+            keras.utils.set_random_seed(seed)
+            base = compile_model(MODELS[name]())
+            base.fit(train, epochs=FLAGS.pretrain_epochs, verbose=0)
+            original = th.profile(base)
+            entry["original"].append({"seed": seed, **record(base, test, original)})
+            for budget in map(float, FLAGS.budgets):
+                found = {}
+                runs = entry["budgets"].setdefault(str(budget), {})
+                for method in FLAGS.methods:
+                    keras.utils.set_random_seed(seed)
+                    result = run_method(method, base, budget, train, test, steps_per_epoch, found)
+                    runs.setdefault(method, []).append({"seed": seed, **result})
+                    print(name, budget, seed, method, json.dumps(result), flush=True)
+        if FLAGS.timing_steps:
+            entry["timing"] = step_times(MODELS[name], train, FLAGS.timing_steps)
+            print(name, "timing", json.dumps(entry["timing"]), flush=True)
+    command = "python benchmarks/mnist_hybrid.py " + " ".join(
+        f"--{k}={','.join(v) if isinstance(v, list) else v}"
+        for k, v in [
+            ("models", FLAGS.models),
+            ("budgets", FLAGS.budgets),
+            ("methods", FLAGS.methods),
+            ("seeds", FLAGS.seeds),
+            ("pretrain_epochs", FLAGS.pretrain_epochs),
+            ("search_epochs", FLAGS.search_epochs),
+            ("finetune_epochs", FLAGS.finetune_epochs),
+            ("timing_steps", FLAGS.timing_steps),
+        ]
+    )
+    report = {"command": command, "results": results}
+    (out / "mnist_hybrid.json").write_text(json.dumps(report, indent=2))
+    plot(results, out / "mnist_hybrid.png")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -100,6 +100,7 @@ class ChannelGates(L.Layer):
         """The masks of all gated groups (see `mask`)."""
         return [self.mask(i, hard) for i in range(len(self.sizes))]
 
+    @tf.autograph.experimental.do_not_convert
     def call(self, inputs, layout=()):
         parts = []
         for index, size, mult in layout:
@@ -121,11 +122,8 @@ class ChannelGates(L.Layer):
         }
 
     def compression_note(self) -> str:
-        kept = [int(np.sum(m)) for m in self._hard_numpy()]
-        return f"gates {len(self.sizes)} groups, kept {sum(kept)}/{sum(self.sizes)} channels"
-
-    def _hard_numpy(self) -> list[np.ndarray]:
-        return [np.asarray(m) for m in self.masks(hard=True)]
+        kept = sum(int(np.sum(m)) for m in self.masks(hard=True))
+        return f"gates {len(self.sizes)} groups, kept {kept}/{sum(self.sizes)} channels"
 
 
 class _Factored(L.Layer):
@@ -190,6 +188,7 @@ class _Factored(L.Layer):
         """U with unit columns and V with unit rows."""
         return tf.math.l2_normalize(self.u, axis=0), tf.math.l2_normalize(self.v, axis=1)
 
+    @tf.autograph.experimental.do_not_convert
     def call(self, inputs):
         u, v = self.factors()
         hidden = self._first(inputs, u) * tf.cast(self.singular_values(), inputs.dtype)

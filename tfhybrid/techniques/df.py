@@ -101,7 +101,7 @@ class ChannelGates(L.Layer):
         return [self.mask(i, hard) for i in range(len(self.sizes))]
 
     @tf.autograph.experimental.do_not_convert
-    def call(self, inputs, layout=()):
+    def call(self, inputs, layout=(), training=None):  # noqa: ARG002 - Keras passes training
         parts = []
         for index, size, mult in layout:
             if index < 0:
@@ -189,7 +189,7 @@ class _Factored(L.Layer):
         return tf.math.l2_normalize(self.u, axis=0), tf.math.l2_normalize(self.v, axis=1)
 
     @tf.autograph.experimental.do_not_convert
-    def call(self, inputs):
+    def call(self, inputs, training=None):  # noqa: ARG002 - Keras passes training
         u, v = self.factors()
         hidden = self._first(inputs, u) * tf.cast(self.singular_values(), inputs.dtype)
         outputs = tf.tensordot(hidden, v, [[hidden.shape.rank - 1], [0]])

@@ -32,6 +32,7 @@ bazel-test: $(VENV)/.installed
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/surgery_speed.py
+	$(PY) benchmarks/mnist_hybrid.py
 
 clean:
 	rm -rf $(VENV) *.egg-info bazel-*

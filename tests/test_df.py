@@ -90,3 +90,14 @@ def test_hard_masked_model_and_stripped_model_agree():
     scale = np.abs(expected).max()
     np.testing.assert_allclose(small(x, training=False), expected, atol=1e-4 * scale)
     assert not any(isinstance(la, (df.ChannelGates, df._Factored)) for la in small.layers)
+
+
+def test_straight_through_budget_has_the_hard_value_and_the_soft_gradient():
+    compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.2))
+    compressed.gates.logits[1].assign(np.linspace(-1, 1, 50).astype(np.float32))
+    with tf.GradientTape() as tape:
+        ratio = compressed.ratios(straight_through=True)["macs"]
+    assert float(ratio) == pytest.approx(float(compressed.ratios(hard=True)["macs"]))
+    assert float(ratio) != pytest.approx(float(compressed.ratios()["macs"]))
+    grad = tape.gradient(ratio, compressed.gates.logits[1])
+    assert float(tf.reduce_sum(tf.abs(grad))) > 0

@@ -358,14 +358,25 @@ class HybridModel(keras.Model):
         return int(self.compression_step.numpy()) > self.search_steps
 
     # -- cost ------------------------------------------------------------------------
-    def ratios(self, hard: bool = False) -> dict:
-        """MACs and params of the current (soft or hard) decisions over the original's."""
+    def ratios(self, hard: bool = False, straight_through: bool = False) -> dict:
+        """MACs and params of the current decisions over the original's.
+
+        Args:
+            hard: count the hard decisions (mask logit > 0, s > tau) instead of soft.
+            straight_through: the hard counts' value with the soft counts' gradient,
+                so that the penalty stops once the *hard* model meets the budget.
+        """
         gates = self.gates
         counts = {}
         if gates is not None:
-            for gid, mask in zip(gates.group_ids, gates.masks(hard)):
-                counts[gid] = tf.reduce_sum(mask)
-        ranks = {la.name: la.soft_rank(hard) for la in self.factored_layers}
+            for gid, index in zip(gates.group_ids, range(len(gates.sizes))):
+                counts[gid] = _count(
+                    gates.mask(index, hard=True), gates.mask(index), hard, straight_through
+                )
+        ranks = {
+            la.name: _count(la.soft_rank(hard=True), la.soft_rank(), hard, straight_through)
+            for la in self.factored_layers
+        }
         macs, params = self.cost_model.evaluate(counts, ranks)
         return {"macs": macs / self.original_cost[0], "params": params / self.original_cost[1]}
 
@@ -373,7 +384,7 @@ class HybridModel(keras.Model):
         loss = super().compute_loss(x, y, y_pred, sample_weight)
         step = self.compression_step
         weight = tf.where(step < self.search_steps, self.penalty_weight(step), 0.0)
-        penalty = budget_lib.penalty(self.ratios(), self.budget)
+        penalty = budget_lib.penalty(self.ratios(straight_through=True), self.budget)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         return loss + weight * penalty / replicas
 
@@ -447,6 +458,14 @@ class HybridModel(keras.Model):
         compression = config.pop("compression")
         inputs, outputs, _ = functional.reconstruct_from_config(config, custom_objects)
         return cls(inputs, outputs, compression, name=config.get("name"))
+
+
+def _count(hard_value, soft_value, hard: bool, straight_through: bool):
+    """The count `ratios` uses: hard, soft, or hard in value with the soft gradient."""
+    hard_count, soft_count = tf.reduce_sum(hard_value), tf.reduce_sum(soft_value)
+    if straight_through:
+        return soft_count + tf.stop_gradient(hard_count - soft_count)
+    return hard_count if hard else soft_count
 
 
 class _Projection:

@@ -6,6 +6,7 @@ Everything Keras-version specific (private classes included) is named here or in
 """
 
 import tf_keras as keras
+from tf_keras.src.engine import functional as keras_functional
 from tf_keras.src.engine.keras_tensor import KerasTensor
 
 # Layer families, by what they do to the channel axis.
@@ -38,6 +39,7 @@ CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 
 __all__ = [
     "keras",
+    "keras_functional",
     "KerasTensor",
     "CONV",
     "DEPTHWISE_CONV",

@@ -31,8 +31,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfhybrid import budget as budget_lib
-from tfhybrid import cost, graph, schedules
-from tfhybrid._keras import keras
+from tfhybrid import channels, cost, graph, schedules
+from tfhybrid._keras import keras, keras_functional
 
 L = keras.layers
 
@@ -446,17 +446,14 @@ class HybridModel(keras.Model):
         return _Projection(self).run()
 
     def get_config(self) -> dict:
-        from tf_keras.src.engine import functional  # the functional graph config
-
-        return {**functional.get_network_config(self), "compression": self._compression}
+        network = keras_functional.get_network_config(self)
+        return {**network, "compression": self._compression}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        from tf_keras.src.engine import functional
-
         config = dict(config)
         compression = config.pop("compression")
-        inputs, outputs, _ = functional.reconstruct_from_config(config, custom_objects)
+        inputs, outputs, _ = keras_functional.reconstruct_from_config(config, custom_objects)
         return cls(inputs, outputs, compression, name=config.get("name"))
 
 
@@ -577,8 +574,6 @@ def compress(
         raise TypeError(f"budget must be a tfhybrid.Budget, got {type(budget).__name__}.")
     if int(round_to) < 1 or int(search_steps) < 1:
         raise ValueError(f"round_to and search_steps must be >= 1, got {round_to}, {search_steps}.")
-    from tfhybrid import channels  # the analysis of the model to wrap
-
     analysis = channels.analyze(model)
     temperature = temperature or schedules.ExponentialDecay(1.0, 0.05, search_steps)
     penalty = penalty or schedules.LinearRamp(0.0, 5.0, max(1, search_steps // 4))

@@ -15,8 +15,8 @@ def test_lenet_demo_compresses_and_keeps_accuracy():
     spec = importlib.util.spec_from_file_location("lenet_mnist", EXAMPLE)
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    demo.FLAGS(["lenet_mnist", "--epochs=1", "--finetune_epochs=1"])
+    demo.FLAGS(["lenet_mnist", "--budget=0.1", "--epochs=1", "--finetune_epochs=1"])
     result = demo.run()
     (macs_before, macs_after), (params_before, params_after) = result["macs"], result["params"]
-    assert macs_after < 0.35 * macs_before and params_after < 0.3 * params_before
+    assert macs_after <= 0.1 * macs_before and params_after < params_before
     assert result["accuracy"][0] > 0.97 and result["accuracy"][1] > 0.97

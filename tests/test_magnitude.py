@@ -1,4 +1,4 @@
-"""techniques.magnitude: L1-norm channel choice and SVD rank choice."""
+"""techniques.magnitude: L1-norm channel choice."""
 
 import numpy as np
 import pytest
@@ -42,11 +42,3 @@ def test_l1_removal_keeps_one_channel_and_rejects_bad_fractions():
     assert removal and all(len(v) == sizes[gid] - 1 for gid, v in removal.items())
     with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\), got 1.0"):
         magnitude.l1_removal(model, 1.0)
-
-
-def test_svd_rank_keeps_the_requested_energy():
-    inputs = keras.Input((4,))
-    model = keras.Model(inputs, keras.layers.Dense(4, use_bias=False, name="fc")(inputs))
-    model.get_layer("fc").kernel.assign(np.diag([3.0, 2.0, 1.0, 0.5]))
-    # squared spectrum 9, 4, 1, 0.25: cumulative shares 0.63, 0.91, 0.98, 1.0
-    assert [magnitude.svd_rank(model, "fc", e) for e in (0.5, 0.9, 0.95, 1.0)] == [1, 2, 3, 4]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from tfhybrid import schedules, surgery
 from tfhybrid._keras import keras
 from tfhybrid.budget import Budget
@@ -87,17 +85,7 @@ def strip(model: df.HybridModel) -> Any:
             f"strip takes a model made by tfhybrid.hybrid_compress; got "
             f"{type(model).__name__} '{getattr(model, 'name', '?')}'."
         )
-    keep, active = model.hard_decisions()
-    replacements = {la.name: la.to_plain(active[la.name]) for la in model.factored_layers}
-    remove, gates = {}, model.gates
-    if gates is not None:
-        replacements[gates.name] = lambda inputs, layout=(): inputs
-        for gid, key in zip(gates.group_ids, gates.group_keys):
-            removed = np.flatnonzero(~keep[gid])
-            if removed.size:
-                remove[tuple(key)] = removed
-    ranks = {name: int(np.sum(kept)) for name, kept in active.items()}
-    return surgery.strip(model, replacements, remove, ranks)
+    return surgery.strip(model, *model.materialize())
 
 
 def custom_object_scope() -> Any:

@@ -283,10 +283,7 @@ def _check_rank(calls: dict, names: set, name: str, rank: Any, force: bool) -> N
             f"Rank {rank!r} for layer '{name}' is invalid: its kernel is a {rows} x {cols} "
             f"matrix of full rank {full}; choose a rank in 1..{full - 1}."
         )
-    op = calls[name]
-    in_shape, out_shape = tuple(op.inputs[0].shape), tuple(op.outputs[0].shape)
-    before = cost.layer_macs(layer, in_shape, out_shape)
-    after = _factorized_macs(layer, in_shape, out_shape, int(rank))
+    before, after = _macs_before_and_after_split(calls[name], int(rank))
     if after >= before and not force:
         largest = (rows * cols - 1) // (rows + cols)
         raise ValueError(
@@ -306,11 +303,13 @@ def _kernel_matrix(kernel: np.ndarray) -> np.ndarray:
     return kernel.reshape(-1, kernel.shape[-1])
 
 
-def _factorized_macs(layer: Any, in_shape: tuple, out_shape: tuple, rank: int) -> int:
-    mid_shape = out_shape[:-1] + (rank,)
-    first = cost.layer_macs(layer, in_shape, mid_shape)
+def _macs_before_and_after_split(op: graph.Op, rank: int) -> tuple[int, int]:
+    """MACs of a Dense/Conv2D call, whole and split at `rank` (k x k to r, then 1 x 1)."""
+    in_shape, out_shape = tuple(op.inputs[0].shape), tuple(op.outputs[0].shape)
+    first = cost.layer_macs(op.layer, in_shape, out_shape[:-1] + (rank,))
     positions = int(np.prod(out_shape[1:-1]))
-    return first + positions * rank * out_shape[-1]
+    after = first + positions * rank * out_shape[-1]
+    return cost.layer_macs(op.layer, in_shape, out_shape), after
 
 
 def _factorized(layer: Any, rank: int):
@@ -367,13 +366,8 @@ def strip(
     calls = {op.layer.name: op for op in graph.ops(pruned)}
     cheaper = {}
     for name, rank in ranks.items():
-        op = calls[name]
-        in_shape, out_shape = tuple(op.inputs[0].shape), tuple(op.outputs[0].shape)
-        rows, cols = _kernel_matrix(op.layer.get_weights()[0]).shape
-        before = cost.layer_macs(op.layer, in_shape, out_shape)
-        if (
-            rank < min(rows, cols)
-            and _factorized_macs(op.layer, in_shape, out_shape, rank) < before
-        ):
+        rows, cols = _kernel_matrix(calls[name].layer.get_weights()[0]).shape
+        before, after = _macs_before_and_after_split(calls[name], rank)
+        if rank < min(rows, cols) and after < before:
             cheaper[name] = int(rank)
     return factorize(pruned, cheaper) if cheaper else pruned

@@ -197,25 +197,16 @@ class _Factored(L.Layer):
             outputs = outputs + self.bias
         return self.activation(outputs)
 
-    def dense_kernel(self, active: np.ndarray | None = None) -> np.ndarray:
-        """The kernel of the equivalent plain layer, U diag(s_eff) V reshaped.
-
-        With `active` given, s_eff = (s - tau) on those components, 0 elsewhere.
-        """
+    def dense_kernel(self, active: np.ndarray) -> np.ndarray:
+        """The kernel of the equivalent plain layer: U diag(s_eff) V reshaped, where
+        s_eff = s - tau on the `active` components and 0 elsewhere."""
         u, v = (np.asarray(f) for f in self.factors())
-        if active is None:
-            s_eff = np.asarray(self.singular_values())
-        else:
-            s_eff = (self.s.numpy() - float(self.threshold())) * active
+        s_eff = (self.s.numpy() - float(self.threshold())) * active
         matrix = (u * s_eff) @ v
         return matrix.reshape(self._kernel_shape())
 
-    def to_plain(self, active: np.ndarray | None = None) -> graph.Replacement:
-        """The plain layer computing the same function with the components `active`.
-
-        Args:
-            active: 0/1 per component; by default the layer's own current decision.
-        """
+    def to_plain(self, active: np.ndarray) -> graph.Replacement:
+        """The plain layer computing this layer's function with the components `active`."""
         layer = self.plain_class.from_config(self.plain["config"])
         weights = [self.dense_kernel(active)] + ([self.bias.numpy()] if self.use_bias else [])
         return graph.with_weights(layer, weights)
@@ -444,6 +435,26 @@ class HybridModel(keras.Model):
             )
             return keep, {la.name: la.active.numpy() > 0.5 for la in self.factored_layers}
         return _Projection(self).run()
+
+    def materialize(self) -> tuple[dict, dict, dict]:
+        """What `surgery.strip` needs to build the plain model of the hard decisions.
+
+        Returns:
+            (layer name -> plain replacement (the gates become the identity),
+             sorted producer names of a group -> channel indices to remove,
+             factored layer name -> rank kept)
+        """
+        keep, active = self.hard_decisions()
+        replacements = {la.name: la.to_plain(active[la.name]) for la in self.factored_layers}
+        remove, gates = {}, self.gates
+        if gates is not None:
+            replacements[gates.name] = lambda inputs, layout=(): inputs
+            for gid, key in zip(gates.group_ids, gates.group_keys):
+                removed = np.flatnonzero(~keep[gid])
+                if removed.size:
+                    remove[tuple(key)] = removed
+        ranks = {name: int(np.sum(kept)) for name, kept in active.items()}
+        return replacements, remove, ranks
 
     def get_config(self) -> dict:
         network = keras_functional.get_network_config(self)

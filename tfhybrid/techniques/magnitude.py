@@ -1,8 +1,7 @@
-"""Magnitude heuristics: uniform L1-norm filter pruning and SVD rank truncation.
+"""Magnitude heuristics: uniform L1-norm filter pruning.
 
-These are the classic one-shot baselines (Li et al. 2017, "Pruning filters for
-efficient ConvNets"; truncated SVD of layer kernels). They decide *what* to
-remove; `surgery.prune_channels` / `surgery.factorize` make it physical.
+The classic one-shot baseline (Li et al. 2017, "Pruning filters for efficient
+ConvNets"). It decides *what* to remove; `surgery.prune_channels` makes it physical.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from tfhybrid import channels, graph
+from tfhybrid import channels
 
 
 def channel_l1_norms(model: Any) -> dict[int, np.ndarray]:
@@ -65,20 +64,3 @@ def l1_removal(model: Any, fraction: float) -> dict[int, np.ndarray]:
         if count:
             removal[gid] = np.sort(np.argsort(norms, kind="stable")[:count])
     return removal
-
-
-def svd_rank(model: Any, layer_name: str, energy: float) -> int:
-    """Smallest rank whose singular values keep `energy` of a kernel's squared spectrum.
-
-    Args:
-        model: a functional or built Sequential tf_keras model.
-        layer_name: a Dense or Conv2D layer.
-        energy: share of sum(s**2) to keep, in (0, 1].
-
-    Returns:
-        The rank r (1 <= r <= full rank).
-    """
-    kernel = graph.flatten(model).get_layer(layer_name).get_weights()[0]
-    s = np.linalg.svd(kernel.reshape(-1, kernel.shape[-1]), compute_uv=False)
-    kept = np.cumsum(s**2) / np.sum(s**2)
-    return int(np.searchsorted(kept, energy - 1e-12) + 1)

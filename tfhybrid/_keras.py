@@ -24,6 +24,18 @@ PASS_THROUGH = tuple(
         "SpatialDropout3D GaussianNoise GaussianDropout AlphaDropout ActivityRegularization"
     ).split()
 )
+#: Layers f with f(m * x) = m * f(x) for every per-channel scale m >= 0: a channel mask
+#: applied to their input is already applied to their output.
+SCALE_COMMUTING = (keras.layers.Flatten,) + tuple(
+    getattr(keras.layers, name)
+    for name in (
+        "MaxPooling1D MaxPooling2D MaxPooling3D AveragePooling1D AveragePooling2D "
+        "AveragePooling3D GlobalMaxPooling1D GlobalMaxPooling2D GlobalMaxPooling3D "
+        "GlobalAveragePooling1D GlobalAveragePooling2D GlobalAveragePooling3D "
+        "ZeroPadding1D ZeroPadding2D ZeroPadding3D Cropping1D Cropping2D Cropping3D "
+        "Dropout SpatialDropout1D SpatialDropout2D SpatialDropout3D"
+    ).split()
+)
 MERGE = tuple(
     getattr(keras.layers, name) for name in "Add Subtract Multiply Maximum Minimum Average".split()
 )
@@ -45,6 +57,7 @@ __all__ = [
     "DEPTHWISE_CONV",
     "MERGE",
     "PASS_THROUGH",
+    "SCALE_COMMUTING",
     "SEPARABLE_CONV",
     "TRANSPOSED_CONV",
 ]

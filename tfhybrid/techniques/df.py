@@ -4,8 +4,9 @@ After Eo, Kang & Rhee (2023), "A Differentiable Framework for End-to-End Learnin
 of Hybrid Structured Compression".
 
 - DML-S: one vector of mask logits per channel group; the soft mask
-  sigmoid(logit / T) multiplies every tensor of the group (DESIGN.md's exactness
-  rule), with T annealed so masks become 0/1.
+  sigmoid(logit / T) multiplies every tensor of the group once (DESIGN.md's
+  exactness rule; pooling, padding, flatten and dropout commute with it, so their
+  outputs carry their input's mask), with T annealed so masks become 0/1.
 - DTL-S: a Dense/Conv2D layer is trained as W = U diag(relu(s - tau)) V, started
   from the SVD of its kernel; singular value thresholding by a learnable tau.
   U's columns and V's rows are kept at unit norm, so each component's size lives
@@ -32,7 +33,7 @@ import tensorflow as tf
 
 from tfhybrid import budget as budget_lib
 from tfhybrid import channels, cost, graph, schedules
-from tfhybrid._keras import keras, keras_functional
+from tfhybrid._keras import SCALE_COMMUTING, keras, keras_functional
 
 L = keras.layers
 
@@ -188,11 +189,16 @@ class _Factored(L.Layer):
         """U with unit columns and V with unit rows."""
         return tf.math.l2_normalize(self.u, axis=0), tf.math.l2_normalize(self.v, axis=1)
 
+    def _norm_scale(self) -> tf.Tensor:
+        """1 / (|U column| * |V row|) per component: U diag(s * this) V equals the
+        product of the normalised factors, without forming them every step."""
+        squares = tf.reduce_sum(tf.square(self.u), 0) * tf.reduce_sum(tf.square(self.v), 1)
+        return tf.math.rsqrt(tf.maximum(squares, 1e-24))
+
     @tf.autograph.experimental.do_not_convert
     def call(self, inputs, training=None):  # noqa: ARG002 - Keras passes training
-        u, v = self.factors()
-        hidden = self._first(inputs, u) * tf.cast(self.singular_values(), inputs.dtype)
-        outputs = tf.tensordot(hidden, v, [[hidden.shape.rank - 1], [0]])
+        s = tf.cast(self.singular_values() * self._norm_scale(), inputs.dtype)
+        outputs = self._product(inputs, self.u, s, self.v)
         if self.use_bias:
             outputs = outputs + self.bias
         return self.activation(outputs)
@@ -246,8 +252,12 @@ class FactoredDense(_Factored):
     def _rows(self, input_shape) -> int:
         return int(input_shape[-1])
 
-    def _first(self, inputs, u):
-        return tf.tensordot(inputs, u, [[inputs.shape.rank - 1], [0]])
+    def _product(self, inputs, u, s, v):
+        """x U diag(s) V, in factored order: cheaper than forming the kernel per batch."""
+        if inputs.shape.rank == 2:
+            return tf.matmul(tf.matmul(inputs, u) * s, v)
+        hidden = tf.tensordot(inputs, u, [[inputs.shape.rank - 1], [0]]) * s
+        return tf.tensordot(hidden, v, [[hidden.shape.rank - 1], [0]])
 
     def _kernel_shape(self) -> tuple:
         return (self.u.shape[0], self.units)
@@ -255,7 +265,10 @@ class FactoredDense(_Factored):
 
 @keras.utils.register_keras_serializable(package="tfhybrid")
 class FactoredConv2D(_Factored):
-    """A Conv2D layer trained in factored form: k x k conv to `rank` channels, then 1 x 1."""
+    """A Conv2D layer trained in factored form, its kernel a (k*k*c) x o matrix U diag(s) V.
+
+    `strip` splits it into a k x k conv to r channels followed by a 1 x 1 conv.
+    """
 
     plain_class = L.Conv2D
 
@@ -266,9 +279,15 @@ class FactoredConv2D(_Factored):
     def _rows(self, input_shape) -> int:
         return math.prod(self.plain["config"]["kernel_size"]) * int(input_shape[-1])
 
-    def _first(self, inputs, u):
+    def _product(self, inputs, u, s, v):
+        """The conv with kernel U diag(s) V.
+
+        Forming the kernel costs k*k*c*r*o MACs once per batch, far less than a second
+        (1 x 1) conv over every position and example, so search steps cost about what
+        the plain layer's do. Function and gradients are those of the factored form.
+        """
         config = self.plain["config"]
-        kernel = tf.reshape(u, (*config["kernel_size"], self.channels_in, self.rank))
+        kernel = tf.reshape(tf.matmul(u * s, v), self._kernel_shape())
         return tf.nn.conv2d(
             inputs,
             tf.cast(kernel, inputs.dtype),
@@ -619,7 +638,9 @@ def compress(
         if op.layer.name in chosen.ranks:
             call = factored_layer(op.layer, chosen.ranks[op.layer.name], temp, search_steps)
         layouts = [analysis.layout(kt) for kt in op.outputs]
-        if gates is None or not any(gid in gate_index for lay in layouts for gid, _ in lay):
+        gated_groups = {gid for lay in layouts for gid, _ in lay} & gate_index.keys()
+        if not gated_groups or isinstance(op.layer, SCALE_COMMUTING):
+            # The masks of a scale-commuting layer's input are already on its output.
             return call if op.layer.name in chosen.ranks else None
         sizes = [g.size for g in analysis.groups]
         gate_layouts = [

@@ -49,7 +49,13 @@ def mnist(split: str, batch_size: int, shuffle_seed: int | None = None) -> tf.da
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def compile_model(model: keras.Model, learning_rate: float = 1e-3) -> keras.Model:
+def compile_model(
+    model: keras.Model, learning_rate: float = 1e-3, decay_steps: int = 0
+) -> keras.Model:
+    """Adam and sparse cross-entropy; with `decay_steps`, the rate falls to 0 along a
+    cosine over that many steps (the usual fine-tuning recipe)."""
+    if decay_steps:
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

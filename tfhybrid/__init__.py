@@ -9,9 +9,17 @@ from tfhybrid.budget import Budget
 from tfhybrid.callbacks import CompressionLogger, CompressionScheduler
 from tfhybrid.channels import ChannelGroup, Member, channel_groups
 from tfhybrid.cost import LayerCost, Profile, profile
+from tfhybrid.export import (
+    EdgeTPUReport,
+    ExportReport,
+    benchmark_tflite,
+    check_edgetpu,
+    export_tflite,
+)
 from tfhybrid.report import summary
 from tfhybrid.schedules import ExponentialDecay, LinearRamp
 from tfhybrid.surgery import ChannelMask, factorize, prune_channels
+from tfhybrid.tfmot import quantize_aware
 
 __version__ = "0.1.0"
 
@@ -23,6 +31,12 @@ __all__ = [
     "hybrid_compress",
     "strip",
     "ChannelGroup",
+    "EdgeTPUReport",
+    "ExportReport",
+    "benchmark_tflite",
+    "check_edgetpu",
+    "export_tflite",
+    "quantize_aware",
     "ChannelMask",
     "ExponentialDecay",
     "LinearRamp",

@@ -1,0 +1,273 @@
+"""export_tflite / check_edgetpu / benchmark_tflite / quantize_aware on stripped models."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_model_optimization as tfmot
+from models import APPLICATIONS, lenet5
+
+import tfhybrid as th
+from tfhybrid.export import flatbuffer, tflite
+from tfhybrid.techniques import magnitude
+
+keras = th.keras
+
+
+def templates_task(shape: tuple, count: int = 512, seed: int = 0):
+    """10 classes, each a fixed random pattern plus noise: quickly learned, confidently."""
+    rng = np.random.default_rng(seed)
+    patterns = rng.standard_normal((10, *shape)).astype(np.float32)
+    labels = rng.integers(0, 10, count)
+    inputs = patterns[labels] + 0.5 * rng.standard_normal((count, *shape)).astype(np.float32)
+    return inputs, labels
+
+
+def trained(model: keras.Model, data, epochs: int) -> keras.Model:
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(*data, batch_size=64, epochs=epochs, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def lenet_data():
+    return templates_task((28, 28, 1))
+
+
+@pytest.fixture(scope="module")
+def stripped_lenet(lenet_data):
+    """LeNet-5 after a short DF search and `strip`, then trained on the task."""
+    searched = th.hybrid_compress(lenet5(), th.Budget(macs=0.3), search_steps=4)
+    searched.compile(
+        optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    searched.fit(*lenet_data, batch_size=64, epochs=1, callbacks=[th.CompressionScheduler()])
+    small = th.strip(searched)
+    assert th.profile(small).macs <= 0.3 * th.profile(lenet5()).macs
+    return trained(small, lenet_data, epochs=3)
+
+
+@pytest.fixture(scope="module")
+def mobilenet_data():
+    return templates_task((32, 32, 3))
+
+
+@pytest.fixture(scope="module")
+def stripped_mobilenet(mobilenet_data):
+    """MobileNetV2 (32 x 32) with half of every prunable group's channels removed."""
+    model = APPLICATIONS["MobileNetV2"]()
+    small = th.prune_channels(model, magnitude.l1_removal(model, 0.5))
+    assert th.profile(small).macs < 0.5 * th.profile(model).macs
+    return trained(small, mobilenet_data, epochs=3)
+
+
+MODES = ["none", "dynamic", "float16", "int8"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["lenet", "mobilenet"])
+def test_every_quantize_mode_runs_in_litert_and_agrees(name, mode, request, tmp_path):
+    model = request.getfixturevalue(f"stripped_{name}")
+    inputs, _ = request.getfixturevalue(f"{name}_data")
+    report = th.export_tflite(
+        model, tmp_path / "m.tflite", quantize=mode, representative_data=inputs[:100]
+    )
+    assert (tmp_path / "m.tflite").stat().st_size == report.size_bytes > 0
+    assert report.check["samples"] == 100
+    if mode == "none":
+        assert report.check["max_rel_diff"] <= 1e-4
+        assert report.input_dtypes == report.output_dtypes == ["float32"]
+    elif mode == "float16":
+        assert report.check["max_rel_diff"] <= 1e-2
+    else:
+        assert report.check["top1_agreement"] >= 0.98
+    if mode == "int8":
+        assert report.input_dtypes == report.output_dtypes == ["int8"]
+        assert not {"DEQUANTIZE", "QUANTIZE"} & report.ops.keys()
+
+
+def test_report_counts_the_ops_of_the_stripped_model(stripped_lenet, tmp_path):
+    report = th.export_tflite(stripped_lenet, tmp_path / "m.tflite")
+    dense_like = [
+        la
+        for la in stripped_lenet.layers
+        if isinstance(la, (keras.layers.Conv2D, keras.layers.Dense))
+    ]
+    convs_and_fcs = report.ops.get("CONV_2D", 0) + report.ops.get("FULLY_CONNECTED", 0)
+    assert convs_and_fcs == len(dense_like)
+    assert "MAX_POOL_2D x2" in str(report)
+
+
+def test_uint8_io_for_int8(stripped_lenet, lenet_data, tmp_path):
+    report = th.export_tflite(
+        stripped_lenet,
+        tmp_path / "m.tflite",
+        quantize="int8",
+        representative_data=tf.data.Dataset.from_tensor_slices(lenet_data).batch(32),
+        io_dtype="uint8",
+    )
+    assert report.input_dtypes == report.output_dtypes == ["uint8"]
+    assert report.check["top1_agreement"] >= 0.98
+
+
+def test_sparse_encoding_shrinks_pruned_weights_and_says_it_is_not_faster(lenet_data, tmp_path):
+    model = lenet5()
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(
+        model, pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.8, 0, frequency=1)
+    )
+    pruned.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    pruned.fit(
+        *lenet_data, epochs=1, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()]
+    )
+    stripped = tfmot.sparsity.keras.strip_pruning(pruned)
+    dense = th.export_tflite(stripped, tmp_path / "dense.tflite")
+    sparse = th.export_tflite(stripped, tmp_path / "sparse.tflite", sparse=True)
+    assert sparse.size_bytes < 0.6 * dense.size_bytes
+    assert sparse.check["max_rel_diff"] <= 1e-4
+    assert tflite.SPARSE_NOTE in sparse.notes and "not faster" in str(sparse)
+
+
+def test_edgetpu_target_passes_a_full_int8_stripped_mobilenet(
+    stripped_mobilenet, mobilenet_data, tmp_path
+):
+    report = th.export_tflite(
+        stripped_mobilenet,
+        tmp_path / "m.tflite",
+        representative_data=mobilenet_data[0][:100],
+        target="edgetpu",
+    )
+    assert report.quantize == "int8"
+    assert report.edgetpu.ok, str(report.edgetpu)
+    assert report.edgetpu.ops_on_edgetpu == report.edgetpu.ops_total == sum(report.ops.values())
+    assert "all" in str(report.edgetpu)
+
+
+def test_edgetpu_flags_a_float_model(stripped_lenet, tmp_path):
+    th.export_tflite(stripped_lenet, tmp_path / "m.tflite")
+    report = th.check_edgetpu(tmp_path / "m.tflite")
+    assert not report.ok
+    assert {"float_io", "dtype"} <= report.kinds()
+    assert report.ops_on_edgetpu == 0 and report.first_cpu_op.startswith("0 ")
+
+
+def converted(model, representative, **options) -> bytes:
+    """A converter run with options `export_tflite` does not offer (to make bad files)."""
+    spec = tf.TensorSpec((options.pop("batch", 1), *model.inputs[0].shape[1:]))
+    concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([x[None]] for x in representative[:20])
+    for key, value in options.items():
+        setattr(converter, key, value)
+    return converter.convert()
+
+
+def test_edgetpu_flags_float_io_of_an_otherwise_int8_model(stripped_lenet, lenet_data, tmp_path):
+    path = tmp_path / "m.tflite"
+    path.write_bytes(converted(stripped_lenet, lenet_data[0]))
+    report = th.check_edgetpu(path)
+    assert "float_io" in report.kinds()
+    assert "Model not quantized" in str(report)
+
+
+def test_edgetpu_flags_a_dynamic_batch(stripped_lenet, lenet_data, tmp_path):
+    th.export_tflite(
+        stripped_lenet,
+        tmp_path / "m.tflite",
+        quantize="int8",
+        representative_data=lenet_data[0][:50],
+        batch_size=None,
+    )
+    report = th.check_edgetpu(tmp_path / "m.tflite")
+    assert report.kinds() == {"dynamic_shape"}
+    assert "batch_size=1" in str(report)
+
+
+def test_edgetpu_flags_an_unsupported_op_and_where_the_cpu_takes_over(tmp_path):
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = keras.layers.LeakyReLU(0.1, name="leaky")(x)
+    outputs = keras.layers.Conv2D(2, 1, name="head")(x)
+    model = keras.Model(inputs, outputs)
+    data = np.random.default_rng(0).standard_normal((50, 8, 8, 3)).astype(np.float32)
+    report = th.export_tflite(
+        model, tmp_path / "m.tflite", representative_data=data, target="edgetpu"
+    ).edgetpu
+    assert report.kinds() == {"unsupported_op"}
+    ops = [op.name for op in flatbuffer.read(tmp_path / "m.tflite").operators]
+    assert report.first_cpu_op == f"{ops.index('LEAKY_RELU')} LEAKY_RELU"
+    assert report.ops_on_edgetpu == ops.index("LEAKY_RELU") == 1
+
+
+def test_edgetpu_flags_a_too_new_op_version(stripped_lenet, lenet_data, tmp_path, monkeypatch):
+    path = tmp_path / "m.tflite"
+    th.export_tflite(stripped_lenet, path, representative_data=lenet_data[0][:50], target="edgetpu")
+    monkeypatch.setitem(th.export.edgetpu.SUPPORTED_OPS, "CONV_2D", 0)
+    report = th.check_edgetpu(path)
+    assert report.kinds() == {"op_version"}
+    assert report.first_cpu_op.endswith("CONV_2D")
+
+
+def test_check_edgetpu_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        th.check_edgetpu(tmp_path / "missing.tflite")
+    (tmp_path / "junk.tflite").write_bytes(b"not a flatbuffer at all")
+    with pytest.raises(ValueError, match="not a .tflite file"):
+        th.check_edgetpu(tmp_path / "junk.tflite")
+
+
+def test_export_errors(stripped_lenet, tmp_path):
+    path = tmp_path / "m.tflite"
+    with pytest.raises(ValueError, match="needs representative_data"):
+        th.export_tflite(stripped_lenet, path, quantize="int8")
+    with pytest.raises(ValueError, match="needs representative_data"):
+        th.export_tflite(stripped_lenet, path, target="edgetpu")
+    with pytest.raises(ValueError, match="quantize='int4' is not one of"):
+        th.export_tflite(stripped_lenet, path, quantize="int4")
+    with pytest.raises(ValueError, match="conflicts"):
+        th.export_tflite(stripped_lenet, path, quantize="float16", target="edgetpu")
+    with pytest.raises(ValueError, match=r"takes \(None, 28, 28, 1\)"):
+        th.export_tflite(stripped_lenet, path, representative_data=np.zeros((4, 32, 32, 3)))
+    assert not path.exists()
+
+
+def test_benchmark_tflite(stripped_lenet, tmp_path):
+    th.export_tflite(stripped_lenet, tmp_path / "m.tflite")
+    timing = th.benchmark_tflite(tmp_path / "m.tflite", threads=1, runs=10)
+    assert 0 < timing["min_ms"] <= timing["median_ms"] <= timing["p90_ms"]
+    assert timing["runs"] == 10 and timing["threads"] == 1
+
+
+def test_quantize_aware_bridge_to_an_edgetpu_ready_file(stripped_lenet, lenet_data, tmp_path):
+    before = [w.copy() for w in stripped_lenet.get_weights()]
+    qat = trained(th.quantize_aware(stripped_lenet), lenet_data, epochs=1)
+    assert any("quant" in la.name for la in qat.layers)
+    report = th.export_tflite(
+        qat, tmp_path / "qat.tflite", representative_data=lenet_data[0][:100], target="edgetpu"
+    )
+    assert report.edgetpu.ok, str(report.edgetpu)
+    assert report.check["top1_agreement"] >= 0.98
+    assert all(np.array_equal(a, b) for a, b in zip(before, stripped_lenet.get_weights()))
+
+
+def test_quantize_aware_keeps_pruned_zeros_at_zero(lenet_data):
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(
+        lenet5(), pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.5, 0, frequency=1)
+    )
+    pruned.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    pruned.fit(
+        *lenet_data, epochs=1, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()]
+    )
+    model = tfmot.sparsity.keras.strip_pruning(pruned)
+    assert th.tfmot.has_pruned_weights(model)
+    qat = trained(th.quantize_aware(model), lenet_data, epochs=1)
+    kernels = [w.numpy() for w in qat.weights if w.name.endswith("kernel:0")]
+    assert kernels and all(np.mean(k == 0) >= 0.49 for k in kernels)
+
+
+def test_quantize_aware_refuses_a_search_model():
+    searched = th.hybrid_compress(lenet5(), th.Budget(macs=0.5))
+    with pytest.raises(ValueError, match=r"quantize_aware\(tfhybrid.strip\(model\)\)"):
+        th.quantize_aware(searched)

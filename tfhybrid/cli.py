@@ -1,0 +1,143 @@
+"""The command line: `python -m tfhybrid export|report MODEL [flags]`.
+
+    python -m tfhybrid export MODEL.keras --quantize int8 --representative mnist \
+        --target edgetpu --out model.tflite
+    python -m tfhybrid report MODEL.keras
+
+`export` writes the `.tflite` file and prints the export report (exit status 3
+when `--target edgetpu` finds ops that cannot map). `report` prints the per-layer
+MACs/params table. Bad input (a missing or non-Keras file, an unknown command or
+flag) gives one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import sys
+from typing import Any
+
+import numpy as np
+from absl import flags
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_enum(
+    "quantize", "none", ["none", "dynamic", "float16", "int8"], "Quantization.", flag_values=FLAGS
+)
+flags.DEFINE_string(
+    "representative",
+    None,
+    "Calibration/check inputs: 'mnist' (TFDS train images in [0, 1]), 'random' "
+    "(standard normal), or a .npy file of inputs.",
+    flag_values=FLAGS,
+)
+flags.DEFINE_enum("target", None, ["edgetpu"], "Deployment target.", flag_values=FLAGS)
+flags.DEFINE_string(
+    "out", None, "Output .tflite path (default: MODEL with .tflite).", flag_values=FLAGS
+)
+flags.DEFINE_bool("sparse", False, "Also use the sparse weight encoding.", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "samples", 100, "Representative inputs to use.", flag_values=FLAGS, lower_bound=1
+)
+
+COMMANDS = ("export", "report")
+EDGETPU_NOT_READY = 3
+USAGE_ERROR = 2
+
+
+class CommandError(Exception):
+    """Bad input on the command line: reported as one line, exit status 2."""
+
+
+def run(argv: list[str]) -> int:
+    """Parses `argv` (program name first), runs the command, returns the exit status."""
+    try:
+        args = FLAGS(list(argv))[1:]
+        if not args or args[0] not in COMMANDS:
+            given = f"'{args[0]}'" if args else "none"
+            raise CommandError(f"unknown command {given}: use one of {', '.join(COMMANDS)}.")
+        if len(args) != 2:
+            raise CommandError(f"'{args[0]}' takes one MODEL path, got {len(args) - 1}.")
+        model = load(args[1])
+        if args[0] == "report":
+            return report(model)
+        return export(model, args[1])
+    except (CommandError, flags.Error, ValueError, FileNotFoundError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"tfhybrid: error: {message}", file=sys.stderr)
+        return USAGE_ERROR
+    finally:
+        FLAGS.unparse_flags()
+
+
+def load(path: str) -> Any:
+    """Loads a Keras model (.keras, .h5 or SavedModel folder), tfhybrid and QAT layers known."""
+    from tfhybrid import api, tfmot
+    from tfhybrid._keras import keras
+
+    if not pathlib.Path(path).exists():
+        raise CommandError(f"{path}: no such file.")
+    with contextlib.ExitStack() as scopes:
+        scopes.enter_context(api.custom_object_scope())
+        scopes.enter_context(tfmot.quantize_scope())
+        try:
+            return keras.models.load_model(path, compile=False)
+        except Exception as error:  # noqa: BLE001 - any load failure means "not a model"
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CommandError(
+                f"{path} is not a Keras model (.keras, .h5 or SavedModel folder): {reason}"
+            ) from error
+
+
+def export(model: Any, model_path: str) -> int:
+    from tfhybrid.export import export_tflite
+
+    out = FLAGS.out or str(pathlib.Path(model_path).with_suffix(".tflite"))
+    data = representative(FLAGS.representative, model, FLAGS.samples)
+    result = export_tflite(
+        model,
+        out,
+        quantize=FLAGS.quantize,
+        representative_data=data,
+        target=FLAGS.target,
+        sparse=FLAGS.sparse,
+        samples=FLAGS.samples,
+    )
+    print(result)
+    if result.edgetpu is not None and not result.edgetpu.ok:
+        return EDGETPU_NOT_READY
+    return 0
+
+
+def report(model: Any) -> int:
+    from tfhybrid import cost
+    from tfhybrid.report import summary
+
+    summary(model)
+    prof = cost.profile(model)
+    print(f"total: {prof.macs:,} MACs, {prof.params:,} params")
+    return 0
+
+
+def representative(name: str | None, model: Any, samples: int) -> np.ndarray | None:
+    """The inputs `--representative` names (None if not given)."""
+    if name is None:
+        return None
+    if name == "mnist":
+        import tensorflow_datasets as tfds
+
+        images = tfds.load("mnist", split=f"train[:{samples}]", batch_size=-1, as_supervised=True)
+        return np.asarray(images[0], np.float32) / 255.0
+    if name == "random":
+        shape = tuple(model.inputs[0].shape[1:])
+        return np.random.default_rng(0).standard_normal((samples, *shape)).astype(np.float32)
+    if not name.endswith(".npy") or not pathlib.Path(name).exists():
+        raise CommandError(
+            f"--representative={name}: use 'mnist', 'random' or an existing .npy file of inputs."
+        )
+    return np.load(name)
+
+
+def main() -> None:
+    """Entry point of `python -m tfhybrid`."""
+    sys.exit(run(sys.argv))

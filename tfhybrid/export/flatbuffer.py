@@ -1,0 +1,117 @@
+"""Read a `.tflite` file's main graph: operators (with versions) and tensors.
+
+Both the export report (op counts, I/O dtypes) and the Edge TPU check read the
+model this way, from LiteRT's own flatbuffer schema, so they see exactly what a
+runtime or the Edge TPU compiler sees, op versions included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+from ai_edge_litert import schema_py_generated as schema
+
+_OP_NAMES = {code: name for name, code in vars(schema.BuiltinOperator).items() if name.isupper()}
+_TYPE_NAMES = {code: name for name, code in vars(schema.TensorType).items() if name.isupper()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """A tensor of the graph: `dtype` as the schema names it (e.g. "INT8")."""
+
+    index: int
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    #: The shape with -1 where a dimension is dynamic.
+    shape_signature: tuple[int, ...]
+    constant: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Operator:
+    """An operator of the graph: builtin name (e.g. "CONV_2D") or "CUSTOM:<code>"."""
+
+    index: int
+    name: str
+    version: int
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Graph:
+    """The main subgraph of a `.tflite` model, in execution order."""
+
+    operators: list[Operator]
+    tensors: list[Tensor]
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    subgraphs: int
+
+
+def read(model: str | pathlib.Path | bytes) -> Graph:
+    """Parses a `.tflite` file (path or bytes) into its main `Graph`.
+
+    Raises:
+        ValueError: if the bytes are not a TFLite flatbuffer.
+    """
+    data = model if isinstance(model, bytes) else pathlib.Path(model).read_bytes()
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise ValueError(
+            f"{model if not isinstance(model, bytes) else 'data'} is not a .tflite file."
+        )
+    parsed = schema.ModelT.InitFromPackedBuf(data, 0)
+    main = parsed.subgraphs[0]
+    tensors = [
+        Tensor(
+            index=i,
+            name=_text(t.name),
+            dtype=_TYPE_NAMES.get(t.type, str(t.type)),
+            shape=tuple(int(d) for d in _seq(t.shape)),
+            shape_signature=tuple(int(d) for d in _seq(t.shapeSignature) or _seq(t.shape)),
+            constant=_has_data(parsed, t.buffer),
+        )
+        for i, t in enumerate(main.tensors)
+    ]
+    operators = [
+        Operator(
+            index=i,
+            name=_op_name(parsed.operatorCodes[op.opcodeIndex]),
+            version=int(parsed.operatorCodes[op.opcodeIndex].version),
+            inputs=tuple(int(t) for t in _seq(op.inputs)),
+            outputs=tuple(int(t) for t in _seq(op.outputs)),
+        )
+        for i, op in enumerate(main.operators or [])
+    ]
+    return Graph(
+        operators,
+        tensors,
+        tuple(int(t) for t in _seq(main.inputs)),
+        tuple(int(t) for t in _seq(main.outputs)),
+        len(parsed.subgraphs),
+    )
+
+
+def _op_name(code) -> str:
+    # Codes above 127 live in `builtinCode`; older files only fill the deprecated byte.
+    builtin = max(int(code.builtinCode), int(code.deprecatedBuiltinCode))
+    if builtin == schema.BuiltinOperator.CUSTOM:
+        return f"CUSTOM:{_text(code.customCode)}"
+    return _OP_NAMES.get(builtin, f"BUILTIN_{builtin}")
+
+
+def _has_data(parsed, buffer: int) -> bool:
+    if not buffer or buffer >= len(parsed.buffers):
+        return False
+    entry = parsed.buffers[buffer]
+    return entry.data is not None and len(entry.data) > 0 or bool(getattr(entry, "size", 0))
+
+
+def _seq(values) -> list:
+    return [] if values is None else list(values)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value or "")

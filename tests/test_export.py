@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
-from models import APPLICATIONS, lenet5
 
 import tfhybrid as th
 from tfhybrid.export import flatbuffer, tflite
 from tfhybrid.techniques import magnitude
+
+from models import APPLICATIONS, lenet5
 
 keras = th.keras
 
@@ -29,6 +30,16 @@ def trained(model: keras.Model, data, epochs: int) -> keras.Model:
     )
     model.fit(*data, batch_size=64, epochs=epochs, verbose=0)
     return model
+
+
+def tfmot_pruned(data, sparsity: float) -> keras.Model:
+    """LeNet-5 pruned by TF-MOT to `sparsity` zeros per kernel, pruning wrappers stripped."""
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(
+        lenet5(), pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(sparsity, 0, frequency=1)
+    )
+    pruned.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    pruned.fit(*data, epochs=1, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+    return tfmot.sparsity.keras.strip_pruning(pruned)
 
 
 @pytest.fixture(scope="module")
@@ -113,15 +124,7 @@ def test_uint8_io_for_int8(stripped_lenet, lenet_data, tmp_path):
 
 
 def test_sparse_encoding_shrinks_pruned_weights_and_says_it_is_not_faster(lenet_data, tmp_path):
-    model = lenet5()
-    pruned = tfmot.sparsity.keras.prune_low_magnitude(
-        model, pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.8, 0, frequency=1)
-    )
-    pruned.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    pruned.fit(
-        *lenet_data, epochs=1, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()]
-    )
-    stripped = tfmot.sparsity.keras.strip_pruning(pruned)
+    stripped = tfmot_pruned(lenet_data, 0.8)
     dense = th.export_tflite(stripped, tmp_path / "dense.tflite")
     sparse = th.export_tflite(stripped, tmp_path / "sparse.tflite", sparse=True)
     assert sparse.size_bytes < 0.6 * dense.size_bytes
@@ -253,14 +256,7 @@ def test_quantize_aware_bridge_to_an_edgetpu_ready_file(stripped_lenet, lenet_da
 
 
 def test_quantize_aware_keeps_pruned_zeros_at_zero(lenet_data):
-    pruned = tfmot.sparsity.keras.prune_low_magnitude(
-        lenet5(), pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.5, 0, frequency=1)
-    )
-    pruned.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    pruned.fit(
-        *lenet_data, epochs=1, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()]
-    )
-    model = tfmot.sparsity.keras.strip_pruning(pruned)
+    model = tfmot_pruned(lenet_data, 0.5)
     assert th.tfmot.has_pruned_weights(model)
     qat = trained(th.quantize_aware(model), lenet_data, epochs=1)
     kernels = [w.numpy() for w in qat.weights if w.name.endswith("kernel:0")]

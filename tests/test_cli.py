@@ -1,0 +1,118 @@
+"""`python -m tfhybrid export|report`: happy paths and every bad-input path."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tfhybrid as th
+from tfhybrid import cli
+from tfhybrid.techniques import magnitude
+
+from models import lenet5
+
+keras = th.keras
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    model = lenet5()
+    small = th.prune_channels(model, magnitude.l1_removal(model, 0.5))
+    path = tmp_path_factory.mktemp("cli") / "lenet_small.keras"
+    small.save(path)
+    return path
+
+
+def run(capsys, *args):
+    status = cli.run(["tfhybrid", *map(str, args)])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_export_int8_for_the_edgetpu(model_file, tmp_path, capsys):
+    out_file = tmp_path / "m.tflite"
+    status, out, err = run(
+        capsys, "export", model_file, "--quantize", "int8", "--representative", "random",
+        "--target", "edgetpu", "--out", out_file, "--samples", "20",
+    )  # fmt: skip
+    assert status == 0, err
+    assert out_file.stat().st_size > 0
+    assert "inputs ['int8'], outputs ['int8']" in out and "Edge TPU: all" in out
+
+
+def test_export_defaults_to_float_next_to_the_model(model_file, capsys):
+    status, out, _ = run(capsys, "export", model_file)
+    assert status == 0
+    assert model_file.with_suffix(".tflite").exists() and "quantize=none" in out
+
+
+def test_export_with_a_npy_of_inputs(model_file, tmp_path, capsys):
+    data = tmp_path / "inputs.npy"
+    np.save(data, np.random.default_rng(0).random((30, 28, 28, 1), np.float32))
+    status, out, _ = run(
+        capsys, "export", model_file, "--quantize=int8", f"--representative={data}",
+        f"--out={tmp_path / 'q.tflite'}",
+    )  # fmt: skip
+    assert status == 0 and "samples=30" in out
+
+
+def test_export_exits_3_when_the_edgetpu_check_fails(tmp_path, capsys):
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    model = keras.Model(inputs, keras.layers.LeakyReLU()(x))
+    model.save(tmp_path / "leaky.keras")
+    status, out, _ = run(
+        capsys, "export", tmp_path / "leaky.keras", "--representative=random", "--target=edgetpu"
+    )
+    assert status == cli.EDGETPU_NOT_READY
+    assert "[unsupported_op]" in out and "LEAKY_RELU" in out
+
+
+def test_report_prints_the_layer_table(model_file, capsys):
+    status, out, _ = run(capsys, "report", model_file)
+    assert status == 0
+    assert (
+        "conv1" in out and f"total: {th.profile(keras.models.load_model(model_file)).macs:,}" in out
+    )
+
+
+def write_junk(tmp_path):
+    junk = tmp_path / "junk.keras"
+    junk.write_text("not a model")
+    return junk
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["export", "missing.keras"], "missing.keras: no such file"),
+        (["export", "JUNK"], "is not a Keras model"),
+        (["report", "JUNK"], "is not a Keras model"),
+        (["export", "MODEL", "--colour=red"], "Unknown command line flag 'colour'"),
+        (["export", "MODEL", "--quantize=int4"], "--quantize"),
+        (["export", "MODEL", "--representative=imagenet"], "--representative=imagenet"),
+        (["export", "MODEL", "--quantize=int8"], "needs representative_data"),
+        (["compress", "MODEL"], "unknown command 'compress'"),
+        ([], "unknown command none"),
+        (["report"], "takes one MODEL path, got 0"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_nonzero_exit(args, message, model_file, tmp_path, capsys):
+    paths = {"MODEL": str(model_file), "JUNK": str(write_junk(tmp_path))}
+    status, out, err = run(capsys, *[paths.get(a, a) for a in args])
+    assert status == cli.USAGE_ERROR
+    assert err.count("\n") == 1 and err.startswith("tfhybrid: error: "), err
+    assert message in err
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "tfhybrid", "report", str(tmp_path / "none.keras")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == cli.USAGE_ERROR
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"tfhybrid: error: {tmp_path / 'none.keras'}: no such file."
+    )

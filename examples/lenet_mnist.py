@@ -2,11 +2,12 @@
 
     python examples/lenet_mnist.py --budget=0.1
 
-Trains LeNet-5, wraps it with `tfhybrid.hybrid_compress` (filters and ranks
-learned together under a MAC budget, DF), searches and fine-tunes inside one
-`model.fit`, strips it to a plain smaller model and prints before/after test
-accuracy, MACs, params and the per-layer table. Reads MNIST with
-`tfds.load("mnist")` (set TFDS_DATA_DIR to a prepared copy when offline).
+Trains LeNet-5 (Adam, cosine-decayed learning rate), wraps it with
+`tfhybrid.hybrid_compress` (filters and ranks learned together under a MAC
+budget, DF), searches and fine-tunes inside one `model.fit`, strips it to a
+plain smaller model and prints before/after test accuracy, MACs, params and the
+per-layer table. Reads MNIST with `tfds.load("mnist")` (set TFDS_DATA_DIR to a
+prepared copy when offline).
 """
 
 import os
@@ -24,9 +25,9 @@ keras = th.keras
 
 FLAGS = flags.FLAGS
 flags.DEFINE_float("budget", 0.1, "Share of the original MACs to keep.")
-flags.DEFINE_integer("epochs", 2, "Epochs to train the original LeNet-5.")
+flags.DEFINE_integer("epochs", 4, "Epochs to train the original LeNet-5.")
 flags.DEFINE_integer("search_epochs", 2, "Epochs of the soft search (filters + ranks).")
-flags.DEFINE_integer("finetune_epochs", 2, "Epochs of fine-tuning the frozen structure.")
+flags.DEFINE_integer("finetune_epochs", 4, "Epochs of fine-tuning the frozen structure.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 
@@ -38,17 +39,18 @@ def run() -> dict:
     test = mnist("test", 1000)
     steps_per_epoch = int(train.cardinality())
 
-    model = compile_model(lenet5())
+    model = compile_model(lenet5(), decay_steps=FLAGS.epochs * steps_per_epoch)
     model.fit(train, epochs=FLAGS.epochs, verbose=2)
     _, accuracy_before = model.evaluate(test, verbose=0)
 
     compressed = th.hybrid_compress(
         model, th.Budget(macs=FLAGS.budget), search_steps=FLAGS.search_epochs * steps_per_epoch
     )
-    compile_model(compressed)
+    after_epochs = FLAGS.search_epochs + FLAGS.finetune_epochs
+    compile_model(compressed, decay_steps=after_epochs * steps_per_epoch)
     compressed.fit(
         train,
-        epochs=FLAGS.search_epochs + FLAGS.finetune_epochs,
+        epochs=after_epochs,
         callbacks=[th.CompressionScheduler()],
         verbose=2,
     )

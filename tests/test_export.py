@@ -80,10 +80,12 @@ MODES = ["none", "dynamic", "float16", "int8"]
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", ["lenet", "mobilenet"])
 def test_every_quantize_mode_runs_in_litert_and_agrees(name, mode, request, tmp_path):
+    """int8 is exported for the Edge TPU (the same file, plus its check)."""
     model = request.getfixturevalue(f"stripped_{name}")
     inputs, _ = request.getfixturevalue(f"{name}_data")
+    target = "edgetpu" if mode == "int8" else None
     report = th.export_tflite(
-        model, tmp_path / "m.tflite", quantize=mode, representative_data=inputs[:100]
+        model, tmp_path / "m.tflite", quantize=mode, representative_data=inputs, target=target
     )
     assert (tmp_path / "m.tflite").stat().st_size == report.size_bytes > 0
     assert report.check["samples"] == 100
@@ -97,6 +99,9 @@ def test_every_quantize_mode_runs_in_litert_and_agrees(name, mode, request, tmp_
     if mode == "int8":
         assert report.input_dtypes == report.output_dtypes == ["int8"]
         assert not {"DEQUANTIZE", "QUANTIZE"} & report.ops.keys()
+        assert report.edgetpu.ok, str(report.edgetpu)
+        assert report.edgetpu.ops_on_edgetpu == report.edgetpu.ops_total == sum(report.ops.values())
+        assert "Edge TPU: all" in str(report)
 
 
 def test_report_counts_the_ops_of_the_stripped_model(stripped_lenet, tmp_path):
@@ -130,21 +135,6 @@ def test_sparse_encoding_shrinks_pruned_weights_and_says_it_is_not_faster(lenet_
     assert sparse.size_bytes < 0.6 * dense.size_bytes
     assert sparse.check["max_rel_diff"] <= 1e-4
     assert tflite.SPARSE_NOTE in sparse.notes and "not faster" in str(sparse)
-
-
-def test_edgetpu_target_passes_a_full_int8_stripped_mobilenet(
-    stripped_mobilenet, mobilenet_data, tmp_path
-):
-    report = th.export_tflite(
-        stripped_mobilenet,
-        tmp_path / "m.tflite",
-        representative_data=mobilenet_data[0][:100],
-        target="edgetpu",
-    )
-    assert report.quantize == "int8"
-    assert report.edgetpu.ok, str(report.edgetpu)
-    assert report.edgetpu.ops_on_edgetpu == report.edgetpu.ops_total == sum(report.ops.values())
-    assert "all" in str(report.edgetpu)
 
 
 def test_edgetpu_flags_a_float_model(stripped_lenet, tmp_path):

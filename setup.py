@@ -23,6 +23,7 @@ setup(
         "ai-edge-litert",
         "numpy",
     ],
+    entry_points={"console_scripts": ["tfhybrid = tfhybrid.cli:main"]},
     extras_require={
         "test": ["pytest", "pytest-xdist", "hypothesis", "ruff"],
         "benchmark": ["matplotlib"],

@@ -63,7 +63,9 @@ def lenet_pair() -> tuple[dict, np.ndarray]:
 
 def mobilenet_family() -> tuple[dict, np.ndarray]:
     """MobileNetV2 (224) and copies with 50% / 75% of each prunable group removed."""
-    model = keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3))
+    model = keras.applications.MobileNetV2(
+        weights=None, input_shape=(224, 224, 3), classifier_activation=None
+    )
     models = {"mobilenet_v2": model}
     for share in (0.5, 0.75):
         models[f"mobilenet_v2_pruned{int(share * 100)}"] = th.prune_channels(

@@ -219,9 +219,7 @@ def _converter(model, batch_size, quantize, inputs, sparse, io_dtype) -> tf.lite
     if quantize == "float16":
         converter.target_spec.supported_types = [tf.float16]
     if quantize == "int8":
-        converter.representative_dataset = lambda: (
-            [x[i : i + 1] for x in inputs] for i in range(len(inputs[0]))
-        )
+        converter.representative_dataset = lambda: _examples(inputs)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = io_dtype
         converter.inference_output_type = io_dtype
@@ -291,18 +289,22 @@ def _agreement(model, interpreter: Interpreter, inputs: list[np.ndarray]) -> dic
     """Keras vs LiteRT outputs (dequantized), one input at a time."""
     expected = model.predict(inputs if len(inputs) > 1 else inputs[0], verbose=0)
     expected = expected[0] if isinstance(expected, list) else expected
-    got = np.concatenate(
-        [_run(interpreter, [x[i : i + 1] for x in inputs]) for i in range(len(inputs[0]))]
-    )
+    got = np.concatenate([_run(interpreter, example) for example in _examples(inputs)])
     diff = float(np.max(np.abs(got - expected)))
     scale = float(np.max(np.abs(expected))) or 1.0
     agreement = np.mean(np.argmax(got, -1) == np.argmax(expected, -1))
     return {
-        "samples": float(len(inputs[0])),
+        "samples": len(inputs[0]),
         "max_abs_diff": diff,
         "max_rel_diff": diff / scale,
         "top1_agreement": float(agreement),
     }
+
+
+def _examples(inputs: list[np.ndarray]) -> Iterable[list[np.ndarray]]:
+    """One example at a time: a (1, ...) array per model input."""
+    for i in range(len(inputs[0])):
+        yield [x[i : i + 1] for x in inputs]
 
 
 def _run(interpreter: Interpreter, example: list[np.ndarray]) -> np.ndarray:

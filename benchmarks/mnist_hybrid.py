@@ -57,6 +57,7 @@ flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("timing_steps", 60, "Steps timed per training kind (0: skip timing).")
 flags.DEFINE_integer("train_batches", 0, "Use only this many training batches (0: all).")
 flags.DEFINE_string("out", "benchmarks/results", "Folder for mnist_hybrid.json/.png.")
+flags.DEFINE_bool("from_json", False, "Only redraw the table and plot from --out's JSON.")
 
 
 class StepTimer(keras.callbacks.Callback):
@@ -232,10 +233,48 @@ def plot(results: dict, path: pathlib.Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def tables(results: dict) -> str:
+    """Markdown: per model, test error (%) by budget and method, mean (min-max) over
+    seeds, and the hybrid's MACs / original."""
+    lines = []
+    for name, entry in results.items():
+        original = [100 * r["test_error"] for r in entry["original"]]
+        lines += [
+            f"**{name}** (original: {statistics.fmean(original):.2f}% test error, "
+            f"{len(original)} seed(s))",
+            "",
+            "| MAC budget | hybrid MACs | " + " | ".join(METHODS) + " |",
+            "|---" * (len(METHODS) + 2) + "|",
+        ]
+        for budget, runs in entry["budgets"].items():
+            macs = [r["mac_ratio"] for r in runs.get("hybrid", []) if "mac_ratio" in r]
+            cells = [
+                _spread([100 * r["test_error"] for r in runs.get(m, []) if "test_error" in r])
+                for m in METHODS
+            ]
+            hybrid_macs = f"{max(macs):.3f}" if macs else "-"
+            lines.append(f"| {budget} | {hybrid_macs} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.fmean(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
 def main(argv):
     del argv
     out = pathlib.Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
+    if FLAGS.from_json:
+        results = json.loads((out / "mnist_hybrid.json").read_text())["results"]
+        plot(results, out / "mnist_hybrid.png")
+        print(tables(results))
+        return
     train = mnist("train", FLAGS.batch_size, shuffle_seed=0)
     if FLAGS.train_batches:
         train = train.take(FLAGS.train_batches)
@@ -286,6 +325,7 @@ def save(results: dict, out: pathlib.Path, final: bool = False) -> None:
     (out / "mnist_hybrid.json").write_text(json.dumps(report, indent=2))
     if final:
         plot(results, out / "mnist_hybrid.png")
+        print(tables(results))
 
 
 if __name__ == "__main__":

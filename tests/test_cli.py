@@ -1,5 +1,6 @@
 """`python -m tfhybrid export|report`: happy paths and every bad-input path."""
 
+import os
 import subprocess
 import sys
 
@@ -39,6 +40,16 @@ def test_export_int8_for_the_edgetpu(model_file, tmp_path, capsys):
     assert status == 0, err
     assert out_file.stat().st_size > 0
     assert "inputs ['int8'], outputs ['int8']" in out and "Edge TPU: all" in out
+
+
+@pytest.mark.skipif(not os.environ.get("TFDS_DATA_DIR"), reason="needs TFDS_DATA_DIR (MNIST)")
+def test_export_calibrates_on_mnist(model_file, tmp_path, capsys):
+    status, out, err = run(
+        capsys, "export", model_file, "--quantize=int8", "--representative=mnist",
+        "--samples=50", f"--out={tmp_path / 'm.tflite'}",
+    )  # fmt: skip
+    assert status == 0, err
+    assert "samples=50" in out and "inputs ['int8']" in out
 
 
 def test_export_defaults_to_float_next_to_the_model(model_file, capsys):

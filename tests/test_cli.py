@@ -1,6 +1,7 @@
 """`python -m tfhybrid export|report`: happy paths and every bad-input path."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -42,7 +43,10 @@ def test_export_int8_for_the_edgetpu(model_file, tmp_path, capsys):
     assert "inputs ['int8'], outputs ['int8']" in out and "Edge TPU: all" in out
 
 
-@pytest.mark.skipif(not os.environ.get("TFDS_DATA_DIR"), reason="needs TFDS_DATA_DIR (MNIST)")
+MNIST_DIR = pathlib.Path(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")) / "mnist"
+
+
+@pytest.mark.skipif(not MNIST_DIR.expanduser().exists(), reason="MNIST not prepared for TFDS")
 def test_export_calibrates_on_mnist(model_file, tmp_path, capsys):
     status, out, err = run(
         capsys, "export", model_file, "--quantize=int8", "--representative=mnist",

@@ -42,3 +42,17 @@ def test_l1_removal_keeps_one_channel_and_rejects_bad_fractions():
     assert removal and all(len(v) == sizes[gid] - 1 for gid, v in removal.items())
     with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\), got 1.0"):
         magnitude.l1_removal(model, 1.0)
+
+
+def test_l1_removal_keeps_multiples_of_round_to():
+    model = lenet5()
+    removal = magnitude.l1_removal(model, 0.75, round_to=8)
+    sizes = {g.id: g.size for g in th.channel_groups(model)}
+    kept = {gid: sizes[gid] - len(v) for gid, v in removal.items()}
+    assert kept == {
+        _group(model, "conv1").id: 8,  # 20 * 0.25 = 5 -> 8
+        _group(model, "conv2").id: 16,  # 12.5 -> 13 -> 16
+        _group(model, "fc1").id: 128,  # 125 -> 128
+    }
+    with pytest.raises(ValueError, match="round_to must be >= 1"):
+        magnitude.l1_removal(model, 0.5, round_to=0)

@@ -58,6 +58,9 @@ flags.DEFINE_integer("timing_steps", 60, "Steps timed per training kind (0: skip
 flags.DEFINE_integer("train_batches", 0, "Use only this many training batches (0: all).")
 flags.DEFINE_string("out", "benchmarks/results", "Folder for mnist_hybrid.json/.png.")
 flags.DEFINE_bool("from_json", False, "Only redraw the table and plot from --out's JSON.")
+flags.DEFINE_list(
+    "merge", [], "Result JSONs (e.g. one per model, run in parallel) to combine into --out."
+)
 
 
 class StepTimer(keras.callbacks.Callback):
@@ -258,6 +261,19 @@ def tables(results: dict) -> str:
     return "\n".join(lines)
 
 
+def redraw(paths: list[pathlib.Path], out: pathlib.Path) -> None:
+    """Combines result JSONs (models side by side) into --out's, with table and plot."""
+    reports = [json.loads(path.read_text()) for path in paths]
+    combined = {
+        "commands": [c for r in reports for c in r.get("commands", [r.get("command")])],
+        "complete": all(r.get("complete", True) for r in reports),
+        "results": {k: v for r in reports for k, v in r["results"].items()},
+    }
+    (out / "mnist_hybrid.json").write_text(json.dumps(combined, indent=2))
+    plot(combined["results"], out / "mnist_hybrid.png")
+    print(tables(combined["results"]))
+
+
 def _spread(values: list[float]) -> str:
     if not values:
         return "-"
@@ -270,10 +286,8 @@ def main(argv):
     del argv
     out = pathlib.Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
-    if FLAGS.from_json:
-        results = json.loads((out / "mnist_hybrid.json").read_text())["results"]
-        plot(results, out / "mnist_hybrid.png")
-        print(tables(results))
+    if FLAGS.from_json or FLAGS.merge:
+        redraw([pathlib.Path(p) for p in FLAGS.merge] or [out / "mnist_hybrid.json"], out)
         return
     train = mnist("train", FLAGS.batch_size, shuffle_seed=0)
     if FLAGS.train_batches:

@@ -20,10 +20,13 @@ from typing import Any
 import numpy as np
 from absl import flags
 
+from tfhybrid import api, cost, tfmot
+from tfhybrid._keras import keras
+from tfhybrid.export import tflite
+from tfhybrid.report import summary
+
 FLAGS = flags.FlagValues()
-flags.DEFINE_enum(
-    "quantize", "none", ["none", "dynamic", "float16", "int8"], "Quantization.", flag_values=FLAGS
-)
+flags.DEFINE_enum("quantize", "none", tflite.QUANTIZE_MODES, "Quantization.", flag_values=FLAGS)
 flags.DEFINE_string(
     "representative",
     None,
@@ -72,9 +75,6 @@ def run(argv: list[str]) -> int:
 
 def load(path: str) -> Any:
     """Loads a Keras model (.keras, .h5 or SavedModel folder), tfhybrid and QAT layers known."""
-    from tfhybrid import api, tfmot
-    from tfhybrid._keras import keras
-
     if not pathlib.Path(path).exists():
         raise CommandError(f"{path}: no such file.")
     with contextlib.ExitStack() as scopes:
@@ -90,11 +90,10 @@ def load(path: str) -> Any:
 
 
 def export(model: Any, model_path: str) -> int:
-    from tfhybrid.export import export_tflite
-
+    """`export`: writes the .tflite file and prints its report; returns the exit status."""
     out = FLAGS.out or str(pathlib.Path(model_path).with_suffix(".tflite"))
     data = representative(FLAGS.representative, model, FLAGS.samples)
-    result = export_tflite(
+    result = tflite.export_tflite(
         model,
         out,
         quantize=FLAGS.quantize,
@@ -110,9 +109,7 @@ def export(model: Any, model_path: str) -> int:
 
 
 def report(model: Any) -> int:
-    from tfhybrid import cost
-    from tfhybrid.report import summary
-
+    """`report`: prints the per-layer MACs/params table and the totals."""
     summary(model)
     prof = cost.profile(model)
     print(f"total: {prof.macs:,} MACs, {prof.params:,} params")

@@ -129,6 +129,7 @@ def timed(rows: dict, folder: pathlib.Path) -> None:
                     folder / f"{name}_{fmt}.tflite", threads=1, runs=per_round
                 )
                 samples.setdefault((name, fmt), []).append(timing["median_ms"])
+                rows[name]["files"][fmt]["kernels"] = timing["kernels"]
     for (name, fmt), medians in samples.items():
         rows[name]["files"][fmt]["latency_ms"] = statistics.median(medians)
 

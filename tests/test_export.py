@@ -137,6 +137,19 @@ def test_sparse_encoding_shrinks_pruned_weights_and_says_it_is_not_faster(lenet_
     assert tflite.SPARSE_NOTE in sparse.notes and "not faster" in str(sparse)
 
 
+def test_int8_sparse_runs_even_where_xnnpack_refuses_it(lenet_data, tmp_path):
+    """XNNPACK cannot prepare sparse int8 fully-connected layers: LiteRT's built-in
+    kernels check and time the file instead, and the report says so."""
+    stripped = tfmot_pruned(lenet_data, 0.8)
+    path = tmp_path / "sparse_int8.tflite"
+    report = th.export_tflite(
+        stripped, path, quantize="int8", representative_data=lenet_data[0][:50], sparse=True
+    )
+    assert report.check["top1_agreement"] >= 0.98
+    refused = any("XNNPACK refused" in note for note in report.notes)
+    assert th.benchmark_tflite(path, runs=3)["kernels"] == ("builtin" if refused else "xnnpack")
+
+
 def test_edgetpu_flags_a_float_model(stripped_lenet, tmp_path):
     th.export_tflite(stripped_lenet, tmp_path / "m.tflite")
     report = th.check_edgetpu(tmp_path / "m.tflite")

@@ -58,6 +58,7 @@ flags.DEFINE_integer("timing_steps", 60, "Steps timed per training kind (0: skip
 flags.DEFINE_integer("train_batches", 0, "Use only this many training batches (0: all).")
 flags.DEFINE_string("out", "benchmarks/results", "Folder for mnist_hybrid.json/.png.")
 flags.DEFINE_bool("from_json", False, "Only redraw the table and plot from --out's JSON.")
+flags.DEFINE_bool("timing_only", False, "Only measure ms/step (e.g. on a quiet machine).")
 flags.DEFINE_list(
     "merge", [], "Result JSONs (e.g. one per model, run in parallel) to combine into --out."
 )
@@ -257,6 +258,14 @@ def tables(results: dict) -> str:
             ]
             hybrid_macs = f"{max(macs):.3f}" if macs else "-"
             lines.append(f"| {budget} | {hybrid_macs} | " + " | ".join(cells) + " |")
+        if "timing" in entry:
+            ms, ratio = entry["timing"]["ms_per_step"], entry["timing"]["ratio_to_plain"]
+            lines += [
+                "",
+                f"ms/step (median, batch {FLAGS.batch_size}): plain {ms['plain']:.1f}, hybrid "
+                f"search {ms['hybrid_search']:.1f} ({ratio['hybrid_search']:.2f}x), TF-MOT "
+                f"pruning {ms['tfmot_pruning']:.1f} ({ratio['tfmot_pruning']:.2f}x)",
+            ]
         lines.append("")
     return "\n".join(lines)
 
@@ -267,8 +276,11 @@ def redraw(paths: list[pathlib.Path], out: pathlib.Path) -> None:
     combined = {
         "commands": [c for r in reports for c in r.get("commands", [r.get("command")])],
         "complete": all(r.get("complete", True) for r in reports),
-        "results": {k: v for r in reports for k, v in r["results"].items()},
+        "results": {},
     }
+    for report in reports:  # later files add to (and override) earlier ones, key by key
+        for name, entry in report["results"].items():
+            combined["results"].setdefault(name, {}).update(entry)
     (out / "mnist_hybrid.json").write_text(json.dumps(combined, indent=2))
     plot(combined["results"], out / "mnist_hybrid.png")
     print(tables(combined["results"]))
@@ -296,8 +308,10 @@ def main(argv):
     steps_per_epoch = int(train.cardinality())
     results = {}
     for name in FLAGS.models:
-        entry = results.setdefault(name, {"budgets": {}, "original": []})
-        for seed in map(int, FLAGS.seeds):
+        entry = results.setdefault(
+            name, {} if FLAGS.timing_only else {"budgets": {}, "original": []}
+        )
+        for seed in [] if FLAGS.timing_only else map(int, FLAGS.seeds):
             keras.utils.set_random_seed(seed)
             base = compile_model(
                 MODELS[name](), decay_steps=FLAGS.pretrain_epochs * steps_per_epoch
@@ -333,6 +347,7 @@ def save(results: dict, out: pathlib.Path, final: bool = False) -> None:
             ("search_epochs", FLAGS.search_epochs),
             ("finetune_epochs", FLAGS.finetune_epochs),
             ("timing_steps", FLAGS.timing_steps),
+            ("timing_only", FLAGS.timing_only),
         ]
     )
     report = {"command": command, "complete": final, "results": results}

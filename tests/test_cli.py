@@ -92,6 +92,13 @@ def test_report_prints_the_layer_table(model_file, capsys):
     )
 
 
+@pytest.fixture(scope="module")
+def search_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "searching.keras"
+    th.hybrid_compress(lenet5(), th.Budget(macs=0.2)).save(path)
+    return path
+
+
 def write_junk(tmp_path):
     junk = tmp_path / "junk.keras"
     junk.write_text("not a model")
@@ -104,6 +111,7 @@ def write_junk(tmp_path):
         (["export", "missing.keras"], "missing.keras: no such file"),
         (["export", "JUNK"], "is not a Keras model"),
         (["report", "JUNK"], "is not a Keras model"),
+        (["export", "SEARCH"], "export_tflite needs the plain model"),
         (["export", "MODEL", "--colour=red"], "Unknown command line flag 'colour'"),
         (["export", "MODEL", "--quantize=int4"], "--quantize"),
         (["export", "MODEL", "--representative=imagenet"], "--representative=imagenet"),
@@ -113,9 +121,11 @@ def write_junk(tmp_path):
         (["report"], "takes one MODEL path, got 0"),
     ],
 )
-def test_bad_input_is_one_line_and_a_nonzero_exit(args, message, model_file, tmp_path, capsys):
-    paths = {"MODEL": str(model_file), "JUNK": str(write_junk(tmp_path))}
-    status, out, err = run(capsys, *[paths.get(a, a) for a in args])
+def test_bad_input_is_one_line_and_a_nonzero_exit(
+    args, message, model_file, search_file, tmp_path, capsys
+):
+    paths = {"MODEL": model_file, "JUNK": write_junk(tmp_path), "SEARCH": search_file}
+    status, out, err = run(capsys, *[str(paths.get(a, a)) for a in args])
     assert status == cli.USAGE_ERROR
     assert err.count("\n") == 1 and err.startswith("tfhybrid: error: "), err
     assert message in err

@@ -266,7 +266,9 @@ def test_quantize_aware_keeps_pruned_zeros_at_zero(lenet_data):
     assert kernels and all(np.mean(k == 0) >= 0.49 for k in kernels)
 
 
-def test_quantize_aware_refuses_a_search_model():
+def test_quantize_and_export_refuse_a_search_model():
     searched = th.hybrid_compress(lenet5(), th.Budget(macs=0.5))
-    with pytest.raises(ValueError, match=r"quantize_aware\(tfhybrid.strip\(model\)\)"):
+    with pytest.raises(ValueError, match=r"quantize_aware\(tfhybrid.strip\(model\), ...\)"):
         th.quantize_aware(searched)
+    with pytest.raises(ValueError, match=r"export_tflite\(tfhybrid.strip\(model\), ...\)"):
+        th.export_tflite(searched, "never.tflite")

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow_model_optimization as tfmot
 
 from tfhybrid._keras import keras
-from tfhybrid.techniques.df import HybridModel
+from tfhybrid.techniques import df
 
 #: A kernel with at least this share of exact zeros counts as pruned.
 PRUNED_SHARE = 0.05
@@ -39,11 +39,7 @@ def quantize_aware(model: Any, preserve_sparsity: bool | None = None) -> keras.M
         ValueError: for a model still under a tfhybrid search (strip it first), or a
             model TF-MOT cannot quantize (the layer and TF-MOT's reason are named).
     """
-    if isinstance(model, HybridModel):
-        raise ValueError(
-            f"Model '{model.name}' is a tfhybrid search model; quantize the plain model "
-            "instead: quantize_aware(tfhybrid.strip(model))."
-        )
+    df.refuse_search_model(model, "quantize_aware")
     if preserve_sparsity is None:
         preserve_sparsity = has_pruned_weights(model)
     qat = tfmot.quantization.keras

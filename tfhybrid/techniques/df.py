@@ -487,6 +487,19 @@ class HybridModel(keras.Model):
         return cls(inputs, outputs, compression, name=config.get("name"))
 
 
+def refuse_search_model(model: Any, call: str) -> None:
+    """Raises if `model` is still a search model: `call` needs the stripped, plain one.
+
+    Raises:
+        ValueError: naming the model and the call to make instead.
+    """
+    if isinstance(model, HybridModel):
+        raise ValueError(
+            f"Model '{model.name}' is a tfhybrid search model (channel gates, factored "
+            f"layers); {call} needs the plain model: {call}(tfhybrid.strip(model), ...)."
+        )
+
+
 def _count(hard_value, soft_value, hard: bool, straight_through: bool):
     """The count `ratios` uses: hard, soft, or hard in value with the soft gradient."""
     hard_count, soft_count = tf.reduce_sum(hard_value), tf.reduce_sum(soft_value)

@@ -242,15 +242,14 @@ def tables(results: dict) -> str:
     seeds, and the hybrid's MACs / original."""
     lines = []
     for name, entry in results.items():
-        original = [100 * r["test_error"] for r in entry["original"]]
+        original = [100 * r["test_error"] for r in entry.get("original", [])]
         lines += [
-            f"**{name}** (original: {statistics.fmean(original):.2f}% test error, "
-            f"{len(original)} seed(s))",
+            f"**{name}** (original: {_spread(original)}% test error, {len(original)} seed(s))",
             "",
             "| MAC budget | hybrid MACs | " + " | ".join(METHODS) + " |",
             "|---" * (len(METHODS) + 2) + "|",
         ]
-        for budget, runs in entry["budgets"].items():
+        for budget, runs in entry.get("budgets", {}).items():
             macs = [r["mac_ratio"] for r in runs.get("hybrid", []) if "mac_ratio" in r]
             cells = [
                 _spread([100 * r["test_error"] for r in runs.get(m, []) if "test_error" in r])

@@ -221,7 +221,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
         for method in METHODS:
             points = [
                 (run["mac_ratio"], 100 * run["test_error"])
-                for budget in results[name]["budgets"].values()
+                for budget in results[name].get("budgets", {}).values()
                 for run in budget.get(method, [])
                 if "mac_ratio" in run
             ]

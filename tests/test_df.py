@@ -101,3 +101,32 @@ def test_straight_through_budget_has_the_hard_value_and_the_soft_gradient():
     assert float(ratio) != pytest.approx(float(compressed.ratios()["macs"]))
     grad = tape.gradient(ratio, compressed.gates.logits[1])
     assert float(tf.reduce_sum(tf.abs(grad))) > 0
+
+
+def test_factored_layers_use_unit_norm_factors_whatever_their_scale():
+    """U's columns and V's rows are normalised in the call (s alone carries sizes)."""
+    inputs = keras.Input((6, 6, 3))
+    x = layers.Conv2D(8, 3, name="conv")(inputs)
+    outputs = layers.Dense(5, name="fc")(layers.Flatten()(x))
+    compressed = th.hybrid_compress(
+        keras.Model(inputs, outputs), th.Budget(macs=0.9), filters=False
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+    before = compressed(x).numpy()
+    for layer in compressed.factored_layers:  # rescale every component of U and V
+        layer.u.assign(layer.u * rng.uniform(0.2, 5.0, layer.u.shape[1]))
+        layer.v.assign(layer.v * rng.uniform(0.2, 5.0, (layer.v.shape[0], 1)))
+    np.testing.assert_allclose(compressed(x), before, rtol=1e-4, atol=1e-5)
+    conv = compressed.get_layer("conv")
+    kernel = conv.dense_kernel(np.ones(conv.rank))
+    expected = tf.nn.conv2d(x, kernel, 1, "VALID") + conv.bias
+    np.testing.assert_allclose(conv(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_mask_multiplies_each_channel_once():
+    """Pooling and Flatten carry their input's mask: LeNet-5 gates conv1, conv2 and
+    fc1's outputs only, so a soft mask m scales a channel by m, not m**2."""
+    compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.5), ranks=False)
+    gated = {node.inbound_layers.name for node in compressed.gates.inbound_nodes}
+    assert gated == {"conv1", "conv2", "fc1"}

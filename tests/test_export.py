@@ -128,6 +128,18 @@ def test_uint8_io_for_int8(stripped_lenet, lenet_data, tmp_path):
     assert report.check["top1_agreement"] >= 0.98
 
 
+def test_two_input_model_with_a_generator_of_labelled_examples(tmp_path):
+    left, right = keras.Input((4,)), keras.Input((3,))
+    x = keras.layers.Concatenate()([keras.layers.Dense(5)(left), right])
+    model = keras.Model([left, right], keras.layers.Dense(2)(x))
+    rng = np.random.default_rng(0)
+    batches = [((rng.normal(size=(8, 4)), rng.normal(size=(8, 3))), np.zeros(8)) for _ in range(3)]
+    report = th.export_tflite(
+        model, tmp_path / "m.tflite", representative_data=lambda: iter(batches), samples=20
+    )
+    assert report.check["samples"] == 20 and report.check["max_rel_diff"] <= 1e-4
+
+
 def test_sparse_encoding_shrinks_pruned_weights_and_says_it_is_not_faster(lenet_data, tmp_path):
     stripped = tfmot_pruned(lenet_data, 0.8)
     dense = th.export_tflite(stripped, tmp_path / "dense.tflite")

@@ -185,10 +185,6 @@ class _Factored(L.Layer):
         kept = tf.where(self.step < self.search_steps, current, self.active)
         return tf.reduce_sum(kept)
 
-    def factors(self) -> tuple[tf.Tensor, tf.Tensor]:
-        """U with unit columns and V with unit rows."""
-        return tf.math.l2_normalize(self.u, axis=0), tf.math.l2_normalize(self.v, axis=1)
-
     def _norm_scale(self) -> tf.Tensor:
         """1 / (|U column| * |V row|) per component: U diag(s * this) V equals the
         product of the normalised factors, without forming them every step."""
@@ -204,11 +200,11 @@ class _Factored(L.Layer):
         return self.activation(outputs)
 
     def dense_kernel(self, active: np.ndarray) -> np.ndarray:
-        """The kernel of the equivalent plain layer: U diag(s_eff) V reshaped, where
-        s_eff = s - tau on the `active` components and 0 elsewhere."""
-        u, v = (np.asarray(f) for f in self.factors())
-        s_eff = (self.s.numpy() - float(self.threshold())) * active
-        matrix = (u * s_eff) @ v
+        """The kernel of the equivalent plain layer: U diag(s_eff) V reshaped (unit-norm
+        U columns and V rows), where s_eff = s - tau on the `active` components and 0
+        elsewhere."""
+        s_eff = (self.s.numpy() - float(self.threshold())) * active * self._norm_scale().numpy()
+        matrix = (self.u.numpy() * s_eff) @ self.v.numpy()
         return matrix.reshape(self._kernel_shape())
 
     def to_plain(self, active: np.ndarray) -> graph.Replacement:

@@ -130,3 +130,18 @@ def test_a_mask_multiplies_each_channel_once():
     compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.5), ranks=False)
     gated = {node.inbound_layers.name for node in compressed.gates.inbound_nodes}
     assert gated == {"conv1", "conv2", "fc1"}
+
+
+def test_projection_gives_unused_budget_back_to_the_best_units():
+    """A search that ends far under budget keeps the best units that still fit."""
+    model = lenet5()
+    compressed = th.hybrid_compress(model, th.Budget(macs=0.3))
+    for logits in compressed.gates.logits:  # every channel off, the last ones least so
+        logits.assign(np.linspace(-0.5, -0.1, logits.shape[0]).astype(np.float32))
+    for layer in compressed.factored_layers:  # every component under the threshold
+        layer.tau.assign(2.0)
+    keep, _ = compressed.hard_decisions()
+    ratio = th.profile(th.strip(compressed)).macs / th.profile(model).macs
+    assert 0.29 < ratio <= 0.3
+    for kept in keep.values():
+        assert kept.sum() >= 1 and np.all(np.flatnonzero(kept) >= kept.size - kept.sum())

@@ -35,7 +35,7 @@ def test_factored_layers_start_at_the_truncated_svd_of_the_kernel():
 def test_masks_start_near_one_and_freeze_to_the_kept_channels():
     compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.5), ranks=False, search_steps=5)
     gates = compressed.gates
-    np.testing.assert_allclose(gates.masks()[0], 0.9975, atol=1e-4)
+    np.testing.assert_allclose(gates.masks()[0], 1 / (1 + np.exp(-df.INITIAL_LOGIT)), atol=1e-4)
     gates.logits[0].assign(np.linspace(-1, 1, 20).astype(np.float32))
     for layer in _search_layers(compressed):
         layer.step.assign(5)
@@ -124,12 +124,22 @@ def test_factored_layers_use_unit_norm_factors_whatever_their_scale():
     np.testing.assert_allclose(conv(x), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_a_mask_multiplies_each_channel_once():
-    """Pooling and Flatten carry their input's mask: LeNet-5 gates conv1, conv2 and
-    fc1's outputs only, so a soft mask m scales a channel by m, not m**2."""
-    compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.5), ranks=False)
+def test_a_mask_multiplies_each_channel_once_after_the_layers_it_commutes_with():
+    """LeNet-5's conv masks go on the pooled / flattened tensors (smaller, same function),
+    and a soft mask m scales a channel by m, not m**2."""
+    model = lenet5()
+    compressed = th.hybrid_compress(model, th.Budget(macs=0.5), ranks=False)
     gated = {node.inbound_layers.name for node in compressed.gates.inbound_nodes}
-    assert gated == {"conv1", "conv2", "fc1"}
+    assert gated == {"pool1", "flatten", "fc1"}
+    rng = np.random.default_rng(0)
+    for logits in compressed.gates.logits:
+        logits.assign(rng.normal(0.0, 0.1, logits.shape).astype(np.float32))
+    m1, m2, m3 = (m.numpy() for m in compressed.gates.masks())
+    x = rng.normal(size=(2, 28, 28, 1)).astype(np.float32)
+    h = model.get_layer("pool1")(model.get_layer("conv1")(x) * m1)
+    h = model.get_layer("flatten")(model.get_layer("pool2")(model.get_layer("conv2")(h) * m2))
+    expected = model.get_layer("fc2")(model.get_layer("fc1")(h) * m3)
+    np.testing.assert_allclose(compressed(x), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_projection_gives_unused_budget_back_to_the_best_units():

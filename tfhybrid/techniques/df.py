@@ -5,8 +5,9 @@ of Hybrid Structured Compression".
 
 - DML-S: one vector of mask logits per channel group; the soft mask
   sigmoid(logit / T) multiplies every tensor of the group once (DESIGN.md's
-  exactness rule; pooling, padding, flatten and dropout commute with it, so their
-  outputs carry their input's mask), with T annealed so masks become 0/1.
+  exactness rule; pooling, padding, flatten and dropout commute with it, so a
+  tensor only they consume is masked after them, where it is smaller), with T
+  annealed so masks become 0/1.
 - DTL-S: a Dense/Conv2D layer is trained as W = U diag(relu(s - tau)) V, started
   from the SVD of its kernel; singular value thresholding by a learnable tau.
   U's columns and V's rows are kept at unit norm, so each component's size lives
@@ -107,12 +108,12 @@ class ChannelGates(L.Layer):
 
     @tf.autograph.experimental.do_not_convert
     def call(self, inputs, layout=(), training=None):  # noqa: ARG002 - Keras passes training
-        parts = []
+        parts, masks = [], {}
         for index, size, mult in layout:
             if index < 0:
                 parts.append(tf.ones((size * mult,)))
             else:
-                mask = self.mask(index)
+                mask = masks[index] = masks[index] if index in masks else self.mask(index)
                 parts.append(mask if mult == 1 else tf.repeat(mask, mult))
         return inputs * tf.cast(tf.concat(parts, 0), inputs.dtype)
 
@@ -686,6 +687,7 @@ def compress(
             name="channel_gates",
         )
     gate_index = {g.id: i for i, g in enumerate(chosen.groups)}
+    deferred = _masks_deferred(analysis.model)
 
     def replace(op: graph.Op):
         call = graph.copy_of(op.layer)
@@ -693,23 +695,48 @@ def compress(
             call = factored_layer(op.layer, chosen.ranks[op.layer.name], temp, search_steps)
         layouts = [analysis.layout(kt) for kt in op.outputs]
         gated_groups = {gid for lay in layouts for gid, _ in lay} & gate_index.keys()
-        if not gated_groups or isinstance(op.layer, SCALE_COMMUTING):
-            # The masks of a scale-commuting layer's input are already on its output.
+        applied = isinstance(op.layer, SCALE_COMMUTING) and not deferred & {
+            id(kt) for kt in op.inputs
+        }  # a scale-commuting layer's output carries its input's masks
+        passed_on = all(id(kt) in deferred for kt in op.outputs)
+        if not gated_groups or applied or passed_on:
             return call if op.layer.name in chosen.ranks else None
         sizes = [g.size for g in analysis.groups]
         gate_layouts = [
-            [[gate_index.get(gid, -1), sizes[gid], mult] for gid, mult in lay] for lay in layouts
+            None if id(kt) in deferred else [[gate_index.get(g, -1), sizes[g], m] for g, m in lay]
+            for kt, lay in zip(op.outputs, layouts)
         ]
 
         def gated(*args, **kwargs):
             outputs = tf.nest.flatten(call(*args, **kwargs))
-            gated_outputs = [gates(t, layout=lay) for t, lay in zip(outputs, gate_layouts)]
+            gated_outputs = [
+                t if lay is None else gates(t, layout=lay) for t, lay in zip(outputs, gate_layouts)
+            ]
             return gated_outputs if len(gated_outputs) > 1 else gated_outputs[0]
 
         return gated
 
     plain = graph.rebuild(analysis.model, replace)
     return HybridModel(plain._nested_inputs, plain._nested_outputs, settings, name=model.name)
+
+
+def _masks_deferred(model: Any) -> set[int]:
+    """Ids of the tensors whose masks the layers after them apply instead.
+
+    A per-channel mask commutes with pooling, padding, flatten and dropout, so a
+    tensor that only such layers consume passes its masks on: multiplying the
+    pooled tensor costs a fraction of multiplying the producer's output.
+    """
+    consumers: dict[int, list] = {}
+    for op in graph.ops(model):
+        for kt in op.inputs:
+            consumers.setdefault(id(kt), []).append(op.layer)
+    outputs = {id(kt) for kt in tf.nest.flatten(model.outputs)}
+    return {
+        tensor
+        for tensor, layers in consumers.items()
+        if tensor not in outputs and all(isinstance(la, SCALE_COMMUTING) for la in layers)
+    }
 
 
 class _Choice:

@@ -60,7 +60,7 @@ flags.DEFINE_string("out", "benchmarks/results", "Folder for mnist_hybrid.json/.
 flags.DEFINE_bool("from_json", False, "Only redraw the table and plot from --out's JSON.")
 flags.DEFINE_bool("timing_only", False, "Only measure ms/step (e.g. on a quiet machine).")
 flags.DEFINE_list(
-    "merge", [], "Result JSONs (e.g. one per model, run in parallel) to combine into --out."
+    "merge", [], "Result JSONs (e.g. one per model or seed, run in parallel) to combine into --out."
 )
 
 
@@ -278,12 +278,25 @@ def redraw(paths: list[pathlib.Path], out: pathlib.Path) -> None:
         "complete": all(r.get("complete", True) for r in reports),
         "results": {},
     }
-    for report in reports:  # later files add to (and override) earlier ones, key by key
+    for report in reports:  # later files add to (and override) earlier ones, seed by seed
         for name, entry in report["results"].items():
-            combined["results"].setdefault(name, {}).update(entry)
+            _merge(combined["results"].setdefault(name, {}), entry)
     (out / "mnist_hybrid.json").write_text(json.dumps(combined, indent=2))
     plot(combined["results"], out / "mnist_hybrid.png")
     print(tables(combined["results"]))
+
+
+def _merge(into: dict, entry: dict) -> None:
+    """Adds `entry` to `into`: dicts merge key by key, runs by seed (`entry` wins)."""
+    for key, value in entry.items():
+        if isinstance(value, dict):
+            _merge(into.setdefault(key, {}), value)
+        elif isinstance(value, list) and all(isinstance(r, dict) and "seed" in r for r in value):
+            seeds = {r["seed"] for r in value}
+            kept = [r for r in into.get(key, []) if r["seed"] not in seeds]
+            into[key] = sorted(kept + value, key=lambda r: r["seed"])
+        else:
+            into[key] = value
 
 
 def _spread(values: list[float]) -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 from typing import Any
 
 import numpy as np
@@ -346,6 +347,9 @@ class HybridModel(keras.Model):
         self.penalty_weight = schedules.deserialize(settings["penalty"])
         self.search_steps = int(settings["search_steps"])
         self.round_to = int(settings["round_to"])
+        # The ratios compute_loss traced; compute_metrics reports them (a plain holder,
+        # so Keras does not track the tensors).
+        self._traced = types.SimpleNamespace(ratios=None)
 
     # -- the layers under search -----------------------------------------------------
     @property
@@ -395,13 +399,20 @@ class HybridModel(keras.Model):
         loss = super().compute_loss(x, y, y_pred, sample_weight)
         step = self.compression_step
         weight = tf.where(step < self.search_steps, self.penalty_weight(step), 0.0)
-        penalty = budget_lib.penalty(self.ratios(straight_through=True), self.budget)
+        ratios = self.ratios(straight_through=True)
+        self._traced.ratios = ratios
+        penalty = budget_lib.penalty(ratios, self.budget)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         return loss + weight * penalty / replicas
 
     def compute_metrics(self, x, y, y_pred, sample_weight):
         result = super().compute_metrics(x, y, y_pred, sample_weight)
-        hard = self.ratios(hard=True)
+        traced = self._traced.ratios
+        if traced is not None and _in_current_graph(traced["macs"]):
+            # The straight-through ratios have the hard ratios' value: no second count.
+            hard = {k: tf.stop_gradient(v) for k, v in traced.items()}
+        else:
+            hard = self.ratios(hard=True)
         return {**result, "macs_ratio": hard["macs"], "params_ratio": hard["params"]}
 
     def fit(self, *args, callbacks=None, **kwargs):
@@ -486,6 +497,13 @@ class HybridModel(keras.Model):
         compression = config.pop("compression")
         inputs, outputs, _ = keras_functional.reconstruct_from_config(config, custom_objects)
         return cls(inputs, outputs, compression, name=config.get("name"))
+
+
+def _in_current_graph(tensor: tf.Tensor) -> bool:
+    """True if `tensor` belongs to the function being traced now (never when eager)."""
+    return (
+        tf.inside_function() and getattr(tensor, "graph", None) is tf.compat.v1.get_default_graph()
+    )
 
 
 def refuse_search_model(model: Any, call: str) -> None:

@@ -78,3 +78,15 @@ def test_unbuilt_sequential_and_non_models_are_refused():
         graph.check_functional(keras.Sequential([layers.Dense(2)]))
     with pytest.raises(TypeError, match="Expected a tf_keras model"):
         graph.check_functional(layers.Dense(2))
+
+
+def test_consumers_lists_every_call_of_a_tensor():
+    inputs = keras.Input((4,))
+    x = layers.Dense(3, name="a")(inputs)
+    out = layers.Add(name="add")([layers.Dense(3, name="b")(x), x])
+    model = keras.Model(inputs, out)
+    found = graph.consumers(model)
+    names = {tid: sorted(op.layer.name for op in calls) for tid, calls in found.items()}
+    assert names[id(inputs)] == ["a"]
+    assert names[id(model.get_layer("a").output)] == ["add", "b"]
+    assert id(out) not in names

@@ -103,6 +103,18 @@ def ops(model: Any) -> list[Op]:
     return result
 
 
+def consumers(model: Any) -> dict[int, list[Op]]:
+    """The calls that take each Keras tensor of `model` as input, by `id` of the tensor.
+
+    Tensors no layer consumes (model outputs only) are absent.
+    """
+    result: dict[int, list[Op]] = {}
+    for op in ops(model):
+        for kt in op.inputs:
+            result.setdefault(id(kt), []).append(op)
+    return result
+
+
 def has_nested_models(model: Any) -> bool:
     """True if any layer of `model` is itself a functional or Sequential model."""
     return any(is_graph_model(layer) for layer in model.layers)

@@ -45,9 +45,9 @@ LOGIT_SCALE = 10.0
 #: Initial mask logit: sigmoid(4) = 0.982, so the starting model stays close to the
 #: pretrained one although every tensor of a group is masked. A channel's logit moves
 #: about 0.01 per Adam step, so this is also how far (in steps / 100) a channel is from
-#: removal: larger starts leave filters to the rank thresholds (which start at 0), smaller
-#: ones let the first penalty steps remove whole layers (LeNet-5's conv1 fell to 1 filter
-#: from 3; 4 gave the best test error at 10% and 5% of its MACs).
+#: removal: larger starts leave the budget to the rank thresholds (which start at 0),
+#: smaller ones let the first penalty steps empty whole layers (LeNet-5's conv1). Chosen
+#: by trial searches of LeNet-5 at 10% and 5% of its MACs.
 INITIAL_LOGIT = 4.0
 
 
@@ -713,9 +713,11 @@ def compress(
             call = factored_layer(op.layer, chosen.ranks[op.layer.name], temp, search_steps)
         layouts = [analysis.layout(kt) for kt in op.outputs]
         gated_groups = {gid for lay in layouts for gid, _ in lay} & gate_index.keys()
-        applied = isinstance(op.layer, SCALE_COMMUTING) and not deferred & {
-            id(kt) for kt in op.inputs
-        }  # a scale-commuting layer's output carries its input's masks
+        # A scale-commuting layer's output carries its input's masks, unless they were
+        # deferred to it.
+        applied = isinstance(op.layer, SCALE_COMMUTING) and not any(
+            id(kt) in deferred for kt in op.inputs
+        )
         passed_on = all(id(kt) in deferred for kt in op.outputs)
         if not gated_groups or applied or passed_on:
             return call if op.layer.name in chosen.ranks else None
@@ -745,15 +747,11 @@ def _masks_deferred(model: Any) -> set[int]:
     tensor that only such layers consume passes its masks on: multiplying the
     pooled tensor costs a fraction of multiplying the producer's output.
     """
-    consumers: dict[int, list] = {}
-    for op in graph.ops(model):
-        for kt in op.inputs:
-            consumers.setdefault(id(kt), []).append(op.layer)
     outputs = {id(kt) for kt in tf.nest.flatten(model.outputs)}
     return {
         tensor
-        for tensor, layers in consumers.items()
-        if tensor not in outputs and all(isinstance(la, SCALE_COMMUTING) for la in layers)
+        for tensor, calls in graph.consumers(model).items()
+        if tensor not in outputs and all(isinstance(op.layer, SCALE_COMMUTING) for op in calls)
     }
 
 

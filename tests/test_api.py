@@ -132,6 +132,20 @@ def test_fit_without_the_scheduler_is_refused():
         plain.fit(x, y, verbose=0, callbacks=[th.CompressionScheduler()])
 
 
+def test_the_step_advances_per_batch_and_several_steps_per_call_are_refused():
+    x, y = _data(lenet5(), 48)
+    compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.5), search_steps=5)
+    compressed.compile("adam", "sparse_categorical_crossentropy", steps_per_execution=2)
+    with pytest.raises(ValueError, match="steps_per_execution=2.*steps_per_execution=1"):
+        compressed.fit(x, y, batch_size=16, verbose=0, callbacks=[th.CompressionScheduler()])
+    compressed.compile("adam", "sparse_categorical_crossentropy")
+    compressed.fit(x, y, batch_size=16, verbose=0, callbacks=[th.CompressionScheduler()])
+    assert int(compressed.compression_step.numpy()) == 3 and not compressed.search_finished()
+    compressed.fit(x, y, batch_size=16, verbose=0, callbacks=[th.CompressionScheduler()])
+    assert compressed.search_finished()  # the decisions were taken before batch 5 of 6
+    assert float(compressed.ratios(hard=True)["macs"]) <= 0.5
+
+
 def test_nothing_compressible_lists_the_reason_per_group():
     inputs = keras.Input((8,))
     model = keras.Model(inputs, layers.Dense(4, activation="softmax", name="head")(inputs))

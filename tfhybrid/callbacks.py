@@ -12,12 +12,13 @@ from tfhybrid.techniques.df import HybridModel
 
 
 class CompressionScheduler(keras.callbacks.Callback):
-    """Advances the compression search once per training batch.
+    """Drives the compression search during `fit`.
 
     Like TF-MOT's `UpdatePruningStep`: every schedule (temperatures, penalty
-    weight) is a function of the step it advances, and when the step reaches the
-    search length the decisions are made hard and projected onto the budget.
-    Training then goes on with the frozen structure (fine-tuning).
+    weight) is a function of the model's compression step, which each training
+    step advances; when it reaches the search length, this callback makes the
+    decisions hard and projects them onto the budget, before that batch. Training
+    then goes on with the frozen structure (fine-tuning).
     """
 
     drives_compression = True
@@ -30,11 +31,24 @@ class CompressionScheduler(keras.callbacks.Callback):
             )
         super().set_model(model)
 
-    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        self.model.begin_batch()
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        model = self.model
+        searching = not model.search_finished()
+        per_call = model._steps_per_execution  # noqa: SLF001 - Keras keeps no public getter
+        if searching and per_call is not None and int(per_call.numpy()) > 1:
+            raise ValueError(
+                f"Model '{model.name}' was compiled with steps_per_execution="
+                f"{int(per_call.numpy())}; the search takes its decisions between two "
+                "batches, so compile it with steps_per_execution=1 until the search ends "
+                f"(step {model.search_steps})."
+            )
+        # The step the next batch trains at, counted here: no read of the device per batch.
+        self._next_step = int(model.compression_step.numpy())
 
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.model.end_batch()
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        if self._next_step == self.model.search_steps:
+            self.model.finish_search()
+        self._next_step += 1
 
 
 class CompressionLogger(keras.callbacks.Callback):

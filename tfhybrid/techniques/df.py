@@ -52,7 +52,15 @@ INITIAL_LOGIT = 4.0
 
 
 def _int_var(layer: L.Layer, name: str) -> tf.Variable:
-    return layer.add_weight(name, shape=(), dtype=tf.int64, initializer="zeros", trainable=False)
+    """A step counter; under a distribution strategy the first replica's update counts."""
+    return layer.add_weight(
+        name,
+        shape=(),
+        dtype=tf.int64,
+        initializer="zeros",
+        trainable=False,
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+    )
 
 
 @keras.utils.register_keras_serializable(package="tfhybrid")
@@ -365,7 +373,7 @@ class HybridModel(keras.Model):
 
     @property
     def compression_step(self) -> tf.Variable:
-        """Batches trained under the scheduler so far."""
+        """Batches trained so far (each training step advances it, in its graph)."""
         return self._searched_layers()[0].step
 
     def search_finished(self) -> bool:
@@ -427,15 +435,17 @@ class HybridModel(keras.Model):
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
     # -- the search's steps ----------------------------------------------------------
-    def begin_batch(self) -> None:
-        """Called before each batch: takes the hard decisions when the search ends."""
-        if int(self.compression_step.numpy()) == self.search_steps:
-            self.finish_search()
+    def train_step(self, data):
+        """Keras's training step, then every searched layer's step advances by one.
 
-    def end_batch(self) -> None:
-        """Called after each batch: advances the step of every searched layer."""
+        Inside the step's graph, like the optimizer's `iterations`: a per-batch
+        eager update from a callback costs more than the search's own ops on small
+        models. The `CompressionScheduler` takes the hard decisions at the last step.
+        """
+        logs = super().train_step(data)
         for layer in self._searched_layers():
             layer.step.assign_add(1)
+        return logs
 
     def finish_search(self) -> None:
         """Freezes the hard decisions, projected onto the budget."""

@@ -1,5 +1,7 @@
 """profile: MACs against hand counts and TensorFlow's own graph profiler; params."""
 
+import warnings
+
 import pytest
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
@@ -128,3 +130,16 @@ def test_cost_model_counts_a_split_only_where_it_is_cheaper():
         split = th.profile(th.factorize(model, {"fc1": rank}, force=True))
         expected = min(split.macs, th.profile(model).macs)
         assert model_cost.evaluate(ranks={"fc1": rank})[0] == expected
+
+
+def test_layers_it_cannot_count_are_named_in_a_warning():
+    search = th.hybrid_compress(lenet5(), th.Budget(macs=0.5), filters=False)
+    with pytest.warns(UserWarning, match=r"0 MACs .*'fc1' \(FactoredDense\).*strip"):
+        th.profile(search)
+    efficientnet = keras.applications.EfficientNetB0(
+        weights=None, input_shape=(32, 32, 3), classes=10
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # normalization and batch norm weights are not kernels
+        th.profile(efficientnet)
+        th.profile(th.strip(search))

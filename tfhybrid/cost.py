@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from fractions import Fraction
 from typing import Any
 
@@ -123,7 +124,30 @@ def profile(model: Any) -> Profile:
         params = 0 if id(layer) in counted else layer.count_params()
         counted.add(id(layer))
         costs.append(LayerCost(layer.name, type(layer).__name__, out_shape[1:], macs, params))
+    _warn_uncounted(flat)
     return Profile(macs=sum(c.macs for c in costs), params=model.count_params(), layers=costs)
+
+
+def _warn_uncounted(model: Any) -> None:
+    """Warns about layers with weight matrices whose MACs `profile` cannot count
+    (a weight with two or more axes longer than 1: a kernel, not a per-channel scale)."""
+    counted = (CONV, DEPTHWISE_CONV, SEPARABLE_CONV, TRANSPOSED_CONV, L.Dense, L.Embedding)
+    uncounted = [
+        f"'{layer.name}' ({type(layer).__name__})"
+        for layer in model.layers
+        if not isinstance(layer, counted) and any(_is_matrix(w) for w in layer.weights)
+    ]
+    if uncounted:
+        warnings.warn(
+            f"profile counts 0 MACs for layers of types it does not know: {', '.join(uncounted)}"
+            ". For a search model from tfhybrid.hybrid_compress, profile "
+            "tfhybrid.strip(model) instead.",
+            stacklevel=3,
+        )
+
+
+def _is_matrix(weight: Any) -> bool:
+    return sum(d > 1 for d in weight.shape) >= 2
 
 
 def param_terms(layer: Any, channels_in: int) -> tuple[float, float, float, float]:

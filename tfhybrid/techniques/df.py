@@ -403,25 +403,15 @@ class HybridModel(keras.Model):
         macs, params = self.cost_model.evaluate(counts, ranks)
         return {"macs": macs / self.original_cost[0], "params": params / self.original_cost[1]}
 
-    @tf.function(jit_compile=True)
-    def _budget_term(self) -> tuple:
-        """The weighted budget penalty and the straight-through ratios it is made of.
-
-        Compiled with XLA into one kernel cluster: the cost arithmetic is a few
-        hundred scalar and vector ops, whose per-op overhead otherwise outweighs a
-        small model's own training step.
-        """
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None):
+        loss = super().compute_loss(x, y, y_pred, sample_weight)
         step = self.compression_step
         weight = tf.where(step < self.search_steps, self.penalty_weight(step), 0.0)
         ratios = self.ratios(straight_through=True)
-        return weight * budget_lib.penalty(ratios, self.budget), ratios
-
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None):
-        loss = super().compute_loss(x, y, y_pred, sample_weight)
-        penalty, ratios = self._budget_term()
         self._traced.ratios = ratios
+        penalty = budget_lib.penalty(ratios, self.budget)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        return loss + penalty / replicas
+        return loss + weight * penalty / replicas
 
     def compute_metrics(self, x, y, y_pred, sample_weight):
         result = super().compute_metrics(x, y, y_pred, sample_weight)

@@ -1,7 +1,7 @@
 """Schedules of the compression search: temperatures and penalty weights by step.
 
-A schedule maps the compression step (an integer variable that
-`CompressionScheduler` advances once per training batch) to a value. Schedules are
+A schedule maps the compression step (an integer variable that every training
+step advances, like the optimizer's `iterations`) to a value. Schedules are
 serializable, so a saved model carries them and resumes where it stopped.
 """
 

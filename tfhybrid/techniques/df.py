@@ -429,8 +429,8 @@ class HybridModel(keras.Model):
             raise ValueError(
                 f"Model '{self.name}' is searching its compression (step "
                 f"{int(self.compression_step.numpy())} of {self.search_steps}): add "
-                "callbacks=[tfhybrid.CompressionScheduler()] to fit(), which advances the "
-                "search's schedules every batch."
+                "callbacks=[tfhybrid.CompressionScheduler()] to fit(), which takes the "
+                "search's hard decisions when its last step comes."
             )
         return super().fit(*args, callbacks=callbacks, **kwargs)
 

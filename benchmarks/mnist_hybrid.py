@@ -239,13 +239,13 @@ def plot(results: dict, path: pathlib.Path) -> None:
 
 
 def tables(results: dict) -> str:
-    """Markdown: per model, test error (%) by budget and method, mean (min-max) over
-    seeds, and the hybrid's MACs / original."""
+    """Markdown: per model, test error (%) by budget and method, mean (min-max, seeds)
+    and the hybrid's MACs / original; then the hybrid against its rivals seed by seed."""
     lines = []
     for name, entry in results.items():
         original = [100 * r["test_error"] for r in entry.get("original", [])]
         lines += [
-            f"**{name}** (original: {_spread(original)}% test error, {len(original)} seed(s))",
+            f"**{name}** (original: {_spread(original)}% test error)",
             "",
             "| MAC budget | hybrid MACs | " + " | ".join(METHODS) + " |",
             "|---" * (len(METHODS) + 2) + "|",
@@ -258,6 +258,7 @@ def tables(results: dict) -> str:
             ]
             hybrid_macs = f"{max(macs):.3f}" if macs else "-"
             lines.append(f"| {budget} | {hybrid_macs} | " + " | ".join(cells) + " |")
+        lines += ["", *paired(entry.get("budgets", {}))]
         if "timing" in entry:
             ms, ratio = entry["timing"]["ms_per_step"], entry["timing"]["ratio_to_plain"]
             lines += [
@@ -268,6 +269,27 @@ def tables(results: dict) -> str:
             ]
         lines.append("")
     return "\n".join(lines)
+
+
+def paired(budgets: dict, rivals=("filters_only", "ranks_only", "scratch")) -> list[str]:
+    """Markdown: per budget, the hybrid's error minus each rival's on the same seed
+    (mean, in points; negative: the hybrid is better) and on how many seeds the
+    hybrid is at least as accurate."""
+    lines = ["| MAC budget | " + " | ".join(f"hybrid - {r}" for r in rivals) + " |"]
+    lines.append("|---" * (len(rivals) + 1) + "|")
+    for budget, runs in budgets.items():
+        hybrid = {r["seed"]: r["test_error"] for r in runs.get("hybrid", []) if "test_error" in r}
+        cells = []
+        for rival in rivals:
+            diffs = [
+                100 * (hybrid[r["seed"]] - r["test_error"])
+                for r in runs.get(rival, [])
+                if "test_error" in r and r["seed"] in hybrid
+            ]
+            wins = sum(d <= 0 for d in diffs)
+            cells.append(f"{statistics.fmean(diffs):+.2f} ({wins}/{len(diffs)})" if diffs else "-")
+        lines.append(f"| {budget} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def redraw(paths: list[pathlib.Path], out: pathlib.Path) -> None:
@@ -304,7 +326,8 @@ def _spread(values: list[float]) -> str:
         return "-"
     if len(values) == 1:
         return f"{values[0]:.2f}"
-    return f"{statistics.fmean(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+    mean, low, high = statistics.fmean(values), min(values), max(values)
+    return f"{mean:.2f} ({low:.2f}-{high:.2f}, n={len(values)})"
 
 
 def main(argv):

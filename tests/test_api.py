@@ -126,6 +126,8 @@ def test_fit_without_the_scheduler_is_refused():
     x, y = _data(lenet5(), 16)
     with pytest.raises(ValueError, match=r"add callbacks=\[tfhybrid.CompressionScheduler\(\)\]"):
         compressed.fit(x, y, verbose=0)
+    with pytest.raises(ValueError, match=r"train_on_batch cannot take the search's decisions"):
+        compressed.train_on_batch(x, y)
     plain = lenet5()
     plain.compile("adam", "sparse_categorical_crossentropy")
     with pytest.raises(ValueError, match="models made by tfhybrid.hybrid_compress"):

@@ -434,6 +434,16 @@ class HybridModel(keras.Model):
             )
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
+    def train_on_batch(self, *args, **kwargs):
+        if not self.search_finished():
+            raise ValueError(
+                f"Model '{self.name}' is searching its compression (step "
+                f"{int(self.compression_step.numpy())} of {self.search_steps}), and "
+                "train_on_batch cannot take the search's decisions at its end: train it "
+                "with fit(..., callbacks=[tfhybrid.CompressionScheduler()])."
+            )
+        return super().train_on_batch(*args, **kwargs)
+
     # -- the search's steps ----------------------------------------------------------
     def train_step(self, data):
         """Keras's training step, then every searched layer's step advances by one.

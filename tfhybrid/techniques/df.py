@@ -427,22 +427,23 @@ class HybridModel(keras.Model):
         drives = any(getattr(cb, "drives_compression", False) for cb in callbacks or [])
         if not drives and not self.search_finished():
             raise ValueError(
-                f"Model '{self.name}' is searching its compression (step "
-                f"{int(self.compression_step.numpy())} of {self.search_steps}): add "
-                "callbacks=[tfhybrid.CompressionScheduler()] to fit(), which takes the "
-                "search's hard decisions when its last step comes."
+                f"{self._searching()}: add callbacks=[tfhybrid.CompressionScheduler()] to "
+                "fit(), which takes the search's hard decisions when its last step comes."
             )
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def train_on_batch(self, *args, **kwargs):
         if not self.search_finished():
             raise ValueError(
-                f"Model '{self.name}' is searching its compression (step "
-                f"{int(self.compression_step.numpy())} of {self.search_steps}), and "
-                "train_on_batch cannot take the search's decisions at its end: train it "
-                "with fit(..., callbacks=[tfhybrid.CompressionScheduler()])."
+                f"{self._searching()}, and train_on_batch cannot take the search's "
+                "decisions at its end: train it with fit(..., "
+                "callbacks=[tfhybrid.CompressionScheduler()])."
             )
         return super().train_on_batch(*args, **kwargs)
+
+    def _searching(self) -> str:
+        step, last = int(self.compression_step.numpy()), self.search_steps
+        return f"Model '{self.name}' is searching its compression (step {step} of {last})"
 
     # -- the search's steps ----------------------------------------------------------
     def train_step(self, data):

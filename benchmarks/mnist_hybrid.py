@@ -219,15 +219,21 @@ def plot(results: dict, path: pathlib.Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, name in zip(axes[0], models):
         for method in METHODS:
-            points = [
-                (run["mac_ratio"], 100 * run["test_error"])
-                for budget in results[name].get("budgets", {}).values()
-                for run in budget.get(method, [])
-                if "mac_ratio" in run
+            per_budget = [
+                [
+                    (r["mac_ratio"], 100 * r["test_error"])
+                    for r in runs.get(method, [])
+                    if "mac_ratio" in r
+                ]
+                for runs in results[name].get("budgets", {}).values()
             ]
-            if points:
-                xs, ys = zip(*sorted(points))
-                ax.plot(xs, ys, "o-" if method == "hybrid" else ".--", label=method)
+            per_budget = sorted((points for points in per_budget if points), key=min)
+            if not per_budget:
+                continue
+            means = [tuple(map(statistics.fmean, zip(*points))) for points in per_budget]
+            line = ax.plot(*zip(*means), "o-" if method == "hybrid" else ".--", label=method)
+            seeds = [point for points in per_budget for point in points]  # faint: each seed
+            ax.plot(*zip(*seeds), ".", color=line[0].get_color(), alpha=0.3)
         ax.set_xscale("log")
         ax.set_yscale("log")  # uniform SVD errors (30-40%) next to the rest (~1%)
         ax.set_xlabel("MACs / original")

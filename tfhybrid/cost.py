@@ -115,35 +115,32 @@ def profile(model: Any) -> Profile:
         A `Profile` with `.macs`, `.params` and the per-layer breakdown.
     """
     flat = graph.flatten(model)
-    costs, counted = [], set()
+    costs, counted, uncounted = [], set(), []
     for op in graph.ops(flat):
         layer = op.layer
         in_shape = tuple(op.inputs[0].shape) if op.inputs else ()
         out_shape = tuple(op.outputs[0].shape)
         macs = layer_macs(layer, in_shape, out_shape) if op.inputs else 0
+        if macs == 0 and _multiplies_unknown_kernel(layer):
+            uncounted.append(f"'{layer.name}' ({type(layer).__name__})")
         params = 0 if id(layer) in counted else layer.count_params()
         counted.add(id(layer))
         costs.append(LayerCost(layer.name, type(layer).__name__, out_shape[1:], macs, params))
-    _warn_uncounted(flat)
-    return Profile(macs=sum(c.macs for c in costs), params=model.count_params(), layers=costs)
-
-
-def _warn_uncounted(model: Any) -> None:
-    """Warns about layers with weight matrices whose MACs `profile` cannot count
-    (a weight with two or more axes longer than 1: a kernel, not a per-channel scale)."""
-    counted = (CONV, DEPTHWISE_CONV, SEPARABLE_CONV, TRANSPOSED_CONV, L.Dense, L.Embedding)
-    uncounted = [
-        f"'{layer.name}' ({type(layer).__name__})"
-        for layer in model.layers
-        if not isinstance(layer, counted) and any(_is_matrix(w) for w in layer.weights)
-    ]
     if uncounted:
         warnings.warn(
             f"profile counts 0 MACs for layers of types it does not know: {', '.join(uncounted)}"
             ". For a search model from tfhybrid.hybrid_compress, profile "
             "tfhybrid.strip(model) instead.",
-            stacklevel=3,
+            stacklevel=2,
         )
+    return Profile(macs=sum(c.macs for c in costs), params=model.count_params(), layers=costs)
+
+
+def _multiplies_unknown_kernel(layer: Any) -> bool:
+    """True for a layer `mac_terms` gave 0 MACs although it holds a weight matrix
+    (two or more axes longer than 1: a kernel, not a per-channel scale); an
+    Embedding's matrix is a lookup table, not multiplied."""
+    return not isinstance(layer, L.Embedding) and any(_is_matrix(w) for w in layer.weights)
 
 
 def _is_matrix(weight: Any) -> bool:

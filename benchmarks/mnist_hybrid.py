@@ -227,6 +227,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
                 ]
                 for runs in results[name].get("budgets", {}).values()
             ]
+            # In MAC order: by each budget's smallest (MAC ratio, error) point.
             per_budget = sorted((points for points in per_budget if points), key=min)
             if not per_budget:
                 continue

@@ -1,0 +1,37 @@
+"""The MNIST benchmark's bookkeeping: merging runs seed by seed, the paired table."""
+
+import importlib.util
+import pathlib
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "mnist_hybrid.py"
+_SPEC = importlib.util.spec_from_file_location("mnist_hybrid", _PATH)
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
+
+
+def _run(seed, error):
+    return {"seed": seed, "test_error": error, "mac_ratio": 0.1}
+
+
+def test_merge_adds_seeds_and_later_runs_win():
+    into = {"budgets": {"0.1": {"hybrid": [_run(0, 0.01), _run(1, 0.02)]}}, "timing": {"a": 1}}
+    bench._merge(
+        into,
+        {"budgets": {"0.1": {"hybrid": [_run(1, 0.03), _run(2, 0.04)]}}, "timing": {"b": 2}},
+    )
+    runs = into["budgets"]["0.1"]["hybrid"]
+    assert [(r["seed"], r["test_error"]) for r in runs] == [(0, 0.01), (1, 0.03), (2, 0.04)]
+    assert into["timing"] == {"a": 1, "b": 2}
+
+
+def test_paired_compares_the_hybrid_with_each_rival_on_the_same_seeds():
+    budgets = {
+        "0.1": {
+            "hybrid": [_run(0, 0.010), _run(1, 0.012)],
+            "filters_only": [_run(0, 0.011), _run(1, 0.011), _run(2, 0.001)],  # seed 2 unpaired
+            "scratch": [_run(0, 0.009), {"seed": 1, "unreachable": True}],
+        }
+    }
+    lines = bench.paired(budgets)
+    assert lines[0] == "| MAC budget | hybrid - filters_only | hybrid - ranks_only | hybrid - scratch |"
+    assert lines[2] == "| 0.1 | +0.00 (1/2) | - | +0.10 (0/1) |"

@@ -33,5 +33,6 @@ def test_paired_compares_the_hybrid_with_each_rival_on_the_same_seeds():
         }
     }
     lines = bench.paired(budgets)
-    assert lines[0] == "| MAC budget | hybrid - filters_only | hybrid - ranks_only | hybrid - scratch |"
+    header = "| MAC budget | hybrid - filters_only | hybrid - ranks_only | hybrid - scratch |"
+    assert lines[0] == header
     assert lines[2] == "| 0.1 | +0.00 (1/2) | - | +0.10 (0/1) |"

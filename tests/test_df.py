@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 import tfhybrid as th
-from tfhybrid.techniques import df
+from tfhybrid.techniques import df, magnitude
 
 from models import lenet5, randomize_batchnorm, resnet_style
 
@@ -32,10 +32,18 @@ def test_factored_layers_start_at_the_truncated_svd_of_the_kernel():
     np.testing.assert_allclose(compressed(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
-def test_masks_start_near_one_and_freeze_to_the_kept_channels():
-    compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.5), ranks=False, search_steps=5)
+def test_masks_start_near_one_staggered_by_l1_norm_and_freeze_to_the_kept_channels():
+    model = lenet5()
+    compressed = th.hybrid_compress(model, th.Budget(macs=0.5), ranks=False, search_steps=5)
     gates = compressed.gates
-    np.testing.assert_allclose(gates.masks()[0], 1 / (1 + np.exp(-df.INITIAL_LOGIT)), atol=1e-4)
+    norms = magnitude.channel_l1_norms(model)
+    for gid, logits in zip(gates.group_ids, gates.logits):
+        start = df.LOGIT_SCALE * logits.numpy()
+        np.testing.assert_array_equal(np.argsort(start), np.argsort(norms[gid]))
+        np.testing.assert_allclose(start.min(), df.INITIAL_LOGIT - df.INITIAL_SPREAD, rtol=1e-5)
+        np.testing.assert_allclose(start.max(), df.INITIAL_LOGIT + df.INITIAL_SPREAD, rtol=1e-5)
+        np.testing.assert_allclose(start.mean(), df.INITIAL_LOGIT, rtol=1e-5)
+    assert float(tf.reduce_min(gates.masks()[0])) > 0.85
     gates.logits[0].assign(np.linspace(-1, 1, 20).astype(np.float32))
     for layer in _search_layers(compressed):
         layer.step.assign(5)

@@ -3,7 +3,8 @@
 After Eo, Kang & Rhee (2023), "A Differentiable Framework for End-to-End Learning
 of Hybrid Structured Compression".
 
-- DML-S: one vector of mask logits per channel group; the soft mask
+- DML-S: one vector of mask logits per channel group, started in the order of the
+  channels' L1 norms (see INITIAL_SPREAD); the soft mask
   sigmoid(logit / T) multiplies every tensor of the group once (DESIGN.md's
   exactness rule; pooling, padding, flatten and dropout commute with it, so a
   tensor only they consume is masked after them, where it is smaller), with T
@@ -36,19 +37,27 @@ import tensorflow as tf
 from tfhybrid import budget as budget_lib
 from tfhybrid import channels, cost, graph, schedules
 from tfhybrid._keras import SCALE_COMMUTING, keras, keras_functional
+from tfhybrid.techniques import magnitude
 
 L = keras.layers
 
 #: Mask logits and thresholds are stored divided by this, so that optimizer steps of
 #: the usual size (1e-3) move them quickly enough for a search of a few 1000 steps.
 LOGIT_SCALE = 10.0
-#: Initial mask logit: sigmoid(4) = 0.982, so the starting model stays close to the
-#: pretrained one although every tensor of a group is masked. A channel's logit moves
-#: about 0.01 per Adam step, so this is also how far (in steps / 100) a channel is from
-#: removal: larger starts leave the budget to the rank thresholds (which start at 0),
-#: smaller ones let the first penalty steps empty whole layers (LeNet-5's conv1). Chosen
-#: by trial searches of LeNet-5 at 10% and 5% of its MACs.
+#: Mean initial mask logit: sigmoid(4) = 0.982, so the starting model stays close to
+#: the pretrained one although every tensor of a group is masked. A channel's logit
+#: moves about 0.01 per Adam step, so this is also how far (in steps / 100) a channel
+#: is from removal: larger starts leave the budget to the rank thresholds (which start
+#: at 0), smaller ones let the first penalty steps empty whole layers (LeNet-5's
+#: conv1). Chosen by trial searches of LeNet-5 at 10% and 5% of its MACs.
 INITIAL_LOGIT = 4.0
+#: A group's channels start from INITIAL_LOGIT - INITIAL_SPREAD (smallest L1 norm) to
+#: INITIAL_LOGIT + INITIAL_SPREAD (largest), evenly by rank. Adam moves every logit at
+#: about the same rate under the budget penalty, so channels started alike fall in
+#: lock-step and cross zero together: the hard count drops past the budget before the
+#: penalty stops (LeNet-5 at 5% kept 1 or 2 conv1 filters). Staggered, they cross one
+#: at a time and the task gradient can hold the ones it needs.
+INITIAL_SPREAD = 2.0
 
 
 def _int_var(layer: L.Layer, name: str) -> tf.Variable:
@@ -758,7 +767,21 @@ def compress(
         return gated
 
     plain = graph.rebuild(analysis.model, replace)
-    return HybridModel(plain._nested_inputs, plain._nested_outputs, settings, name=model.name)
+    compressed = HybridModel(plain._nested_inputs, plain._nested_outputs, settings, name=model.name)
+    if gates is not None:
+        norms = magnitude.channel_l1_norms(model, analysis)
+        for gid, logits in zip(gates.group_ids, gates.logits):
+            if gid in norms:
+                logits.assign(staggered_logits(norms[gid]) / LOGIT_SCALE)
+    return compressed
+
+
+def staggered_logits(norms: np.ndarray) -> np.ndarray:
+    """A group's initial mask logits: evenly spaced by the rank of its channels' norms,
+    INITIAL_LOGIT -/+ INITIAL_SPREAD for the smallest/largest (see INITIAL_SPREAD)."""
+    order = np.argsort(np.argsort(norms, kind="stable"), kind="stable")
+    share = order / max(1, len(norms) - 1)
+    return (INITIAL_LOGIT + INITIAL_SPREAD * (2 * share - 1)).astype(np.float32)
 
 
 def _masks_deferred(model: Any) -> set[int]:

@@ -13,7 +13,9 @@ import numpy as np
 from tfhybrid import channels
 
 
-def channel_l1_norms(model: Any) -> dict[int, np.ndarray]:
+def channel_l1_norms(
+    model: Any, analysis: channels.ChannelAnalysis | None = None
+) -> dict[int, np.ndarray]:
     """L1 norm of every channel of every prunable group.
 
     A channel's norm sums the L1 norms of the kernel slices that produce it, over
@@ -21,12 +23,13 @@ def channel_l1_norms(model: Any) -> dict[int, np.ndarray]:
 
     Args:
         model: a functional or built Sequential tf_keras model.
+        analysis: `channels.analyze(model)`, if the caller has it already.
 
     Returns:
         Group id -> array of one norm per channel, for prunable groups with a
         weighted producer.
     """
-    analysis = channels.analyze(model)
+    analysis = analysis or channels.analyze(model)
     layers = {layer.name: layer for layer in analysis.model.layers}
     norms = {}
     for group in analysis.groups:

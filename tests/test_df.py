@@ -53,48 +53,6 @@ def test_masks_start_near_one_staggered_by_l1_norm_and_freeze_to_the_kept_channe
     np.testing.assert_array_equal(kept, gates.keep[0].numpy())
 
 
-def test_rank_threshold_crosses_the_spectrum_at_the_pace_of_the_mask_logits():
-    """tau * LOGIT_SCALE at the weakest channels' start logit reaches the weakest searched
-    component, then one component per (high - low) / (rank - 1), the strongest at the
-    strongest channels' start logit; tau = 0 removes nothing."""
-    compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.5), filters=False)
-    low, high = df.INITIAL_LOGIT - df.INITIAL_SPREAD, df.INITIAL_LOGIT + df.INITIAL_SPREAD
-    for layer in compressed.factored_layers:
-        k, ascending = layer.rank, np.sort(layer.s.numpy())
-        assert float(layer.threshold()) == 0 and int(layer.soft_rank(hard=True)) == k
-        positions = np.linspace(low, high, k)
-        np.testing.assert_allclose(np.sort(layer.removal_distances()), positions, rtol=1e-5)
-        for j in (0, k // 2, k - 1):
-            layer.tau.assign(positions[j] / df.LOGIT_SCALE)
-            np.testing.assert_allclose(float(layer.threshold()), ascending[j], rtol=1e-5)
-            step = 0.1 * (high - low) / max(1, k - 1) / df.LOGIT_SCALE
-            layer.tau.assign(layer.tau + step)
-            assert int(layer.soft_rank(hard=True)) == k - 1 - j
-
-
-def test_rank_threshold_moves_on_over_equal_and_zero_singular_values():
-    """A kernel of rank 2 searched at rank 4: the threshold still rises with tau
-    everywhere, so the penalty's gradient can move tau past the tied zeros to the
-    nonzero singular values."""
-    inputs = keras.Input((8,))
-    model = keras.Model(inputs, layers.Dense(8, use_bias=False, name="fc")(inputs))
-    kernel = np.zeros((8, 8), np.float32)
-    kernel[0, 0], kernel[1, 1] = 2.0, 1.0
-    model.get_layer("fc").set_weights([kernel])
-    compressed = th.hybrid_compress(model, th.Budget(macs=0.9), filters=False)
-    layer = compressed.get_layer("fc")
-    assert layer.rank == 4
-    for position in (0.0, 1.0, 2.5, 3.5, 5.0, 7.0):
-        layer.tau.assign(position / df.LOGIT_SCALE)
-        with tf.GradientTape() as tape:
-            threshold = layer.threshold()
-        assert float(tape.gradient(threshold, layer.tau)) > 0
-    layer.tau.assign(0.0)
-    assert int(layer.soft_rank(hard=True)) == 2  # zero components are never kept
-    layer.tau.assign((df.knot_positions(4)[3] + 0.01) / df.LOGIT_SCALE)
-    assert int(layer.soft_rank(hard=True)) == 1
-
-
 def test_soft_budget_is_differentiable_in_masks_and_thresholds():
     compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.2))
     with tf.GradientTape() as tape:

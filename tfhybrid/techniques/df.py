@@ -9,12 +9,11 @@ of Hybrid Structured Compression".
   exactness rule; pooling, padding, flatten and dropout commute with it, so a
   tensor only they consume is masked after them, where it is smaller), with T
   annealed so masks become 0/1.
-- DTL-S: a Dense/Conv2D layer is trained as W = U diag(relu(s - t)) V, started
-  from the SVD of its kernel; singular value thresholding by a threshold t that a
-  learnable tau moves through the layer's initial spectrum at the pace of the mask
-  logits (see `_Factored.threshold`). U's columns and V's rows are kept at unit
-  norm, so each component's size lives in s alone and thresholding s is
-  meaningful. The soft rank is sum(sigmoid((s - t) / T)).
+- DTL-S: a Dense/Conv2D layer is trained as W = U diag(relu(s - tau)) V, started
+  from the SVD of its kernel; singular value thresholding by a learnable tau.
+  U's columns and V's rows are kept at unit norm, so each component's size lives
+  in s alone and thresholding s is meaningful. The soft rank is
+  sum(sigmoid((s - tau) / T)).
 - Budget: the soft channel counts and ranks feed `cost.CostModel`, the same
   arithmetic as `profile`; the penalty relu(ratio / target - 1) is added to the
   loss with a ramped weight.
@@ -48,9 +47,9 @@ LOGIT_SCALE = 10.0
 #: Mean initial mask logit: sigmoid(4) = 0.982, so the starting model stays close to
 #: the pretrained one although every tensor of a group is masked. A channel's logit
 #: moves about 0.01 per Adam step, so this is also how far (in steps / 100) a channel
-#: is from removal: larger starts leave the budget to the rank thresholds, smaller ones
-#: let the first penalty steps empty whole layers (LeNet-5's conv1). Chosen by trial
-#: searches of LeNet-5 at 10% and 5% of its MACs.
+#: is from removal: larger starts leave the budget to the rank thresholds (which start
+#: at 0), smaller ones let the first penalty steps empty whole layers (LeNet-5's
+#: conv1). Chosen by trial searches of LeNet-5 at 10% and 5% of its MACs.
 INITIAL_LOGIT = 4.0
 #: A group's channels start from INITIAL_LOGIT - INITIAL_SPREAD (smallest L1 norm) to
 #: INITIAL_LOGIT + INITIAL_SPREAD (largest), evenly by rank. Adam moves every logit at
@@ -59,9 +58,6 @@ INITIAL_LOGIT = 4.0
 #: penalty stops (LeNet-5 at 5% kept 1 or 2 conv1 filters). Staggered, they cross one
 #: at a time and the task gradient can hold the ones it needs.
 INITIAL_SPREAD = 2.0
-#: Least slope of a rank threshold, in shares of the layer's largest singular value per
-#: unit of tau * LOGIT_SCALE: equal (or zero) singular values still let tau move on.
-MIN_THRESHOLD_SLOPE = 1e-3
 
 
 def _int_var(layer: L.Layer, name: str) -> tf.Variable:
@@ -155,15 +151,15 @@ class ChannelGates(L.Layer):
 
 
 class _Factored(L.Layer):
-    """Base of the factored layers: W = U diag(relu(s - threshold)) V (DTL-S).
+    """Base of the factored layers: W = U diag(relu(s - tau)) V (DTL-S).
 
     Args:
         plain: `{"class_name", "config"}` of the layer this one stands for.
         rank: number of components searched (at most the kernel's rank).
         temperature: schedule config of the soft rank's temperature.
         search_steps: steps of the soft search; then the kept components freeze.
-        s_max: the kernel's largest initial singular value; the soft rank's
-            temperature is scaled by `s_max / 10`.
+        s_max: the kernel's largest initial singular value; the threshold is
+            `tau * s_max` and the soft rank's temperature is scaled by `s_max / 10`.
     """
 
     plain_class: type
@@ -190,34 +186,14 @@ class _Factored(L.Layer):
         self.active = self.add_weight(
             "active", shape=(self.rank,), initializer="ones", trainable=False
         )
-        self.knots = self.add_weight(
-            "threshold_knots", shape=(self.rank + 1,), initializer="zeros", trainable=False
-        )
         self.step = _int_var(self, "step")
         super().build(input_shape)
 
     def threshold(self) -> tf.Tensor:
-        """The singular value threshold: the initial spectrum read at tau * LOGIT_SCALE.
-
-        It is 0 at tau = 0, reaches the weakest searched component at the position of
-        the weakest channels' start logit (INITIAL_LOGIT - INITIAL_SPREAD) and the
-        strongest at INITIAL_LOGIT + INITIAL_SPREAD, evenly by rank, linear in between
-        and beyond (see `threshold_knots`). So an optimizer step on tau crosses a
-        layer's components at the pace a step on the mask logits crosses a group's
-        staggered channels, in every layer. A threshold proportional to tau crossed a
-        layer's many small components in a few steps: the search split every layer,
-        even where removing filters was the better use of a mild budget.
-        """
-        return _piecewise_linear(self.tau * LOGIT_SCALE, knot_positions(self.rank), self.knots)
-
-    def removal_distances(self) -> np.ndarray:
-        """How far tau * LOGIT_SCALE has yet to move to remove each component (the
-        rank analogue of a mask logit)."""
-        at = _piecewise_linear(self.s, self.knots, knot_positions(self.rank))
-        return (at - self.tau * LOGIT_SCALE).numpy()
+        return self.tau * self.s_max
 
     def singular_values(self) -> tf.Tensor:
-        """relu(s - threshold) during the search; the kept components' s - threshold after."""
+        """relu(s - tau) during the search; the kept components' s - tau after it."""
         shifted = self.s - self.threshold()
         return tf.where(self.step < self.search_steps, tf.nn.relu(shifted), shifted * self.active)
 
@@ -248,7 +224,7 @@ class _Factored(L.Layer):
 
     def dense_kernel(self, active: np.ndarray) -> np.ndarray:
         """The kernel of the equivalent plain layer: U diag(s_eff) V reshaped (unit-norm
-        U columns and V rows), where s_eff = s - threshold on the `active` components and 0
+        U columns and V rows), where s_eff = s - tau on the `active` components and 0
         elsewhere."""
         s_eff = (self.s.numpy() - float(self.threshold())) * active * self._norm_scale().numpy()
         matrix = (self.u.numpy() * s_eff) @ self.v.numpy()
@@ -270,8 +246,7 @@ class _Factored(L.Layer):
         u, s, vt = svd
         k = self.rank
         weights = [u[:, :k], s[:k], vt[:k]] + ([bias] if self.use_bias else [])
-        knots = threshold_knots(s[:k], self.s_max)
-        return [*weights, np.float32(0.0), np.ones(k, np.float32), knots, np.int64(0)]
+        return [*weights, np.float32(0.0), np.ones(k, np.float32), np.int64(0)]
 
     def get_config(self) -> dict:
         return {
@@ -342,37 +317,6 @@ class FactoredConv2D(_Factored):
 
     def _kernel_shape(self) -> tuple:
         return (*self.plain["config"]["kernel_size"], self.channels_in, self.units)
-
-
-def knot_positions(rank: int) -> np.ndarray:
-    """Where (in tau * LOGIT_SCALE) the threshold reaches 0 and then each searched
-    singular value, weakest first (see `_Factored.threshold`)."""
-    low, high = INITIAL_LOGIT - INITIAL_SPREAD, INITIAL_LOGIT + INITIAL_SPREAD
-    components = np.linspace(low, high, rank) if rank > 1 else np.array([INITIAL_LOGIT])
-    return np.concatenate([[0.0], components]).astype(np.float32)
-
-
-def threshold_knots(spectrum: np.ndarray, s_max: float) -> np.ndarray:
-    """The threshold's values at `knot_positions`: 0, then the spectrum ascending,
-    raised where needed so it rises at least MIN_THRESHOLD_SLOPE * s_max per unit."""
-    positions = knot_positions(len(spectrum))
-    values = np.concatenate([[0.0], np.sort(spectrum)]).astype(np.float64)
-    for i in range(1, len(values)):
-        least = values[i - 1] + MIN_THRESHOLD_SLOPE * s_max * (positions[i] - positions[i - 1])
-        values[i] = max(values[i], least)
-    return values.astype(np.float32)
-
-
-def _piecewise_linear(x: Any, xs: Any, ys: Any) -> tf.Tensor:
-    """The line through the points (xs, ys) (xs increasing) at x, extended beyond them."""
-    xs, ys = tf.convert_to_tensor(xs, tf.float32), tf.convert_to_tensor(ys, tf.float32)
-    x = tf.convert_to_tensor(x, tf.float32)
-    flat = tf.reshape(x, [-1])
-    segment = tf.searchsorted(xs, flat, side="right") - 1
-    segment = tf.clip_by_value(segment, 0, tf.size(xs) - 2)
-    x0, x1 = tf.gather(xs, segment), tf.gather(xs, segment + 1)
-    y0, y1 = tf.gather(ys, segment), tf.gather(ys, segment + 1)
-    return tf.reshape(y0 + (flat - x0) * (y1 - y0) / (x1 - x0), tf.shape(x))
 
 
 def searched_rank(layer: Any, kernel: np.ndarray) -> int:
@@ -635,7 +579,8 @@ class _Projection:
             for gid, logits in zip(gates.group_ids, gates.logits):
                 self.scores["group", gid] = LOGIT_SCALE * logits.numpy()
         for layer in model.factored_layers:
-            self.scores["rank", layer.name] = layer.removal_distances()
+            margin = layer.s.numpy() - float(layer.threshold())
+            self.scores["rank", layer.name] = margin * LOGIT_SCALE / layer.s_max
 
     def minimum(self, key) -> int:
         return min(self.round_to, len(self.scores[key]))

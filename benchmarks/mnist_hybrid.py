@@ -316,7 +316,8 @@ def redraw(paths: list[pathlib.Path], out: pathlib.Path) -> None:
 
 
 def _merge(into: dict, entry: dict) -> None:
-    """Adds `entry` to `into`: dicts merge key by key, runs by seed (`entry` wins)."""
+    """Adds `entry` to `into`: dicts merge key by key, runs by seed (`entry` wins);
+    budgets stay largest first, so the tables read in MAC order."""
     for key, value in entry.items():
         if isinstance(value, dict):
             _merge(into.setdefault(key, {}), value)
@@ -326,6 +327,8 @@ def _merge(into: dict, entry: dict) -> None:
             into[key] = sorted(kept + value, key=lambda r: r["seed"])
         else:
             into[key] = value
+    if "budgets" in entry:
+        into["budgets"] = dict(sorted(into["budgets"].items(), key=lambda kv: -float(kv[0])))
 
 
 def _spread(values: list[float]) -> str:

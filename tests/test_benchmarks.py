@@ -24,6 +24,12 @@ def test_merge_adds_seeds_and_later_runs_win():
     assert into["timing"] == {"a": 1, "b": 2}
 
 
+def test_merge_keeps_budgets_largest_first():
+    into = {"budgets": {"0.1": {"hybrid": [_run(0, 0.01)]}, "0.05": {"hybrid": [_run(0, 0.02)]}}}
+    bench._merge(into, {"budgets": {"0.0667": {"hybrid": [_run(0, 0.03)]}}})
+    assert list(into["budgets"]) == ["0.1", "0.0667", "0.05"]
+
+
 def test_paired_compares_the_hybrid_with_each_rival_on_the_same_seeds():
     budgets = {
         "0.1": {

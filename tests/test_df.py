@@ -17,18 +17,27 @@ def _search_layers(model):
     return [la for la in model.layers if isinstance(la, (df.ChannelGates, df._Factored))]
 
 
-def test_factored_layers_start_at_the_truncated_svd_of_the_kernel():
+def test_factored_layers_start_at_the_truncated_svd_of_the_kernel_gated_near_one():
     inputs = keras.Input((9, 9, 4))
     x = layers.Conv2D(12, 3, strides=2, padding="same", activation="relu", name="conv")(inputs)
     x = layers.Flatten()(x)
     outputs = layers.Dense(7, name="fc")(x)
     model = keras.Model(inputs, outputs)
-    compressed = th.hybrid_compress(model, th.Budget(macs=0.9), filters=False)
+    compressed = th.hybrid_compress(model, th.Budget(macs=0.9), filters=False, search_steps=5)
     ranks = {la.name: la.rank for la in compressed.factored_layers}
     # break-even ranks: ceil(36 * 12 / 48) = 9 < 12; ceil(300 * 7 / 307) = 7, full rank
     assert ranks == {"conv": 9, "fc": 7}
+    conv = compressed.get_layer("conv")
+    svd = np.linalg.svd(model.get_layer("conv").get_weights()[0].reshape(36, 12))
+    np.testing.assert_allclose(conv.s.numpy(), svd[1][:9], rtol=1e-5)
+    gates = conv.component_gates().numpy()
+    assert np.all(gates > 0.85) and np.all(np.diff(gates) <= 0)  # the weakest are gated most
+    # With every component kept (the search over), the layer is the truncated SVD.
     reference = th.factorize(model, {"conv": 9}, force=True)
     x = np.random.default_rng(0).normal(size=(3, 9, 9, 4)).astype(np.float32)
+    assert not np.allclose(compressed(x), reference(x), rtol=1e-4, atol=1e-5)
+    for layer in compressed.factored_layers:
+        layer.step.assign(5)
     np.testing.assert_allclose(compressed(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
@@ -126,8 +135,11 @@ def test_factored_layers_use_unit_norm_factors_whatever_their_scale():
         layer.u.assign(layer.u * rng.uniform(0.2, 5.0, layer.u.shape[1]))
         layer.v.assign(layer.v * rng.uniform(0.2, 5.0, (layer.v.shape[0], 1)))
     np.testing.assert_allclose(compressed(x), before, rtol=1e-4, atol=1e-5)
-    conv = compressed.get_layer("conv")
-    kernel = conv.dense_kernel(np.ones(conv.rank))
+    conv = compressed.get_layer("conv")  # after the search, with every other component kept
+    active = (np.arange(conv.rank) % 2 == 0).astype(np.float32)
+    conv.active.assign(active)
+    conv.step.assign(conv.search_steps)
+    kernel = conv.dense_kernel(active)
     expected = tf.nn.conv2d(x, kernel, 1, "VALID") + conv.bias
     np.testing.assert_allclose(conv(x), expected, rtol=1e-4, atol=1e-5)
 

@@ -14,8 +14,7 @@ of Hybrid Structured Compression".
   learnable threshold tau; the soft rank is sum(g). U's columns and V's rows are
   kept at unit norm, so each component's size lives in s alone and thresholding s
   is meaningful. The gate, not the soft threshold relu(s - tau), scales the kept
-  components: soft thresholding shrinks every kept singular value by tau, which
-  cost LeNet-5 0.1-0.15 points of test error (see `_Factored`).
+  components (see `_Factored`).
 - Budget: the soft channel counts and ranks feed `cost.CostModel`, the same
   arithmetic as `profile`; the penalty relu(ratio / target - 1) is added to the
   loss with a ramped weight.
@@ -64,7 +63,7 @@ INITIAL_SPREAD = 2.0
 #: of the layer's largest singular value: every component's gate then starts at
 #: sigmoid(2) or more, as far from removal as the weakest channel. Started at 0, the
 #: weakest components begin half gated and the thresholds remove them before any
-#: channel (LeNet-5 at 25% of its MACs then split every layer; see the README).
+#: channel comes near removal, so the search splits every layer first.
 INITIAL_THRESHOLD = -(INITIAL_LOGIT - INITIAL_SPREAD) / LOGIT_SCALE
 
 
@@ -163,9 +162,8 @@ class _Factored(L.Layer):
 
     Like a channel mask, the gate g tends to 0/1 as T anneals, so the components
     kept are left at their size. Soft thresholding (s - tau for the kept ones) was
-    the first design: it shrank every kept component by tau (LeNet-5 at 50% of its
-    MACs: conv2's threshold reached 29% of its largest singular value), and the
-    fine-tuned model was about 0.1 points of test error worse.
+    the first design: it shrank every kept component by the tau that sets the rank,
+    and the fine-tuned models were less accurate (README, benchmark).
 
     Args:
         plain: `{"class_name", "config"}` of the layer this one stands for.

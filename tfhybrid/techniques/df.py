@@ -204,15 +204,19 @@ class _Factored(L.Layer):
     def threshold(self) -> tf.Tensor:
         return self.tau * self.s_max
 
+    def component_logits(self) -> tf.Tensor:
+        """Per component, (s - threshold) in the mask logits' units: the gate is
+        sigmoid(this / T), and the projection ranks components by it."""
+        return (self.s - self.threshold()) * LOGIT_SCALE / self.s_max
+
     def component_gates(self, hard: bool = False) -> tf.Tensor:
-        """Per component: sigmoid((s - threshold) / t) during the search, the kept 0/1
-        after it. With `hard=True` the search's current hard decision (s > threshold)."""
-        margin = self.s - self.threshold()
+        """Per component: sigmoid(logit / T) during the search, the kept 0/1 after it.
+        With `hard=True` the search's current hard decision (s > threshold)."""
+        logits = self.component_logits()
         if hard:
-            current = tf.cast(margin > 0, tf.float32)
+            current = tf.cast(logits > 0, tf.float32)
         else:
-            t = self.temperature(self.step) * self.s_max / LOGIT_SCALE
-            current = tf.sigmoid(margin / t)
+            current = tf.sigmoid(logits / self.temperature(self.step))
         return tf.where(self.step < self.search_steps, current, self.active)
 
     def soft_rank(self, hard: bool = False) -> tf.Tensor:
@@ -589,8 +593,7 @@ class _Projection:
             for gid, logits in zip(gates.group_ids, gates.logits):
                 self.scores["group", gid] = LOGIT_SCALE * logits.numpy()
         for layer in model.factored_layers:
-            margin = layer.s.numpy() - float(layer.threshold())
-            self.scores["rank", layer.name] = margin * LOGIT_SCALE / layer.s_max
+            self.scores["rank", layer.name] = layer.component_logits().numpy()
 
     def minimum(self, key) -> int:
         return min(self.round_to, len(self.scores[key]))

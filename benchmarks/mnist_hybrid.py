@@ -85,6 +85,7 @@ def error_of(model, test) -> float:
 
 
 def record(model, test, original) -> dict:
+    """Test error, MACs and params (also as ratios), and each weighted layer's output width."""
     prof = th.profile(model)
     return {
         "test_error": error_of(model, test),
@@ -92,6 +93,7 @@ def record(model, test, original) -> dict:
         "params": prof.params,
         "mac_ratio": prof.macs / original.macs,
         "param_ratio": prof.params / original.params,
+        "widths": {c.name: c.output_shape[-1] for c in prof.layers if c.macs and c.params},
     }
 
 

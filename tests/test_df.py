@@ -169,6 +169,43 @@ def test_a_mask_multiplies_each_channel_once_after_the_layers_it_commutes_with()
     np.testing.assert_allclose(compressed(x), expected, rtol=1e-4, atol=1e-5)
 
 
+def _dense_block() -> th.keras.Model:
+    """Two DenseNet-style concatenations: every later tensor carries the earlier groups."""
+    layers = th.keras.layers
+    inputs = th.keras.Input((8, 8, 3))
+    features = [layers.Conv2D(4, 3, padding="same", name="stem")(inputs)]
+    for i in range(3):
+        x = features[0] if i == 0 else layers.Concatenate(name=f"cat{i}")(features)
+        x = layers.BatchNormalization(name=f"bn{i}")(x)
+        features.append(layers.Conv2D(4, 3, padding="same", name=f"conv{i}")(x))
+    x = layers.GlobalAveragePooling2D(name="gap")(layers.Concatenate(name="cat")(features))
+    return th.keras.Model(inputs, layers.Dense(5, name="logits")(x))
+
+
+def test_a_training_step_builds_each_mask_and_gate_once_and_trains_them():
+    """One sigmoid per channel group and per factored layer in a training step, however
+    many tensors carry a group and however often the budget counts it (DenseNet121's
+    search took minutes to trace when each tensor and count built its own)."""
+    compressed = th.hybrid_compress(_dense_block(), th.Budget(macs=0.5))
+    gates, factored = compressed.gates, compressed.factored_layers
+    assert len(gates.inbound_nodes) > len(gates.sizes) == 4 and factored  # masked repeatedly
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+    y = rng.integers(0, 5, 2)
+    compressed.compile("adam", th.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    traced = tf.function(compressed.train_step).get_concrete_function((x, y))
+    sigmoids = [op for op in traced.graph.get_operations() if op.type == "Sigmoid"]
+    assert len(sigmoids) == len(gates.sizes) + len(factored)
+    with tf.GradientTape() as tape:
+        outputs = compressed(x, training=True)
+    grads = tape.gradient(outputs, gates.logits + [la.s for la in factored])
+    assert all(g is not None and float(tf.reduce_sum(tf.abs(g))) > 0 for g in grads)
+    for logits in gates.logits:
+        logits.assign(rng.normal(0.0, 0.1, logits.shape).astype(np.float32))
+    unshared = super(df.HybridModel, compressed).call(tf.constant(x))  # built per tensor
+    np.testing.assert_allclose(compressed(x), unshared, rtol=1e-5, atol=1e-6)
+
+
 def test_projection_gives_unused_budget_back_to_the_best_units():
     """A search that ends far under budget keeps the best units that still fit."""
     model = lenet5()

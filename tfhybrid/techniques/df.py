@@ -27,8 +27,10 @@ them into a plain model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import threading
 import types
 from typing import Any
 
@@ -79,8 +81,42 @@ def _int_var(layer: L.Layer, name: str) -> tf.Variable:
     )
 
 
+class _SharedWithinAStep:
+    """Builds a searched layer's decision tensors (masks, gates) once per step.
+
+    One training step reads them many times: every tensor of a channel group is
+    masked (a DenseNet concatenation carries up to ~60 groups into each later layer
+    of its block), and the budget counts each mask and gate again. Built per read,
+    DenseNet121's training graph took minutes to trace. Inside `shared_decisions`,
+    which `HybridModel` opens around a forward pass or a whole train/test step,
+    each is built once: the step sits wholly inside or outside one gradient tape,
+    so the shared tensors carry their gradients. Per thread, as MirroredStrategy
+    runs its replicas in threads of one graph.
+    """
+
+    def _memo(self, key, build):
+        shared = getattr(self._shared, "values", None)
+        if shared is None:
+            return build()
+        if key not in shared:
+            shared[key] = build()
+        return shared[key]
+
+    @contextlib.contextmanager
+    def shared_decisions(self):
+        """Within it (nested: the outermost), each decision tensor is built once."""
+        if getattr(self._shared, "values", None) is not None:
+            yield
+            return
+        self._shared.values = {}
+        try:
+            yield
+        finally:
+            self._shared.values = None
+
+
 @keras.utils.register_keras_serializable(package="tfhybrid")
-class ChannelGates(L.Layer):
+class ChannelGates(_SharedWithinAStep, L.Layer):
     """The masks of the channel groups under search, shared by all their tensors.
 
     Called once per masked tensor with that tensor's `layout`: a list of
@@ -101,6 +137,7 @@ class ChannelGates(L.Layer):
         self.sizes = [int(s) for s in sizes]
         self.temperature = schedules.deserialize(temperature)
         self.search_steps = int(search_steps)
+        self._shared = threading.local()
 
     def build(self, input_shape):
         init = keras.initializers.Constant(INITIAL_LOGIT / LOGIT_SCALE)
@@ -120,27 +157,38 @@ class ChannelGates(L.Layer):
 
         With `hard=True` the search's current hard decision (logit > 0) is given.
         """
+        return self._memo(("mask", index, hard), lambda: self._mask(index, hard))
+
+    def _mask(self, index: int, hard: bool) -> tf.Tensor:
         logits = self.logits[index]
         if hard:
             current = tf.cast(logits > 0, tf.float32)
         else:
-            current = tf.sigmoid(LOGIT_SCALE * logits / self.temperature(self.step))
+            temperature = self._memo("temperature", lambda: self.temperature(self.step))
+            current = tf.sigmoid(LOGIT_SCALE * logits / temperature)
         return tf.where(self.step < self.search_steps, current, self.keep[index])
 
     def masks(self, hard: bool = False) -> list[tf.Tensor]:
         """The masks of all gated groups (see `mask`)."""
         return [self.mask(i, hard) for i in range(len(self.sizes))]
 
-    @tf.autograph.experimental.do_not_convert
-    def call(self, inputs, layout=(), training=None):  # noqa: ARG002 - Keras passes training
-        parts, masks = [], {}
+    def _mask_vector(self, layout) -> tf.Tensor:
+        """The mask of a tensor with `layout` (see the class): its groups' masks
+        (each repeated `mult` times) and ones for ungated segments, concatenated."""
+        parts = []
         for index, size, mult in layout:
             if index < 0:
                 parts.append(tf.ones((size * mult,)))
             else:
-                mask = masks[index] = masks[index] if index in masks else self.mask(index)
+                mask = self.mask(index)
                 parts.append(mask if mult == 1 else tf.repeat(mask, mult))
-        return inputs * tf.cast(tf.concat(parts, 0), inputs.dtype)
+        return tf.concat(parts, 0)
+
+    @tf.autograph.experimental.do_not_convert
+    def call(self, inputs, layout=(), training=None):  # noqa: ARG002 - Keras passes training
+        key = ("layout", tuple(tuple(segment) for segment in layout))
+        vector = self._memo(key, lambda: self._mask_vector(layout))
+        return inputs * tf.cast(vector, inputs.dtype)
 
     def get_config(self) -> dict:
         return {
@@ -157,7 +205,7 @@ class ChannelGates(L.Layer):
         return f"gates {len(self.sizes)} groups, kept {kept}/{sum(self.sizes)} channels"
 
 
-class _Factored(L.Layer):
+class _Factored(_SharedWithinAStep, L.Layer):
     """Base of the factored layers: W = U diag(s * g) V, g = sigmoid((s - tau) / T) (DTL-S).
 
     Like a channel mask, the gate g tends to 0/1 as T anneals, so the components
@@ -187,6 +235,7 @@ class _Factored(L.Layer):
         self.units = int(config.get("units") or config.get("filters"))
         self.use_bias = bool(config.get("use_bias", True))
         self.activation = keras.activations.get(config.get("activation"))
+        self._shared = threading.local()
 
     def build(self, input_shape):
         rows = self._rows(input_shape)
@@ -207,11 +256,14 @@ class _Factored(L.Layer):
     def component_logits(self) -> tf.Tensor:
         """Per component, (s - threshold) in the mask logits' units: the gate is
         sigmoid(this / T), and the projection ranks components by it."""
-        return (self.s - self.threshold()) * LOGIT_SCALE / self.s_max
+        return self._memo("logits", lambda: (self.s - self.threshold()) * LOGIT_SCALE / self.s_max)
 
     def component_gates(self, hard: bool = False) -> tf.Tensor:
         """Per component: sigmoid(logit / T) during the search, the kept 0/1 after it.
         With `hard=True` the search's current hard decision (s > threshold)."""
+        return self._memo(("gates", hard), lambda: self._component_gates(hard))
+
+    def _component_gates(self, hard: bool) -> tf.Tensor:
         logits = self.component_logits()
         if hard:
             current = tf.cast(logits > 0, tf.float32)
@@ -382,6 +434,18 @@ class HybridModel(keras.Model):
         # so Keras does not track the tensors).
         self._traced = types.SimpleNamespace(ratios=None)
 
+    @contextlib.contextmanager
+    def _shared_decisions(self):
+        """Each mask and gate is built once within it (see `_SharedWithinAStep`)."""
+        with contextlib.ExitStack() as stack:
+            for layer in self._searched_layers():
+                stack.enter_context(layer.shared_decisions())
+            yield
+
+    def call(self, inputs, training=None, mask=None):
+        with self._shared_decisions():
+            return super().call(inputs, training=training, mask=mask)
+
     # -- the layers under search -----------------------------------------------------
     @property
     def gates(self) -> ChannelGates | None:
@@ -476,10 +540,16 @@ class HybridModel(keras.Model):
         eager update from a callback costs more than the search's own ops on small
         models. The `CompressionScheduler` takes the hard decisions at the last step.
         """
-        logs = super().train_step(data)
+        with self._shared_decisions():
+            logs = super().train_step(data)
         for layer in self._searched_layers():
             layer.step.assign_add(1)
         return logs
+
+    def test_step(self, data):
+        """Keras's test step, each mask and gate built once for the pass and the budget."""
+        with self._shared_decisions():
+            return super().test_step(data)
 
     def finish_search(self) -> None:
         """Freezes the hard decisions, projected onto the budget."""

@@ -28,15 +28,16 @@ import os
 import pathlib
 import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # timing, when imported
 
 import numpy as np  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 from absl import app, flags  # noqa: E402
 from mnist import compile_model, lenet5, lenet_300_100, mnist  # noqa: E402
+from timing import StepTimer  # noqa: E402
 
 import tfhybrid as th  # noqa: E402
 from tfhybrid.techniques import magnitude  # noqa: E402
@@ -62,20 +63,6 @@ flags.DEFINE_bool("timing_only", False, "Only measure ms/step (e.g. on a quiet m
 flags.DEFINE_list(
     "merge", [], "Result JSONs (e.g. one per model or seed, run in parallel) to combine into --out."
 )
-
-
-class StepTimer(keras.callbacks.Callback):
-    """Wall time of every training batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
 
 
 def error_of(model, test) -> float:

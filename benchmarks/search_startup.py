@@ -24,6 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
+from timing import StepTimer  # noqa: E402
 
 import tfhybrid as th  # noqa: E402
 
@@ -34,20 +35,6 @@ flags.DEFINE_list("models", ["DenseNet121", "ResNet50", "MobileNetV2"], "applica
 flags.DEFINE_integer("size", 32, "Input height and width.")
 flags.DEFINE_integer("steps", 6, "Training steps timed per model (batch 4).")
 flags.DEFINE_string("out", "benchmarks/results", "Folder for search_startup.json.")
-
-
-class StepTimer(keras.callbacks.Callback):
-    """Wall time of every training batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
 
 
 def fit_times(model, x, y, callbacks=()) -> dict:

@@ -1,5 +1,7 @@
 """techniques.df: factored layers, gates, soft budget, projection onto the budget."""
 
+import threading
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -204,6 +206,21 @@ def test_a_training_step_builds_each_mask_and_gate_once_and_trains_them():
         logits.assign(rng.normal(0.0, 0.1, logits.shape).astype(np.float32))
     unshared = super(df.HybridModel, compressed).call(tf.constant(x))  # built per tensor
     np.testing.assert_allclose(compressed(x), unshared, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_decisions_are_per_thread_and_end_with_their_context():
+    """MirroredStrategy traces its replicas in threads of one graph: a replica must
+    never get another's tensors."""
+    gates = th.hybrid_compress(lenet5(), th.Budget(macs=0.5)).gates
+    with gates.shared_decisions():
+        mask = gates.mask(0)
+        assert gates.mask(0) is mask
+        other = []
+        thread = threading.Thread(target=lambda: other.append(gates.mask(0)))
+        thread.start()
+        thread.join()
+        assert other[0] is not mask
+    assert gates.mask(0) is not mask
 
 
 def test_projection_gives_unused_budget_back_to_the_best_units():

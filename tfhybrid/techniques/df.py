@@ -94,6 +94,10 @@ class _SharedWithinAStep:
     runs its replicas in threads of one graph.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._shared = threading.local()
+
     def _memo(self, key, build):
         shared = getattr(self._shared, "values", None)
         if shared is None:
@@ -137,7 +141,6 @@ class ChannelGates(_SharedWithinAStep, L.Layer):
         self.sizes = [int(s) for s in sizes]
         self.temperature = schedules.deserialize(temperature)
         self.search_steps = int(search_steps)
-        self._shared = threading.local()
 
     def build(self, input_shape):
         init = keras.initializers.Constant(INITIAL_LOGIT / LOGIT_SCALE)
@@ -235,7 +238,6 @@ class _Factored(_SharedWithinAStep, L.Layer):
         self.units = int(config.get("units") or config.get("filters"))
         self.use_bias = bool(config.get("use_bias", True))
         self.activation = keras.activations.get(config.get("activation"))
-        self._shared = threading.local()
 
     def build(self, input_shape):
         rows = self._rows(input_shape)
@@ -539,6 +541,7 @@ class HybridModel(keras.Model):
         Inside the step's graph, like the optimizer's `iterations`: a per-batch
         eager update from a callback costs more than the search's own ops on small
         models. The `CompressionScheduler` takes the hard decisions at the last step.
+        The forward pass and the budget share each mask and gate (`_shared_decisions`).
         """
         with self._shared_decisions():
             logs = super().train_step(data)

@@ -7,9 +7,10 @@ import pytest
 import tensorflow as tf
 
 import tfhybrid as th
+from tfhybrid import channels, cost
 from tfhybrid.techniques import df, magnitude
 
-from models import lenet5, randomize_batchnorm, resnet_style
+from models import lenet5, lenet_300_100, randomize_batchnorm, resnet_style
 
 keras = th.keras
 layers = keras.layers
@@ -236,3 +237,59 @@ def test_projection_gives_unused_budget_back_to_the_best_units():
     assert 0.29 < ratio <= 0.3
     for kept in keep.values():
         assert kept.sum() >= 1 and np.all(np.flatnonzero(kept) >= kept.size - kept.sum())
+
+
+def _usable_components_by_brute_force(model, name, budget):
+    """The most components of `name` any model within the budget uses: its rank if split,
+    min(rows, cols) if whole (more components add nothing to a whole kernel)."""
+    analysis = channels.analyze(model)
+    cost_model = cost.CostModel.from_analysis(analysis)
+    original = cost_model.evaluate()
+    ranked = [la.name for la in model.layers if isinstance(la, layers.Dense)]
+    prunable = [g for g in analysis.groups if g.prunable]
+    best = 0
+    for counts in np.ndindex(*[g.size for g in prunable]):
+        counts = {g.id: c + 1 for g, c in zip(prunable, counts)}
+        rows, cols, _ = cost_model.kernel_matrix(name, counts)
+        whole = cost_model.evaluate(counts, {n: 1 for n in ranked if n != name})
+        for rank in range(1, int(min(rows, cols)) + 1):
+            macs, params = cost_model.evaluate(counts, {**{n: 1 for n in ranked}, name: rank})
+            ratios = {"macs": macs / original[0], "params": params / original[1]}
+            usable = rank if macs < whole[0] else min(rows, cols)
+            if budget.met_by(ratios):
+                best = max(best, usable)
+    return best
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [
+        th.Budget(macs=0.6),
+        th.Budget(macs=0.3),
+        th.Budget(macs=0.15),
+        th.Budget(params=0.25),
+        th.Budget(macs=0.4, params=0.2),
+    ],
+)
+def test_searched_ranks_keep_every_component_a_model_within_the_budget_can_use(budget):
+    inputs = keras.Input((12,))
+    x = layers.Dense(10, activation="relu", name="a")(inputs)
+    x = layers.Dense(8, activation="relu", name="b")(x)
+    model = keras.Model(inputs, layers.Dense(3, name="c")(x))
+    searched = {la.name: la.rank for la in th.hybrid_compress(model, budget).factored_layers}
+    usable = {name: _usable_components_by_brute_force(model, name, budget) for name in searched}
+    break_even = {n: df.searched_rank(None, model.get_layer(n).get_weights()[0]) for n in searched}
+    for name, rank in searched.items():
+        assert min(break_even[name], usable[name]) <= rank <= break_even[name], name
+    # The input layer's rows cannot shrink, so its bound is nearly exact (6 at 0.6 and
+    # 5, 2, 4, 3 at the others, against 6, 4, 2, 3, 3 components usable).
+    assert searched["a"] <= min(break_even["a"], usable["a"] + 1)
+
+
+def test_lenet_300_100_at_a_tenth_searches_what_its_first_layer_can_keep():
+    hybrid = th.hybrid_compress(lenet_300_100(), th.Budget(macs=0.1))
+    ranks_only = th.hybrid_compress(lenet_300_100(), th.Budget(macs=0.1), filters=False)
+    # 10% of 266,200 MACs, less fc2 and fc3 at their smallest, over 784 + 1 (one unit
+    # left) or 784 + 300 (filters=False) MACs per component; break-even ranks 217 and 75.
+    assert {la.name: la.rank for la in hybrid.factored_layers} == {"fc1": 33, "fc2": 75, "fc3": 10}
+    assert {la.name: la.rank for la in ranks_only.factored_layers}["fc1"] == 24

@@ -255,6 +255,29 @@ class CostModel:
         macs, params = self._evaluate(counts, ranks, _NUMPY)
         return int(round(float(macs))), int(round(float(params)))
 
+    def kernel_matrix(self, name: str, counts: dict | None = None) -> tuple[float, float, float]:
+        """(rows, cols, positions) of layer `name`'s kernel as a matrix, for group counts.
+
+        rows = kernel area * input channels, cols = output channels; positions add up
+        over the layer's calls. Split at rank r the layer costs positions * r * (rows +
+        cols) MACs and r * (rows + cols) params; whole, positions * rows * cols MACs and
+        rows * cols params (biases aside).
+
+        Raises:
+            ValueError: if `name` is not a Dense/Conv2D that this model may split.
+        """
+        calls = [t for t in self.terms if t.name == name and t.factored is not None]
+        if not calls:
+            raise ValueError(f"Layer {name!r} is not a Dense/Conv2D layer that can be split.")
+        counts = counts or {}
+
+        def width(layout):
+            return sum(mult * counts.get(gid, self.sizes[gid]) for gid, mult in layout)
+
+        first = calls[0]
+        positions = sum(t.factored[1] for t in calls)
+        return first.factored[0] * width(first.inputs), width(first.outputs), positions
+
     def evaluate_many(self, counts: dict, ranks: dict) -> tuple[np.ndarray, np.ndarray]:
         """(MACs, params) of N decision sets at once; counts/ranks hold (N,) arrays."""
         return self._evaluate(counts, ranks, _NUMPY)
@@ -344,7 +367,7 @@ class _TF:
     def pick(ranked, split, if_split, if_whole):
         """min(split, whole) in value; for ranked layers, the split form's gradient.
 
-        A layer under rank search starts at its break-even rank, where the split is
+        A layer under rank search may start at its break-even rank, where the split is
         not cheaper yet: the plain minimum would give the rank no gradient at all.
         """
         value = tf.where(split, if_split, if_whole)

@@ -293,3 +293,22 @@ def test_lenet_300_100_at_a_tenth_searches_what_its_first_layer_can_keep():
     # left) or 784 + 300 (filters=False) MACs per component; break-even ranks 217 and 75.
     assert {la.name: la.rank for la in hybrid.factored_layers} == {"fc1": 33, "fc2": 75, "fc3": 10}
     assert {la.name: la.rank for la in ranks_only.factored_layers}["fc1"] == 24
+
+
+@pytest.mark.parametrize(("budget", "two_convs"), [(0.9, False), (0.2, True)])
+def test_a_factored_conv_equals_its_truncated_svd_as_one_conv_or_two(budget, two_convs):
+    inputs = keras.Input((9, 9, 4))
+    x = layers.Conv2D(12, 3, padding="same", dilation_rate=2, name="conv")(inputs)
+    model = keras.Model(inputs, layers.Conv2D(5, 3, strides=2, name="head")(x))
+    compressed = th.hybrid_compress(model, th.Budget(macs=budget), filters=False, search_steps=5)
+    conv = compressed.get_layer("conv")
+    # At 0.2 the budget leaves conv 1 of its 9 break-even components: two convs need
+    # 32 * 81 * 48 MACs, forming the kernel and one conv 36 * 12 + 32 * 81 * 432.
+    assert conv.runs_as_two_convs((None, 9, 9, 4)) is two_convs
+    for layer in compressed.factored_layers:
+        layer.step.assign(5)
+    full = {"conv": 12, "head": 5}  # a layer keeping all its components is the plain one
+    ranks = {la.name: la.rank for la in compressed.factored_layers if la.rank < full[la.name]}
+    reference = th.factorize(model, ranks, force=True)
+    x = np.random.default_rng(0).normal(size=(3, 9, 9, 4)).astype(np.float32)
+    np.testing.assert_allclose(compressed(x), reference(x), rtol=1e-4, atol=1e-5)

@@ -278,7 +278,7 @@ def test_searched_ranks_keep_every_component_a_model_within_the_budget_can_use(b
     model = keras.Model(inputs, layers.Dense(3, name="c")(x))
     searched = {la.name: la.rank for la in th.hybrid_compress(model, budget).factored_layers}
     usable = {name: _usable_components_by_brute_force(model, name, budget) for name in searched}
-    break_even = {n: df.searched_rank(None, model.get_layer(n).get_weights()[0]) for n in searched}
+    break_even = {n: df.searched_rank(model.get_layer(n).get_weights()[0]) for n in searched}
     for name, rank in searched.items():
         assert min(break_even[name], usable[name]) <= rank <= break_even[name], name
     # The input layer's rows cannot shrink, so its bound is nearly exact (6 at 0.6 and

@@ -371,43 +371,31 @@ class FactoredConv2D(_Factored):
         factors, or a k x k conv to r channels and a 1 x 1 conv where that is cheaper
         (see `runs_as_two_convs`). Function and gradients are those of the factored form."""
         config = self.plain["config"]
-        size = config["kernel_size"]
-
-        def conv(x, kernel, **options):
-            return tf.nn.conv2d(x, tf.cast(kernel, inputs.dtype), **options)
-
-        options = {
-            "strides": config["strides"],
-            "padding": config["padding"].upper(),
-            "dilations": config["dilation_rate"],
-        }
+        strides, padding = config["strides"], config["padding"].upper()
+        dilations = config["dilation_rate"]
         if self.runs_as_two_convs(inputs.shape):
-            hidden = conv(
-                inputs, tf.reshape(u * s, (*size, self.channels_in, self.rank)), **options
+            first = tf.reshape(u * s, (*config["kernel_size"], self.channels_in, self.rank))
+            hidden = tf.nn.conv2d(
+                inputs, tf.cast(first, inputs.dtype), strides, padding, dilations=dilations
             )
-            return conv(hidden, v[None, None], strides=1, padding="VALID")
-        return conv(inputs, tf.reshape(tf.matmul(u * s, v), self._kernel_shape()), **options)
+            return tf.nn.conv2d(hidden, tf.cast(v[None, None], inputs.dtype), 1, "VALID")
+        kernel = tf.cast(tf.reshape(tf.matmul(u * s, v), self._kernel_shape()), inputs.dtype)
+        return tf.nn.conv2d(inputs, kernel, strides, padding, dilations=dilations)
 
     def runs_as_two_convs(self, input_shape) -> bool:
         """Whether two convs need under half the MACs of forming the kernel and one conv.
 
         Forming the kernel costs k*k*c*r*o MACs once per batch; then the conv costs
         what the plain layer's does. Two convs cost r*(k*k*c + o) per position and
-        example: less, the lower r, but one op more, so one conv is kept unless two
-        save half (at LeNet-5's break-even ranks one conv measured 1.08x the plain
-        step, two convs 1.19x). Where the batch is not static, Keras's default of
-        32 stands in; where the positions are not, the kernel is formed.
+        example: less, the lower r, but they are one op more, so one conv is kept
+        unless two save half. Where the batch is not static, Keras's default of 32
+        stands in; where the output positions are not, the kernel is formed.
         """
-        config = self.plain["config"]
-        positions = 1
-        for n, k, stride, dilation in zip(
-            input_shape[1:3], config["kernel_size"], config["strides"], config["dilation_rate"]
-        ):
-            if n is None:
-                return False
-            span = n if config["padding"] == "same" else n - (k - 1) * dilation
-            positions *= -(-span // stride)
-        examples = (input_shape[0] or 32) * positions
+        plain = self.plain_class.from_config(self.plain["config"])
+        batch, *spatial, _ = plain.compute_output_shape(tuple(input_shape))
+        if None in spatial:
+            return False
+        examples = (batch or 32) * math.prod(spatial)
         rows, rank, cols = self.u.shape[0], self.rank, self.units
         two_convs = examples * rank * (rows + cols)
         one_conv = rows * rank * cols + examples * rows * cols
@@ -417,7 +405,7 @@ class FactoredConv2D(_Factored):
         return (*self.plain["config"]["kernel_size"], self.channels_in, self.units)
 
 
-def searched_rank(layer: Any, kernel: np.ndarray) -> int:
+def searched_rank(kernel: np.ndarray) -> int:
     """Components worth searching: up to the break-even rank of a split (at most full)."""
     rows, cols = int(np.prod(kernel.shape[:-1])), kernel.shape[-1]
     return min(rows, cols, math.ceil(rows * cols / (rows + cols)))
@@ -951,7 +939,7 @@ class _Choice:
                 continue
             if getattr(layer, "data_format", "channels_last") != "channels_last":
                 continue
-            rank = searched_rank(layer, layer.get_weights()[0])
+            rank = searched_rank(layer.get_weights()[0])
             if rank >= 2:
                 self.ranks[name] = rank
 
@@ -996,9 +984,9 @@ def keepable_rank(
     Every other part of the model at its smallest leaves some room. Split at rank r,
     the layer needs r * (rows + cols) of it at its narrowest; whole, its kernel has
     rank at most min(rows, cols) with rows * cols within the room. More components
-    than that cannot survive the search, so they are not searched: they would only
-    cost time (LeNet-300-100's fc1 at 10% of the MACs: 33 of its 217 break-even
-    components).
+    are never kept split and add nothing to a whole kernel, so they are not
+    searched: they would only cost time (LeNet-300-100's fc1 at 10% of the MACs: 33
+    of its 217 break-even components).
 
     Args:
         name: a layer under rank search.

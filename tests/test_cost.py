@@ -132,6 +132,21 @@ def test_cost_model_counts_a_split_only_where_it_is_cheaper():
         assert model_cost.evaluate(ranks={"fc1": rank})[0] == expected
 
 
+def test_kernel_matrix_is_the_layer_as_profile_counts_it_and_follows_its_input_group():
+    from tfhybrid import channels, cost
+
+    model = lenet5()
+    analysis = channels.analyze(model)
+    model_cost = cost.CostModel.from_analysis(analysis)
+    rows, cols, positions = model_cost.kernel_matrix("conv2")
+    conv2 = next(c for c in th.profile(model).layers if c.name == "conv2")
+    assert (rows, cols) == (5 * 5 * 20, 50) and positions * rows * cols == conv2.macs
+    conv1_group = next(g.id for g in analysis.groups if g.layers("produces") == ["conv1"])
+    assert model_cost.kernel_matrix("conv2", {conv1_group: 8})[:2] == (5 * 5 * 8, 50)
+    with pytest.raises(ValueError, match="'pool1' is not a Dense/Conv2D"):
+        model_cost.kernel_matrix("pool1")
+
+
 def test_layers_it_cannot_count_are_named_in_a_warning():
     search = th.hybrid_compress(lenet5(), th.Budget(macs=0.5), filters=False)
     with pytest.warns(UserWarning, match=r"0 MACs .*'fc1' \(FactoredDense\).*strip"):

@@ -58,6 +58,14 @@ flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("timing_steps", 60, "Steps timed per training kind (0: skip timing).")
 flags.DEFINE_integer("train_batches", 0, "Use only this many training batches (0: all).")
 flags.DEFINE_string("out", "benchmarks/results", "Folder for mnist_hybrid.json/.png.")
+flags.DEFINE_string(
+    "tensorboard_dir",
+    "",
+    "If set, every search writes TensorBoard scalars (CompressionLogger) under "
+    "DIR/MODEL/BUDGET/SEED/METHOD: ratios, kept channels and ranks, before and after "
+    "the budget projection.",
+)
+flags.DEFINE_integer("tensorboard_every", 10, "With --tensorboard_dir: write every N batches.")
 flags.DEFINE_bool("from_json", False, "Only redraw the table and plot from --out's JSON.")
 flags.DEFINE_bool("timing_only", False, "Only measure ms/step (e.g. on a quiet machine).")
 flags.DEFINE_list(
@@ -110,7 +118,15 @@ def svd_truncated(model, share: float):
     return th.factorize(model, ranks) if ranks else None
 
 
-def run_method(method, base, budget, train, test, steps_per_epoch, found):
+def search_callbacks(log_dir: str) -> list:
+    """The scheduler, and a CompressionLogger writing to `log_dir` unless it is empty."""
+    callbacks = [th.CompressionScheduler()]
+    if log_dir:
+        callbacks.append(th.CompressionLogger(log_dir, update_freq=FLAGS.tensorboard_every))
+    return callbacks
+
+
+def run_method(method, base, budget, train, test, steps_per_epoch, found, log_dir=""):
     after_epochs = FLAGS.search_epochs + FLAGS.finetune_epochs
     original = th.profile(base)
     decay = after_epochs * steps_per_epoch
@@ -123,7 +139,8 @@ def run_method(method, base, budget, train, test, steps_per_epoch, found):
             search_steps=FLAGS.search_epochs * steps_per_epoch,
         )
         compile_model(compressed, decay_steps=decay)
-        compressed.fit(train, epochs=after_epochs, verbose=0, callbacks=[th.CompressionScheduler()])
+        callbacks = search_callbacks(log_dir)
+        compressed.fit(train, epochs=after_epochs, verbose=0, callbacks=callbacks)
         small = th.strip(compressed)
         if method == "hybrid":
             found["hybrid"] = small
@@ -359,7 +376,12 @@ def main(argv):
                 runs = entry["budgets"].setdefault(str(budget), {})
                 for method in FLAGS.methods:
                     keras.utils.set_random_seed(seed)
-                    result = run_method(method, base, budget, train, test, steps_per_epoch, found)
+                    log_dir = FLAGS.tensorboard_dir and os.path.join(
+                        FLAGS.tensorboard_dir, name, str(budget), str(seed), method
+                    )
+                    result = run_method(
+                        method, base, budget, train, test, steps_per_epoch, found, log_dir
+                    )
                     runs.setdefault(method, []).append({"seed": seed, **result})
                     print(name, budget, seed, method, json.dumps(result), flush=True)
                     save(results, out)

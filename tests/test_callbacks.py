@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import tfhybrid as th
@@ -52,17 +53,37 @@ def test_search_under_mirrored_strategy_takes_identical_decisions_on_both_replic
     assert "MIRRORED OK 12" in result.stdout, result.stderr[-3000:]
 
 
+def _scalars(log_dir: pathlib.Path) -> dict:
+    """tag -> {step: value} of the scalars TensorBoard event files under `log_dir` hold."""
+    scalars = {}
+    for event_file in log_dir.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            for value in event.summary.value:
+                number = float(tf.make_ndarray(value.tensor))
+                scalars.setdefault(value.tag, {})[event.step] = number
+    return scalars
+
+
 def test_logger_writes_ratios_kept_channels_and_ranks(tmp_path):
     model = lenet5()
     x = np.random.default_rng(0).normal(size=(32, 28, 28, 1)).astype(np.float32)
     y = np.random.default_rng(1).integers(0, 10, 32)
     compressed = th.hybrid_compress(model, th.Budget(macs=0.3), search_steps=4)
     compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    callbacks = [th.CompressionScheduler(), th.CompressionLogger(str(tmp_path))]
+    callbacks = [th.CompressionScheduler(), th.CompressionLogger(str(tmp_path), update_freq=2)]
     compressed.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=callbacks)
-    tags = set()
-    for event_file in tmp_path.glob("events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
-            tags.update(v.tag for v in event.summary.value)
-    assert {"compression/macs_ratio", "compression/temperature", "rank/fc1"} <= tags
-    assert {"kept_channels/conv1", "kept_channels/fc1"} <= tags
+    scalars = _scalars(tmp_path)
+    assert {"compression/macs_ratio", "compression/temperature", "rank/fc1"} <= scalars.keys()
+    assert {"kept_channels/conv1", "kept_channels/fc1"} <= scalars.keys()
+    # Every 2 batches (4 per epoch), not only at the epochs' ends.
+    assert set(scalars["compression/macs_ratio"]) == {2, 4, 6, 8}
+    # Once the search is over, its own decisions are the frozen, projected ones.
+    for name in ("kept_channels/conv1", "kept_channels/fc1", "rank/fc1", "rank/conv2"):
+        assert scalars[f"search/{name}"][8] == scalars[name][8]
+    assert scalars["search/rank/fc1"][2] <= compressed.get_layer("fc1").rank
+
+
+@pytest.mark.parametrize("update_freq", [0, "batch", True, 2.5])
+def test_logger_refuses_an_unknown_update_freq(update_freq):
+    with pytest.raises(ValueError, match="update_freq"):
+        th.CompressionLogger("/tmp/unused", update_freq=update_freq)

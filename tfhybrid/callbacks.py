@@ -54,35 +54,71 @@ class CompressionScheduler(keras.callbacks.Callback):
 class CompressionLogger(keras.callbacks.Callback):
     """Writes the search to TensorBoard: ratios, temperature, kept channels and ranks.
 
+    Scalars, at the model's compression step:
+    - `compression/{macs,params}_ratio` (and `_soft`): the search's current hard
+      (soft) decisions over the original model;
+    - `kept_channels/<producers>`, `rank/<layer>`: what `strip` would keep now, the
+      current decisions projected onto the budget;
+    - `search/kept_channels/<producers>`, `search/rank/<layer>`: the current hard
+      decisions before that projection, to see how the search itself meets the budget.
+
     Args:
         log_dir: folder for the TensorBoard event files.
+        update_freq: "epoch" writes at the end of every epoch; an integer N also every
+            N training batches (like `keras.callbacks.TensorBoard`'s `update_freq`), to
+            follow the decisions within an epoch.
+
+    Raises:
+        ValueError: if `update_freq` is neither "epoch" nor a positive integer.
     """
 
-    def __init__(self, log_dir: str):
+    def __init__(self, log_dir: str, update_freq: str | int = "epoch"):
         super().__init__()
+        if update_freq != "epoch" and not (
+            isinstance(update_freq, int) and not isinstance(update_freq, bool) and update_freq > 0
+        ):
+            raise ValueError(
+                f"CompressionLogger(update_freq={update_freq!r}): give 'epoch' or a positive "
+                "number of batches, e.g. update_freq=50."
+            )
         self.log_dir = log_dir
+        self.update_freq = update_freq
         self._writer = None
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self._writer = tf.summary.create_file_writer(self.log_dir)
 
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.update_freq == "epoch":
+            return
+        step = int(self.model.compression_step.numpy())
+        if step % self.update_freq == 0:
+            self._write(step)
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._write(int(self.model.compression_step.numpy()))
+
+    def _write(self, step: int) -> None:
         model = self.model
-        step = int(model.compression_step.numpy())
         keep, active = model.hard_decisions()
+        gates = model.gates
         with self._writer.as_default(step=step):
             for name, value in model.ratios(hard=True).items():
                 tf.summary.scalar(f"compression/{name}_ratio", float(value))
             for name, value in model.ratios(hard=False).items():
                 tf.summary.scalar(f"compression/{name}_ratio_soft", float(value))
-            gates = model.gates
             if gates is not None:
                 temperature = float(gates.temperature(gates.step))
                 tf.summary.scalar("compression/temperature", temperature)
-                for gid, key in zip(gates.group_ids, gates.group_keys):
-                    tf.summary.scalar(f"kept_channels/{'+'.join(key)}", int(np.sum(keep[gid])))
-            for name, kept in active.items():
-                tf.summary.scalar(f"rank/{name}", int(np.sum(kept)))
+                for index, (gid, key) in enumerate(zip(gates.group_ids, gates.group_keys)):
+                    producers = "+".join(key)
+                    tf.summary.scalar(f"kept_channels/{producers}", int(np.sum(keep[gid])))
+                    current = int(np.sum(gates.mask(index, hard=True).numpy()))
+                    tf.summary.scalar(f"search/kept_channels/{producers}", current)
+            for layer in model.factored_layers:
+                tf.summary.scalar(f"rank/{layer.name}", int(np.sum(active[layer.name])))
+                current = int(layer.soft_rank(hard=True).numpy())
+                tf.summary.scalar(f"search/rank/{layer.name}", current)
         self._writer.flush()
 
     def on_train_end(self, logs: dict | None = None) -> None:

@@ -70,7 +70,8 @@ def test_logger_writes_ratios_kept_channels_and_ranks(tmp_path):
     y = np.random.default_rng(1).integers(0, 10, 32)
     compressed = th.hybrid_compress(model, th.Budget(macs=0.3), search_steps=4)
     compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    callbacks = [th.CompressionScheduler(), th.CompressionLogger(str(tmp_path), update_freq=2)]
+    logger = th.CompressionLogger(str(tmp_path), update_freq=np.int64(2))
+    callbacks = [th.CompressionScheduler(), logger]
     compressed.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=callbacks)
     scalars = _scalars(tmp_path)
     assert {"compression/macs_ratio", "compression/temperature", "rank/fc1"} <= scalars.keys()
@@ -80,10 +81,26 @@ def test_logger_writes_ratios_kept_channels_and_ranks(tmp_path):
     # Once the search is over, its own decisions are the frozen, projected ones.
     for name in ("kept_channels/conv1", "kept_channels/fc1", "rank/fc1", "rank/conv2"):
         assert scalars[f"search/{name}"][8] == scalars[name][8]
-    assert scalars["search/rank/fc1"][2] <= compressed.get_layer("fc1").rank
+    # Two steps in, the search keeps every channel; what strip would keep meets the budget.
+    assert scalars["compression/macs_ratio"][2] > 0.3
+    assert scalars["search/kept_channels/conv1"][2] == 20 > scalars["kept_channels/conv1"][2]
 
 
 @pytest.mark.parametrize("update_freq", [0, "batch", True, 2.5])
 def test_logger_refuses_an_unknown_update_freq(update_freq):
     with pytest.raises(ValueError, match="update_freq"):
         th.CompressionLogger("/tmp/unused", update_freq=update_freq)
+
+
+def test_a_fit_that_ends_with_the_search_leaves_the_decided_model():
+    x = np.random.default_rng(0).normal(size=(32, 28, 28, 1)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 10, 32)
+    compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.3), search_steps=4)
+    compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    compressed.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[th.CompressionScheduler()])
+    # The search's last batch has trained: predict (and so evaluate) sees the decisions.
+    small = th.strip(compressed)
+    assert th.profile(small).macs <= 0.3 * th.profile(lenet5()).macs
+    expected = small.predict(x, verbose=0)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(compressed.predict(x, verbose=0), expected, atol=1e-4 * scale)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -16,9 +17,13 @@ class CompressionScheduler(keras.callbacks.Callback):
 
     Like TF-MOT's `UpdatePruningStep`: every schedule (temperatures, penalty
     weight) is a function of the model's compression step, which each training
-    step advances; when it reaches the search length, this callback makes the
-    decisions hard and projects them onto the budget, before that batch. Training
-    then goes on with the frozen structure (fine-tuning).
+    step advances; when the search's last batch has trained, this callback makes the
+    decisions hard and projects them onto the budget. Training then goes on with the
+    frozen structure (fine-tuning). Taken right after that batch, not before the next
+    one, the decisions are what an epoch's validation, `evaluate` or `predict` see
+    when a `fit` ends with the search (the model's masks read the frozen decisions
+    from that step on). A `fit` that starts at that step, from a model saved before
+    they were taken, takes them before its first batch.
     """
 
     drives_compression = True
@@ -44,11 +49,20 @@ class CompressionScheduler(keras.callbacks.Callback):
             )
         # The step the next batch trains at, counted here: no read of the device per batch.
         self._next_step = int(model.compression_step.numpy())
+        self._decided = False
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        if self._next_step == self.model.search_steps:
-            self.model.finish_search()
+        self._decide_at(self._next_step)
         self._next_step += 1
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._decide_at(self._next_step)
+
+    def _decide_at(self, step: int) -> None:
+        """Takes the decisions once, if `step` (the one the model is at) ends the search."""
+        if step == self.model.search_steps and not self._decided:
+            self.model.finish_search()
+            self._decided = True
 
 
 class CompressionLogger(keras.callbacks.Callback):
@@ -74,16 +88,16 @@ class CompressionLogger(keras.callbacks.Callback):
 
     def __init__(self, log_dir: str, update_freq: str | int = "epoch"):
         super().__init__()
-        if update_freq != "epoch" and not (
-            isinstance(update_freq, int) and not isinstance(update_freq, bool) and update_freq > 0
-        ):
+        batches = isinstance(update_freq, numbers.Integral) and not isinstance(update_freq, bool)
+        if update_freq != "epoch" and not (batches and update_freq > 0):
             raise ValueError(
                 f"CompressionLogger(update_freq={update_freq!r}): give 'epoch' or a positive "
                 "number of batches, e.g. update_freq=50."
             )
         self.log_dir = log_dir
-        self.update_freq = update_freq
+        self.update_freq = update_freq if update_freq == "epoch" else int(update_freq)
         self._writer = None
+        self._written_at = None
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self._writer = tf.summary.create_file_writer(self.log_dir)
@@ -99,6 +113,9 @@ class CompressionLogger(keras.callbacks.Callback):
         self._write(int(self.model.compression_step.numpy()))
 
     def _write(self, step: int) -> None:
+        if step == self._written_at:  # an epoch's end right after a batch's write
+            return
+        self._written_at = step
         model = self.model
         keep, active = model.hard_decisions()
         gates = model.gates

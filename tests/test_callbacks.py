@@ -104,3 +104,42 @@ def test_a_fit_that_ends_with_the_search_leaves_the_decided_model():
     expected = small.predict(x, verbose=0)
     scale = np.abs(expected).max()
     np.testing.assert_allclose(compressed.predict(x, verbose=0), expected, atol=1e-4 * scale)
+    # The search is over: fine-tuning needs no scheduler, in fit or train_on_batch.
+    assert compressed.search_finished()
+    compressed.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    compressed.train_on_batch(x[:8], y[:8])
+    assert int(compressed.compression_step.numpy()) == 9
+    np.testing.assert_array_equal(th.profile(th.strip(compressed)).macs, th.profile(small).macs)
+
+
+class _SaveEveryBatch(keras.callbacks.Callback):
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.model.save(self.path)
+
+
+def test_a_model_saved_before_the_decisions_were_taken_is_still_searching(tmp_path):
+    """A checkpoint written at the search's last batch, before the scheduler took the
+    decisions (callbacks listed before it), loads as a search model (soft masks, its
+    decisions to take), not as a model whose decisions keep every channel."""
+    x = np.random.default_rng(0).normal(size=(32, 28, 28, 1)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 10, 32)
+    compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.3), search_steps=4)
+    compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    path = str(tmp_path / "last.keras")
+    callbacks = [_SaveEveryBatch(path), th.CompressionScheduler()]
+    compressed.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=callbacks)
+    with th.custom_object_scope():
+        loaded = keras.models.load_model(path)
+    assert int(loaded.compression_step.numpy()) == 4 and not loaded.search_finished()
+    logits = loaded.gates.logits[0]
+    searched = logits.numpy()
+    logits.assign(-searched)  # a search model's masks follow its logits, not `keep` (ones)
+    assert float(tf.reduce_max(loaded.gates.masks()[0])) < 0.5
+    logits.assign(searched)
+    loaded.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[th.CompressionScheduler()])
+    assert loaded.search_finished()
+    assert th.profile(th.strip(loaded)).macs <= 0.3 * th.profile(lenet5()).macs

@@ -40,7 +40,7 @@ def test_factored_layers_start_at_the_truncated_svd_of_the_kernel_gated_near_one
     x = np.random.default_rng(0).normal(size=(3, 9, 9, 4)).astype(np.float32)
     assert not np.allclose(compressed(x), reference(x), rtol=1e-4, atol=1e-5)
     for layer in compressed.factored_layers:
-        layer.step.assign(5)
+        layer.decided.assign(1)
     np.testing.assert_allclose(compressed(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
@@ -58,8 +58,6 @@ def test_masks_start_near_one_staggered_by_l1_norm_and_freeze_to_the_kept_channe
         np.testing.assert_allclose(start.mean(), df.INITIAL_LOGIT, rtol=1e-5)
     assert float(tf.reduce_min(gates.masks()[0])) > 0.85
     gates.logits[0].assign(np.linspace(-1, 1, 20).astype(np.float32))
-    for layer in _search_layers(compressed):
-        layer.step.assign(5)
     compressed.finish_search()
     kept = gates.masks()[0].numpy()
     assert set(np.unique(kept)) <= {0.0, 1.0} and 0 < kept.sum() < 20
@@ -106,11 +104,8 @@ def test_hard_masked_model_and_stripped_model_agree():
         logits.assign(rng.normal(0.2, 0.3, logits.shape).astype(np.float32))
     for layer in compressed.factored_layers:
         layer.tau.assign(0.05)
-    for layer in _search_layers(compressed):
-        layer.step.assign(1)
     compressed.finish_search()
-    for layer in _search_layers(compressed):
-        layer.step.assign(2)
+    assert compressed.search_finished()
     small = th.strip(compressed)
     x = rng.normal(size=(4, 16, 16, 3)).astype(np.float32)
     expected = compressed(x, training=False).numpy()
@@ -148,7 +143,7 @@ def test_factored_layers_use_unit_norm_factors_whatever_their_scale():
     conv = compressed.get_layer("conv")  # after the search, with every other component kept
     active = (np.arange(conv.rank) % 2 == 0).astype(np.float32)
     conv.active.assign(active)
-    conv.step.assign(conv.search_steps)
+    conv.decided.assign(1)
     kernel = conv.dense_kernel(active)
     expected = tf.nn.conv2d(x, kernel, 1, "VALID") + conv.bias
     np.testing.assert_allclose(conv(x), expected, rtol=1e-4, atol=1e-5)
@@ -306,7 +301,7 @@ def test_a_factored_conv_equals_its_truncated_svd_as_one_conv_or_two(budget, two
     # 32 * 81 * 48 MACs, forming the kernel and one conv 36 * 12 + 32 * 81 * 432.
     assert conv.runs_as_two_convs((None, 9, 9, 4)) is two_convs
     for layer in compressed.factored_layers:
-        layer.step.assign(5)
+        layer.decided.assign(1)
     full = {"conv": 12, "head": 5}  # a layer keeping all its components is the plain one
     ranks = {la.name: la.rank for la in compressed.factored_layers if la.rank < full[la.name]}
     reference = th.factorize(model, ranks, force=True)

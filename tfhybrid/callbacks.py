@@ -21,9 +21,9 @@ class CompressionScheduler(keras.callbacks.Callback):
     decisions hard and projects them onto the budget. Training then goes on with the
     frozen structure (fine-tuning). Taken right after that batch, not before the next
     one, the decisions are what an epoch's validation, `evaluate` or `predict` see
-    when a `fit` ends with the search (the model's masks read the frozen decisions
-    from that step on). A `fit` that starts at that step, from a model saved before
-    they were taken, takes them before its first batch.
+    when a `fit` ends with the search: from then on the model's masks read the
+    frozen decisions. A `fit` of a model saved at the search's end before they were
+    taken takes them before its first batch.
     """
 
     drives_compression = True
@@ -49,7 +49,7 @@ class CompressionScheduler(keras.callbacks.Callback):
             )
         # The step the next batch trains at, counted here: no read of the device per batch.
         self._next_step = int(model.compression_step.numpy())
-        self._decided = False
+        self._decided = not searching
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._decide_at(self._next_step)
@@ -59,8 +59,8 @@ class CompressionScheduler(keras.callbacks.Callback):
         self._decide_at(self._next_step)
 
     def _decide_at(self, step: int) -> None:
-        """Takes the decisions once, if `step` (the one the model is at) ends the search."""
-        if step == self.model.search_steps and not self._decided:
+        """Takes the decisions once, if the model (at `step`) has trained the search."""
+        if step >= self.model.search_steps and not self._decided:
             self.model.finish_search()
             self._decided = True
 

@@ -70,7 +70,8 @@ INITIAL_THRESHOLD = -(INITIAL_LOGIT - INITIAL_SPREAD) / LOGIT_SCALE
 
 
 def _int_var(layer: L.Layer, name: str) -> tf.Variable:
-    """A step counter; under a distribution strategy the first replica's update counts."""
+    """A step counter or flag; under a distribution strategy the first replica's update
+    counts."""
     return layer.add_weight(
         name,
         shape=(),
@@ -131,16 +132,14 @@ class ChannelGates(_SharedWithinAStep, L.Layer):
         group_keys: producer layer names of each gated group (stable across rebuilds).
         sizes: channels per gated group.
         temperature: schedule config of T (see `schedules`).
-        search_steps: steps of the soft search; from then on the masks are hard.
     """
 
-    def __init__(self, group_ids, group_keys, sizes, temperature, search_steps, **kwargs):
+    def __init__(self, group_ids, group_keys, sizes, temperature, **kwargs):
         super().__init__(**kwargs)
         self.group_ids = [int(g) for g in group_ids]
         self.group_keys = [list(k) for k in group_keys]
         self.sizes = [int(s) for s in sizes]
         self.temperature = schedules.deserialize(temperature)
-        self.search_steps = int(search_steps)
 
     def build(self, input_shape):
         init = keras.initializers.Constant(INITIAL_LOGIT / LOGIT_SCALE)
@@ -153,10 +152,12 @@ class ChannelGates(_SharedWithinAStep, L.Layer):
             for i, n in enumerate(self.sizes)
         ]
         self.step = _int_var(self, "step")
+        self.decided = _int_var(self, "decided")
         super().build(input_shape)
 
     def mask(self, index: int, hard: bool = False) -> tf.Tensor:
-        """The mask of gated group `index`: soft during the search, the kept 0/1 after.
+        """The mask of gated group `index`: soft during the search, the kept 0/1 once
+        the decisions are taken (`HybridModel.finish_search`).
 
         With `hard=True` the search's current hard decision (logit > 0) is given.
         """
@@ -169,7 +170,7 @@ class ChannelGates(_SharedWithinAStep, L.Layer):
         else:
             temperature = self._memo("temperature", lambda: self.temperature(self.step))
             current = tf.sigmoid(LOGIT_SCALE * logits / temperature)
-        return tf.where(self.step < self.search_steps, current, self.keep[index])
+        return tf.where(self.decided > 0, self.keep[index], current)
 
     def masks(self, hard: bool = False) -> list[tf.Tensor]:
         """The masks of all gated groups (see `mask`)."""
@@ -200,7 +201,6 @@ class ChannelGates(_SharedWithinAStep, L.Layer):
             "group_keys": self.group_keys,
             "sizes": self.sizes,
             "temperature": schedules.serialize(self.temperature),
-            "search_steps": self.search_steps,
         }
 
     def compression_note(self) -> str:
@@ -220,19 +220,17 @@ class _Factored(_SharedWithinAStep, L.Layer):
         plain: `{"class_name", "config"}` of the layer this one stands for.
         rank: number of components searched (at most the kernel's rank).
         temperature: schedule config of the soft rank's temperature.
-        search_steps: steps of the soft search; then the kept components freeze.
         s_max: the kernel's largest initial singular value; the threshold is
             `tau * s_max` and the soft rank's temperature is scaled by `s_max / 10`.
     """
 
     plain_class: type
 
-    def __init__(self, plain, rank, temperature, search_steps, s_max=1.0, **kwargs):
+    def __init__(self, plain, rank, temperature, s_max=1.0, **kwargs):
         super().__init__(**kwargs)
         self.plain = {"class_name": plain["class_name"], "config": dict(plain["config"])}
         self.rank = int(rank)
         self.temperature = schedules.deserialize(temperature)
-        self.search_steps = int(search_steps)
         self.s_max = float(s_max)
         config = self.plain["config"]
         self.units = int(config.get("units") or config.get("filters"))
@@ -250,6 +248,7 @@ class _Factored(_SharedWithinAStep, L.Layer):
             "active", shape=(self.rank,), initializer="ones", trainable=False
         )
         self.step = _int_var(self, "step")
+        self.decided = _int_var(self, "decided")
         super().build(input_shape)
 
     def threshold(self) -> tf.Tensor:
@@ -261,7 +260,8 @@ class _Factored(_SharedWithinAStep, L.Layer):
         return self._memo("logits", lambda: (self.s - self.threshold()) * LOGIT_SCALE / self.s_max)
 
     def component_gates(self, hard: bool = False) -> tf.Tensor:
-        """Per component: sigmoid(logit / T) during the search, the kept 0/1 after it.
+        """Per component: sigmoid(logit / T) during the search, the kept 0/1 once the
+        decisions are taken.
         With `hard=True` the search's current hard decision (s > threshold)."""
         return self._memo(("gates", hard), lambda: self._component_gates(hard))
 
@@ -271,7 +271,7 @@ class _Factored(_SharedWithinAStep, L.Layer):
             current = tf.cast(logits > 0, tf.float32)
         else:
             current = tf.sigmoid(logits / self.temperature(self.step))
-        return tf.where(self.step < self.search_steps, current, self.active)
+        return tf.where(self.decided > 0, self.active, current)
 
     def soft_rank(self, hard: bool = False) -> tf.Tensor:
         """Smooth count of the components above the threshold (or the hard count)."""
@@ -314,7 +314,8 @@ class _Factored(_SharedWithinAStep, L.Layer):
         u, s, vt = svd
         k = self.rank
         weights = [u[:, :k], s[:k], vt[:k]] + ([bias] if self.use_bias else [])
-        return [*weights, np.float32(INITIAL_THRESHOLD), np.ones(k, np.float32), np.int64(0)]
+        flags = [np.ones(k, np.float32), np.int64(0), np.int64(0)]  # active, step, decided
+        return [*weights, np.float32(INITIAL_THRESHOLD), *flags]
 
     def get_config(self) -> dict:
         return {
@@ -322,7 +323,6 @@ class _Factored(_SharedWithinAStep, L.Layer):
             "plain": self.plain,
             "rank": self.rank,
             "temperature": schedules.serialize(self.temperature),
-            "search_steps": self.search_steps,
             "s_max": self.s_max,
         }
 
@@ -411,16 +411,14 @@ def searched_rank(kernel: np.ndarray) -> int:
     return min(rows, cols, math.ceil(rows * cols / (rows + cols)))
 
 
-def factored_layer(
-    layer: Any, rank: int, temperature: dict, search_steps: int
-) -> graph.Replacement:
+def factored_layer(layer: Any, rank: int, temperature: dict) -> graph.Replacement:
     """A replacement calling the factored stand-in (same name) of a Dense / Conv2D."""
     kernel, *bias = layer.get_weights()
     svd = np.linalg.svd(kernel.reshape(-1, kernel.shape[-1]), full_matrices=False)
     s_max = float(svd[1][0]) or 1.0
     cls = FactoredDense if isinstance(layer, L.Dense) else FactoredConv2D
     plain = {"class_name": type(layer).__name__, "config": layer.get_config()}
-    factored = cls(plain, rank, temperature, search_steps, s_max=s_max, name=layer.name)
+    factored = cls(plain, rank, temperature, s_max=s_max, name=layer.name)
     return graph.with_weights(factored, factored.initial_weights(svd, (bias or [None])[0]))
 
 
@@ -485,7 +483,7 @@ class HybridModel(keras.Model):
 
     def search_finished(self) -> bool:
         """True once the hard decisions were taken (the model is fine-tuning)."""
-        return int(self.compression_step.numpy()) > self.search_steps
+        return bool(self._searched_layers()[0].decided.numpy())
 
     # -- cost ------------------------------------------------------------------------
     def ratios(self, hard: bool = False, straight_through: bool = False) -> dict:
@@ -573,7 +571,8 @@ class HybridModel(keras.Model):
             return super().test_step(data)
 
     def finish_search(self) -> None:
-        """Freezes the hard decisions, projected onto the budget."""
+        """Freezes the hard decisions, projected onto the budget: from then on every
+        mask and gate reads them (each searched layer's `decided` flag)."""
         keep, active = self.hard_decisions()
         gates = self.gates
         if gates is not None:
@@ -581,6 +580,8 @@ class HybridModel(keras.Model):
                 var.assign(keep[gid].astype(np.float32))
         for layer in self.factored_layers:
             layer.active.assign(active[layer.name].astype(np.float32))
+        for layer in self._searched_layers():
+            layer.decided.assign(1)
 
     def hard_decisions(self) -> tuple[dict, dict]:
         """The channels kept per group and components kept per factored layer.
@@ -840,7 +841,6 @@ def compress(
             [sorted(g.layers("produces")) for g in chosen.groups],
             [g.size for g in chosen.groups],
             temp,
-            search_steps,
             name="channel_gates",
         )
     gate_index = {g.id: i for i, g in enumerate(chosen.groups)}
@@ -849,7 +849,7 @@ def compress(
     def replace(op: graph.Op):
         call = graph.copy_of(op.layer)
         if op.layer.name in chosen.ranks:
-            call = factored_layer(op.layer, chosen.ranks[op.layer.name], temp, search_steps)
+            call = factored_layer(op.layer, chosen.ranks[op.layer.name], temp)
         layouts = [analysis.layout(kt) for kt in op.outputs]
         gated_groups = {gid for lay in layouts for gid, _ in lay} & gate_index.keys()
         # A scale-commuting layer's output carries its input's masks, unless they were

@@ -148,6 +148,15 @@ def test_the_step_advances_per_batch_and_several_steps_per_call_are_refused():
     assert float(compressed.ratios(hard=True)["macs"]) <= 0.5
 
 
+def test_the_search_step_is_traced_once():
+    """fit builds the optimizer's slots first: a step that creates them is traced twice."""
+    x, y = _data(lenet5(), 32)
+    compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.3), search_steps=2)
+    _fit(compressed, x, y, epochs=2)
+    assert compressed.train_function.experimental_get_tracing_count() == 1
+    assert compressed.search_finished()
+
+
 def test_nothing_compressible_lists_the_reason_per_group():
     inputs = keras.Input((8,))
     model = keras.Model(inputs, layers.Dense(4, activation="softmax", name="head")(inputs))

@@ -535,7 +535,21 @@ class HybridModel(keras.Model):
                 f"{self._searching()}: add callbacks=[tfhybrid.CompressionScheduler()] to "
                 "fit(), which takes the search's hard decisions when its last step comes."
             )
+        self._build_optimizer()
         return super().fit(*args, callbacks=callbacks, **kwargs)
+
+    def _build_optimizer(self) -> None:
+        """Creates the optimizer's slots for the trainable variables before `fit` traces.
+
+        Keras creates them inside the first traced training step, and a `tf.function`
+        that created variables is traced a second time: the search's graph (masks,
+        factored layers, budget, and an optimizer update for each of their variables)
+        would be built twice, which on DenseNet121 costs about a minute.
+        """
+        optimizer = self.optimizer
+        if isinstance(optimizer, keras.optimizers.Optimizer):  # legacy ones build later
+            with self.distribute_strategy.scope():
+                optimizer.build(self.trainable_variables)  # a no-op once built
 
     def train_on_batch(self, *args, **kwargs):
         if not self.search_finished():

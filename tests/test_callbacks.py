@@ -53,14 +53,21 @@ def test_search_under_mirrored_strategy_takes_identical_decisions_on_both_replic
     assert "MIRRORED OK 12" in result.stdout, result.stderr[-3000:]
 
 
+def _scalar_events(log_dir: pathlib.Path) -> list:
+    """(tag, step, value) of every scalar the TensorBoard event files under `log_dir` hold."""
+    return [
+        (value.tag, event.step, float(tf.make_ndarray(value.tensor)))
+        for event_file in log_dir.glob("events.out.tfevents.*")
+        for event in tf.compat.v1.train.summary_iterator(str(event_file))
+        for value in event.summary.value
+    ]
+
+
 def _scalars(log_dir: pathlib.Path) -> dict:
     """tag -> {step: value} of the scalars TensorBoard event files under `log_dir` hold."""
     scalars = {}
-    for event_file in log_dir.glob("events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
-            for value in event.summary.value:
-                number = float(tf.make_ndarray(value.tensor))
-                scalars.setdefault(value.tag, {})[event.step] = number
+    for tag, step, number in _scalar_events(log_dir):
+        scalars.setdefault(tag, {})[step] = number
     return scalars
 
 
@@ -78,6 +85,9 @@ def test_logger_writes_ratios_kept_channels_and_ranks(tmp_path):
     assert {"kept_channels/conv1", "kept_channels/fc1"} <= scalars.keys()
     # Every 2 batches (4 per epoch), not only at the epochs' ends.
     assert set(scalars["compression/macs_ratio"]) == {2, 4, 6, 8}
+    # An epoch's end (steps 4 and 8) right after a batch's write adds no second point.
+    written = [step for tag, step, _ in _scalar_events(tmp_path) if tag == "rank/fc1"]
+    assert sorted(written) == [2, 4, 6, 8]
     # Once the search is over, its own decisions are the frozen, projected ones.
     for name in ("kept_channels/conv1", "kept_channels/fc1", "rank/fc1", "rank/conv2"):
         assert scalars[f"search/{name}"][8] == scalars[name][8]

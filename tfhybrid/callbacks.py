@@ -49,7 +49,7 @@ class CompressionScheduler(keras.callbacks.Callback):
             )
         # The step the next batch trains at, counted here: no read of the device per batch.
         self._next_step = int(model.compression_step.numpy())
-        self._decided = not searching
+        self._decided = not searching  # search_finished(), kept here for the same reason
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._decide_at(self._next_step)

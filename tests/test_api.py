@@ -1,5 +1,7 @@
 """The user's path: hybrid_compress -> fit with the scheduler -> strip; saving; errors."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -96,6 +98,61 @@ def test_layers_and_skip_restrict_the_search():
     skipped = th.hybrid_compress(model, th.Budget(macs=0.9), skip=["fc1"])
     assert "fc1" not in [la.name for la in skipped.factored_layers]
     assert ["fc1"] not in skipped.gates.group_keys and ["conv2"] not in skipped.gates.group_keys
+
+
+def test_names_that_are_not_layers_are_refused_with_the_closest_name():
+    model = lenet5()
+    with pytest.raises(ValueError, match=r"layers=.*'fc3' \(did you mean 'fc2'\?\).*'lenet5'"):
+        th.hybrid_compress(model, th.Budget(macs=0.5), layers=["conv2", "fc3"])
+    with pytest.raises(ValueError, match=r"skip=.*'Conv1' \(did you mean 'conv1'\?\)"):
+        th.hybrid_compress(model, th.Budget(macs=0.5), skip=["Conv1"])
+
+
+def test_named_layers_that_cannot_be_compressed_are_warned_of_with_reasons():
+    model = lenet5()
+    with pytest.warns(UserWarning, match=r"uncompressed:\n  pool1: channels: .*MaxPooling2D"):
+        compressed = th.hybrid_compress(model, th.Budget(macs=0.5), layers=["conv2", "pool1"])
+    assert [la.name for la in compressed.factored_layers] == ["conv2"]
+    with pytest.warns(
+        UserWarning, match=r"fc2: channels: it feeds the model output 'fc2'; rank: ranks"
+    ):
+        th.hybrid_compress(model, th.Budget(macs=0.5), layers=["conv2", "fc2"], ranks=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        th.hybrid_compress(model, th.Budget(macs=0.5), layers=["conv2", "fc2"])
+    with pytest.raises(ValueError, match=r"Per layer named in `layers`:\n  pool1: "):
+        th.hybrid_compress(model, th.Budget(macs=0.5), layers=["pool1"])
+
+
+@pytest.mark.parametrize(
+    "budget,options,error,message",
+    [
+        (0.5, {}, TypeError, r"budget must be a tfhybrid.Budget, got float"),
+        (th.Budget(macs=0.5), {"round_to": 0}, ValueError, r"round_to .* got 0, 2000"),
+        (th.Budget(macs=0.5), {"search_steps": 0}, ValueError, r"search_steps .* got 1, 0"),
+    ],
+)
+def test_bad_options_are_refused(budget, options, error, message):
+    with pytest.raises(error, match=message):
+        th.hybrid_compress(lenet5(), budget, **options)
+
+
+def test_dense_layers_on_sequences_are_searched_and_stripped_exactly():
+    """A transformer's feed-forward block: Dense on (batch, tokens, features)."""
+    inputs = keras.Input((12, 32))
+    x = layers.Dense(64, activation="relu", name="ff1")(inputs)
+    x = layers.Dense(32, name="ff2")(x)
+    x = layers.LayerNormalization(name="norm")(layers.Add(name="residual")([inputs, x]))
+    outputs = layers.Dense(5, name="head")(layers.GlobalAveragePooling1D()(x))
+    model = keras.Model(inputs, outputs)
+    x, y = _data(model, 32)
+    compressed = th.hybrid_compress(model, th.Budget(macs=0.3), search_steps=4)
+    assert {"ff1", "ff2"} <= {la.name for la in compressed.factored_layers}
+    assert compressed.gates.group_keys == [["ff1"]]  # the residual stream touches the input
+    _fit(compressed, x, y, epochs=2, batch_size=8)
+    small = th.strip(compressed)
+    assert th.profile(small).macs <= 0.3 * th.profile(model).macs
+    _assert_strip_is_exact(compressed, small, x[:8])
 
 
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])

@@ -37,6 +37,8 @@ def hybrid_compress(
         filters: learn which channels to remove (DML-S).
         ranks: learn the rank of each Dense/Conv2D layer (DTL-S).
         layers: only these layers (producers of channel groups, factored layers).
+            Those that can be compressed neither way are named in a warning, with
+            the reasons.
         skip: never compress these layers (or groups they belong to).
         round_to: keep channel counts and ranks multiples of this (e.g. 8).
         search_steps: batches of soft search before the decisions freeze.
@@ -49,8 +51,9 @@ def hybrid_compress(
         A `HybridModel` (a functional keras.Model): compile and fit it.
 
     Raises:
-        ValueError: for a budget outside (0, 1], nothing compressible (with the
-            reason per group), or a budget below the model's incompressible part.
+        ValueError: for a budget outside (0, 1], a name in `layers` or `skip` that
+            is not a layer of `model`, nothing compressible (with the reason per
+            group), or a budget below the model's incompressible part.
     """
     return df.compress(
         model,

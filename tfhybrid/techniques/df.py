@@ -28,10 +28,12 @@ them into a plain model.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import math
 import threading
 import types
+import warnings
 from typing import Any
 
 import numpy as np
@@ -829,7 +831,10 @@ def compress(
     analysis = channels.analyze(model)
     temperature = temperature or schedules.ExponentialDecay(1.0, 0.05, search_steps)
     penalty = penalty or schedules.LinearRamp(0.0, 5.0, max(1, search_steps // 4))
-    chosen = _Choice(analysis, filters, ranks, set(layers or ()), set(skip))
+    only, skip = set(layers or ()), set(skip)
+    _check_names(analysis.model, "layers", only)
+    _check_names(analysis.model, "skip", skip)
+    chosen = _Choice(analysis, filters, ranks, only, skip)
     chosen.check()
     cost_model = cost.CostModel.from_analysis(analysis)
     original = cost_model.evaluate()
@@ -927,7 +932,8 @@ class _Choice:
 
     def __init__(self, analysis, filters: bool, ranks: bool, only: set, skip: set):
         self.groups, self.ranks, self.why_not = [], {}, []
-        layers = {layer.name: layer for layer in analysis.model.layers}
+        self.only = only
+        self._reasons = {name: [] for name in only}  # per layer named in `layers`
         for group in analysis.groups:
             names = set(group.layers())
             producers = set(group.layers("produces"))
@@ -945,24 +951,77 @@ class _Choice:
                 self.groups.append(group)
                 continue
             self.why_not.append(f"group {group.id} ({', '.join(sorted(producers))}): {reason}")
-        if not ranks:
-            return
-        for name, layer in layers.items():
-            eligible = type(layer) in (L.Dense, L.Conv2D) and getattr(layer, "groups", 1) == 1
-            if not eligible or name in skip or (only and name not in only):
+            for name in producers & only:
+                self._reasons[name].append(f"channels: {reason}")
+        for layer in analysis.model.layers:
+            if layer.name in skip or (only and layer.name not in only):
                 continue
-            if getattr(layer, "data_format", "channels_last") != "channels_last":
-                continue
-            rank = searched_rank(layer.get_weights()[0])
-            if rank >= 2:
-                self.ranks[name] = rank
+            reason = "ranks=False" if not ranks else _why_not_factored(layer)
+            if reason is None:
+                self.ranks[layer.name] = searched_rank(layer.get_weights()[0])
+            elif layer.name in only:
+                self._reasons[layer.name].append(f"rank: {reason}")
+
+    def left_out(self) -> list[str]:
+        """One line per layer named in `layers` that neither masks nor a rank compress."""
+        thinned = {n for g in self.groups for n in g.layers("produces") + g.layers("passes")}
+        chosen = thinned | set(self.ranks)
+        lines = []
+        for name in sorted(self.only - chosen):
+            reasons = self._reasons[name]
+            if not any(r.startswith("channels:") for r in reasons):
+                reasons = ["channels: they follow the layer that produces them", *reasons]
+            lines.append(f"{name}: {'; '.join(reasons)}")
+        return lines
 
     def check(self) -> None:
+        """Raises if nothing can be compressed; warns of layers named in `layers` that
+        will not be."""
+        left_out = self.left_out()
         if not self.groups and not self.ranks:
+            per_layer = "\nPer layer named in `layers`:\n  " + "\n  ".join(left_out)
             raise ValueError(
                 "Nothing to compress: no channel group can be pruned and no Dense/Conv2D "
-                "layer can be factored. Per group:\n  " + "\n  ".join(self.why_not)
+                "layer can be factored. Per group:\n  "
+                + "\n  ".join(self.why_not)
+                + (per_layer if left_out else "")
             )
+        if left_out:
+            warnings.warn(
+                "tfhybrid leaves these layers named in `layers` uncompressed:\n  "
+                + "\n  ".join(left_out),
+                stacklevel=4,
+            )
+
+
+def _why_not_factored(layer: L.Layer) -> str | None:
+    """Why rank selection cannot take `layer`, or None if it can."""
+    if type(layer) not in (L.Dense, L.Conv2D):
+        return f"rank selection takes Dense and Conv2D layers, not {type(layer).__name__}"
+    if getattr(layer, "groups", 1) != 1:
+        return f"it is a grouped conv (groups={layer.groups})"
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        return "it is channels_first"
+    if searched_rank(layer.get_weights()[0]) < 2:
+        return "a split of its kernel never needs fewer MACs"
+    return None
+
+
+def _check_names(model: Any, option: str, names: set) -> None:
+    """Raises for names in `layers=`/`skip=` that are not layers of `model`."""
+    known = [layer.name for layer in model.layers]
+    unknown = sorted(names - set(known))
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    raise ValueError(
+        f"hybrid_compress({option}=...) names {', '.join(hints)}, not a layer of model "
+        f"'{model.name}'. Use the names `model.summary()` shows; the layers of a nested "
+        "model go by their own names."
+    )
 
 
 def _smallest(chosen, round_to: int) -> tuple[dict, dict]:

@@ -105,6 +105,11 @@ def test_depthwise_multiplier_expands_the_group():
         (lambda x: layers.LayerNormalization(name="ln")(x), r"approximate"),
         (lambda x: layers.Softmax(name="sm")(x), r"'sm' \(Softmax\)"),
         (lambda x: layers.BatchNormalization(axis=1, name="bn1")(x), r"normalizes over axis"),
+        (lambda x: layers.Reshape((6, 3, 16), name="rs")(x), r"'rs' \(Reshape\).*channel axis"),
+        (
+            lambda x: layers.MaxPooling2D(data_format="channels_first", name="cf")(x),
+            r"'cf' \(MaxPooling2D\): it is not channels-last",
+        ),
     ],
 )
 def test_ops_it_cannot_see_through_keep_their_groups_whole(make_block, reason):
@@ -147,6 +152,17 @@ def test_dense_on_sequences_and_reshape_keep_channels_last():
     model = keras.Model(inputs, layers.Dense(3, name="d2")(x))
     group = _group_of(th.channel_groups(model), "d1")
     assert group.prunable and group.layers("passes") == ["rs", "rs2"]
+
+
+def test_concatenate_along_a_spatial_axis_couples_its_inputs():
+    inputs = keras.Input((4, 4, 3))
+    a = layers.Conv2D(6, 1, name="a")(inputs)
+    b = layers.Conv2D(6, 1, name="b")(inputs)
+    x = layers.Concatenate(axis=1, name="cat")([a, b])
+    model = keras.Model(inputs, layers.Conv2D(2, 1, name="out")(x))
+    groups = th.channel_groups(model)
+    group = _group_of(groups, "a")
+    assert group is _group_of(groups, "b") and group.size == 6 and group.prunable
 
 
 def test_shared_layer_couples_all_its_calls():

@@ -255,6 +255,12 @@ def test_export_errors(stripped_lenet, tmp_path):
         th.export_tflite(stripped_lenet, path, quantize="float16", target="edgetpu")
     with pytest.raises(ValueError, match=r"takes \(None, 28, 28, 1\)"):
         th.export_tflite(stripped_lenet, path, representative_data=np.zeros((4, 32, 32, 3)))
+    with pytest.raises(ValueError, match="target='gpu' is not one of"):
+        th.export_tflite(stripped_lenet, path, target="gpu")
+    with pytest.raises(ValueError, match="io_dtype='float32' is not one of"):
+        th.export_tflite(stripped_lenet, path, quantize="int8", io_dtype="float32")
+    with pytest.raises(ValueError, match="representative_data yielded no inputs"):
+        th.export_tflite(stripped_lenet, path, representative_data=[])
     assert not path.exists()
 
 

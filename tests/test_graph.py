@@ -45,6 +45,31 @@ def test_rebuild_inlines_nested_models_and_renames_clashes():
     assert len(names) == len(set(names))
 
 
+class _Scale(layers.Layer):
+    """A custom layer whose get_config forgets its constructor argument."""
+
+    def __init__(self, factor, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def call(self, inputs):
+        return inputs * self.factor
+
+    def get_config(self):
+        return {"name": self.name}
+
+
+def test_a_layer_that_cannot_be_cloned_is_shared_with_a_warning_naming_it():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, layers.Dense(2, name="d")(_Scale(2.0, name="scale")(inputs)))
+    with pytest.warns(UserWarning, match=r"(?s)'scale' \(_Scale\) could not be cloned.*shares"):
+        copy = graph.rebuild(model)
+    assert copy.get_layer("scale") is model.get_layer("scale")
+    assert copy.get_layer("d") is not model.get_layer("d")
+    data = np.ones((2, 3), "f4")
+    np.testing.assert_allclose(copy(data), model(data), rtol=1e-6)
+
+
 def test_shared_layers_stay_shared():
     copy = graph.rebuild(_tricky_model())
     shared = copy.get_layer("shared")

@@ -120,7 +120,17 @@ def _nested_model():
     return keras.Model(inputs, layers.Dense(3, name="head")(x))
 
 
-@pytest.mark.parametrize("build", [_squeeze_excite_model, _nested_model])
+def _spatial_concat_model():
+    """Concatenating along height couples the channels of both inputs, like an Add."""
+    inputs = keras.Input((8, 8, 3))
+    a = layers.Conv2D(6, 3, padding="same", name="a")(inputs)
+    b = layers.Conv2D(6, 1, name="b")(inputs)
+    x = layers.Concatenate(axis=1, name="cat")([a, b])
+    x = layers.Conv2D(5, 3, name="after")(layers.ReLU()(x))
+    return keras.Model(inputs, layers.Dense(3, name="head")(layers.GlobalAveragePooling2D()(x)))
+
+
+@pytest.mark.parametrize("build", [_squeeze_excite_model, _nested_model, _spatial_concat_model])
 def test_exact_on_every_supported_construct(build):
     model = randomize_batchnorm(build())
     remove = random_removal(model, 0.5, seed=3)

@@ -284,3 +284,11 @@ def test_bad_ranks_raise_clear_errors(ranks, error, message):
     with pytest.raises(error, match=message):
         th.factorize(model, ranks)
     assert_unchanged(model, snapshot, config)
+
+
+def test_factorize_refuses_a_name_its_halves_would_clash_with():
+    inputs = keras.Input((16,))
+    x = layers.Dense(16, name="fc")(inputs)
+    model = keras.Model(inputs, layers.Dense(16, name="fc_u")(x))
+    with pytest.raises(ValueError, match=r"Cannot factorize 'fc': a layer named 'fc_u' exists"):
+        th.factorize(model, {"fc": 2})

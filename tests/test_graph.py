@@ -38,11 +38,13 @@ def test_rebuild_copies_the_function_and_shares_nothing():
 
 
 def test_rebuild_inlines_nested_models_and_renames_clashes():
-    flat = graph.flatten(_tricky_model())
+    flat, origins = graph.flatten_with_origins(_tricky_model())
     names = [layer.name for layer in flat.layers]
     assert not any(isinstance(layer, keras.Model) for layer in flat.layers)
     assert "inner_conv" in names and "conv" in names
     assert len(names) == len(set(names))
+    assert list(origins) == ["inner"] and origins["inner"][0] == "inner_conv"
+    assert len(origins["inner"]) == 2 and set(origins["inner"]) <= set(names)
 
 
 class _Scale(layers.Layer):

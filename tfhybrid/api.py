@@ -36,10 +36,11 @@ def hybrid_compress(
         budget: e.g. `Budget(macs=0.1)`: the share of MACs and/or params to keep.
         filters: learn which channels to remove (DML-S).
         ranks: learn the rank of each Dense/Conv2D layer (DTL-S).
-        layers: only these layers (producers of channel groups, factored layers).
-            Those that can be compressed neither way are named in a warning, with
-            the reasons.
-        skip: never compress these layers (or groups they belong to).
+        layers: only these layers (producers of channel groups, factored layers); a
+            nested model's name stands for all its layers. Layers named here that can
+            be compressed neither way are named in a warning, with the reasons.
+        skip: never compress these layers (or groups they belong to); a nested
+            model's name stands for all its layers.
         round_to: keep channel counts and ranks multiples of this (e.g. 8).
         search_steps: batches of soft search before the decisions freeze.
         temperature: schedule of the masks' and ranks' temperature (default: 1 ->
@@ -52,8 +53,9 @@ def hybrid_compress(
 
     Raises:
         ValueError: for a budget outside (0, 1], a name in `layers` or `skip` that
-            is not a layer of `model`, nothing compressible (with the reason per
-            group), or a budget below the model's incompressible part.
+            is neither a layer nor a nested model of `model`, nothing compressible
+            (with the reason per group), or a budget below the model's incompressible
+            part.
     """
     return df.compress(
         model,

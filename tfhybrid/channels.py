@@ -94,12 +94,14 @@ class ChannelAnalysis:
         groups: the channel groups, in a stable order.
         layouts: id of each Keras tensor -> its layout as ((group id, mult), ...).
         unsupported: names of layers the analysis could not see through.
+        nested: per nested model of the original, the names of its layers in `model`.
     """
 
     model: Any
     groups: list[ChannelGroup]
     layouts: dict
     unsupported: list[str]
+    nested: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def layout(self, tensor: Any) -> Layout:
         """The layout of one of `model`'s Keras tensors."""
@@ -155,8 +157,9 @@ def analyze(model: Any) -> ChannelAnalysis:
 
     Layers the analysis cannot see through are reported in one warning.
     """
-    flat = graph.flatten(model)
+    flat, nested = graph.flatten_with_origins(model)
     analysis = _Analyzer().run(flat)
+    analysis.nested = nested
     if analysis.unsupported:
         warnings.warn(
             "tfhybrid keeps the channels around these layers whole, since it cannot see "

@@ -176,6 +176,22 @@ def rebuild(model: Any, replace: Callable[[Op], Replacement | None] | None = Non
     Returns:
         A new functional `keras.Model` with the original's name and input names.
     """
+    return _rebuild(model, replace)[0]
+
+
+def flatten(model: Any) -> Any:
+    """`model` itself if it has no nested models, else a copy with them inlined."""
+    return flatten_with_origins(model)[0]
+
+
+def flatten_with_origins(model: Any) -> tuple[Any, dict[str, list[str]]]:
+    """`flatten(model)`, and per nested model (at any depth) the names its layers have
+    in it: inlined layers keep their names unless that clashes, then get a prefix."""
+    check_functional(model)
+    return _rebuild(model, None) if has_nested_models(model) else (model, {})
+
+
+def _rebuild(model: Any, replace: Callable | None) -> tuple[Any, dict[str, list[str]]]:
     check_functional(model)
     tensors: dict[int, Any] = {}
     for kt, name in zip(model.inputs, model.input_names):
@@ -184,13 +200,7 @@ def rebuild(model: Any, replace: Callable[[Op], Replacement | None] | None = Non
     builder.run(model, tensors, prefix="")
     inputs = tf.nest.map_structure(lambda kt: tensors[id(kt)], model._nested_inputs)
     outputs = tf.nest.map_structure(lambda kt: tensors[id(kt)], model._nested_outputs)
-    return keras.Model(inputs, outputs, name=model.name)
-
-
-def flatten(model: Any) -> Any:
-    """`model` itself if it has no nested models, else a copy with them inlined."""
-    check_functional(model)
-    return rebuild(model) if has_nested_models(model) else model
+    return keras.Model(inputs, outputs, name=model.name), builder.origins
 
 
 class _Builder:
@@ -200,6 +210,8 @@ class _Builder:
         self._replace = replace
         self._calls: dict[int, Replacement] = {}
         self._used_names = set(reserved)
+        self._within: list[str] = []  # the nested models being inlined, outermost first
+        self.origins: dict[str, list[str]] = {}  # nested model -> names of its copied layers
 
     def run(self, model: Any, tensors: dict, prefix: str) -> None:
         for op in ops(model):
@@ -216,7 +228,9 @@ class _Builder:
         inner_inputs = tf.nest.flatten(inner._nested_inputs)
         for kt, t in zip(inner_inputs, tf.nest.flatten(args[0]), strict=True):
             tensors[id(kt)] = t
+        self._within.append(inner.name)
         self.run(inner, tensors, prefix=f"{prefix}{inner.name}_")
+        self._within.pop()
         inner_outputs = tf.nest.flatten(inner._nested_outputs)
         for kt, inner_kt in zip(op.outputs, inner_outputs, strict=True):
             tensors[id(kt)] = tensors[id(inner_kt)]
@@ -226,7 +240,10 @@ class _Builder:
         if key not in self._calls:
             call = self._replace(op) if self._replace else None
             if call is None:
-                call = copy_of(op.layer, name=self._unique_name(op.layer.name, prefix))
+                name = self._unique_name(op.layer.name, prefix)
+                call = copy_of(op.layer, name=name)
+                for outer in self._within:
+                    self.origins.setdefault(outer, []).append(name)
             self._calls[key] = call
         return self._calls[key]
 

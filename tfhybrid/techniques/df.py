@@ -831,10 +831,10 @@ def compress(
     analysis = channels.analyze(model)
     temperature = temperature or schedules.ExponentialDecay(1.0, 0.05, search_steps)
     penalty = penalty or schedules.LinearRamp(0.0, 5.0, max(1, search_steps // 4))
-    only, skip = set(layers or ()), set(skip)
-    _check_names(analysis.model, "layers", only)
-    _check_names(analysis.model, "skip", skip)
-    chosen = _Choice(analysis, filters, ranks, only, skip)
+    only = _layer_names(analysis, "layers", layers or ())
+    skip = _layer_names(analysis, "skip", skip)
+    named = set(layers or ()) - set(analysis.nested)  # not through a nested model's name
+    chosen = _Choice(analysis, filters, ranks, only, skip, named)
     chosen.check()
     cost_model = cost.CostModel.from_analysis(analysis)
     original = cost_model.evaluate()
@@ -930,10 +930,10 @@ def _masks_deferred(model: Any) -> set[int]:
 class _Choice:
     """Which groups get masks and which layers get ranks, and why the others not."""
 
-    def __init__(self, analysis, filters: bool, ranks: bool, only: set, skip: set):
+    def __init__(self, analysis, filters: bool, ranks: bool, only: set, skip: set, named: set):
         self.groups, self.ranks, self.why_not = [], {}, []
-        self.only = only
-        self._reasons = {name: [] for name in only}  # per layer named in `layers`
+        self.named = named
+        self._reasons = {name: [] for name in only}  # per layer in `layers`
         for group in analysis.groups:
             names = set(group.layers())
             producers = set(group.layers("produces"))
@@ -967,7 +967,7 @@ class _Choice:
         thinned = {n for g in self.groups for n in g.layers("produces") + g.layers("passes")}
         chosen = thinned | set(self.ranks)
         lines = []
-        for name in sorted(self.only - chosen):
+        for name in sorted(self.named - chosen):
             reasons = self._reasons[name]
             if not any(r.startswith("channels:") for r in reasons):
                 reasons = ["channels: they follow the layer that produces them", *reasons]
@@ -1007,20 +1007,26 @@ def _why_not_factored(layer: L.Layer) -> str | None:
     return None
 
 
-def _check_names(model: Any, option: str, names: set) -> None:
-    """Raises for names in `layers=`/`skip=` that are not layers of `model`."""
-    known = [layer.name for layer in model.layers]
-    unknown = sorted(names - set(known))
+def _layer_names(analysis, option: str, names) -> set:
+    """The names given as `layers=`/`skip=`, a nested model's name standing for all its
+    layers, checked against the analysed model.
+
+    Raises:
+        ValueError: for a name that is neither a layer nor a nested model of the model.
+    """
+    expanded = {n for name in names for n in analysis.nested.get(name, [name])}
+    known = [layer.name for layer in analysis.model.layers]
+    unknown = sorted(expanded - set(known))
     if not unknown:
-        return
+        return expanded
     hints = []
     for name in unknown:
-        close = difflib.get_close_matches(name, known, n=1)
+        close = difflib.get_close_matches(name, known + list(analysis.nested), n=1)
         hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
     raise ValueError(
-        f"hybrid_compress({option}=...) names {', '.join(hints)}, not a layer of model "
-        f"'{model.name}'. Use the names `model.summary()` shows; the layers of a nested "
-        "model go by their own names."
+        f"hybrid_compress({option}=...) names {', '.join(hints)}, neither a layer nor a "
+        f"nested model of model '{analysis.model.name}'. Use the names `model.summary()` "
+        "shows, or those of a nested model's layers."
     )
 
 

@@ -73,6 +73,24 @@ def test_short_search_on_the_zoo_strips_exactly_within_budget(name):
     _assert_strip_is_exact(compressed, small, x[:2])
 
 
+def test_a_nested_backbone_named_in_layers_meets_the_budget_and_strips_exactly():
+    """Transfer learning's shape: an application model called as one layer, a new head."""
+    backbone = randomize_batchnorm(
+        keras.applications.MobileNetV2(
+            input_shape=(32, 32, 3), alpha=0.35, include_top=False, weights=None
+        )
+    )
+    inputs = keras.Input((32, 32, 3))
+    features = layers.GlobalAveragePooling2D()(backbone(inputs))
+    model = keras.Model(inputs, layers.Dense(10, name="head")(features))
+    compressed = th.hybrid_compress(model, th.Budget(macs=0.5), layers=[backbone.name])
+    assert "head" not in {la.name for la in compressed.factored_layers}
+    compressed.finish_search()  # the projection alone takes the backbone to the budget
+    small = th.strip(compressed)
+    assert th.profile(small).macs <= 0.5 * th.profile(model).macs
+    _assert_strip_is_exact(compressed, small, _data(model, 2)[0])
+
+
 @pytest.mark.parametrize("filters,ranks,kind", [(True, False, "gates"), (False, True, "ranks")])
 def test_filters_only_and_ranks_only_use_the_same_path(filters, ranks, kind):
     model = lenet5()

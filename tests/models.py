@@ -39,6 +39,27 @@ def resnet_style() -> keras.Model:
     return keras.Model(inputs, outputs, name="resnet_style")
 
 
+def nested_model() -> keras.Model:
+    """A Sequential block nested in a model: its 'conv' clashes with the outer 'conv'."""
+    block = keras.Sequential(
+        [
+            keras.Input((8, 8, 6)),
+            layers.Conv2D(6, 3, padding="same", name="conv"),
+            layers.BatchNormalization(name="bn"),
+            layers.ReLU(name="relu"),
+        ],
+        name="block",
+    )
+    inputs = keras.Input((8, 8, 3))
+    x = layers.Conv2D(6, 1, name="conv")(inputs)
+    shared = layers.Conv2D(6, 3, padding="same", name="shared")
+    x = layers.Add(name="add")([x, block(x)])
+    x = shared(x)
+    x = shared(x)
+    x = layers.GlobalMaxPooling2D(name="gmp")(x)
+    return keras.Model(inputs, layers.Dense(3, name="head")(x))
+
+
 def application(name: str, size: int = 32):
     """A builder of `keras.applications.<name>` with random weights and 10 logits."""
 

@@ -8,7 +8,14 @@ import pytest
 import tfhybrid as th
 from tfhybrid.techniques import df
 
-from models import APPLICATIONS, assert_unchanged, lenet5, randomize_batchnorm, weights_snapshot
+from models import (
+    APPLICATIONS,
+    assert_unchanged,
+    lenet5,
+    nested_model,
+    randomize_batchnorm,
+    weights_snapshot,
+)
 
 keras = th.keras
 layers = keras.layers
@@ -127,28 +134,15 @@ def test_names_that_are_not_layers_are_refused_with_the_closest_name():
 
 
 def test_a_nested_model_name_stands_for_all_its_layers():
-    """Transfer learning nests a backbone; its inner 'conv' clashes and becomes 'block_conv'."""
-    block = keras.Sequential(
-        [
-            keras.Input((8, 8, 6)),
-            layers.Conv2D(6, 3, padding="same", name="conv"),
-            layers.BatchNormalization(name="bn"),
-            layers.ReLU(name="relu"),
-            layers.Conv2D(6, 3, padding="same", name="inner"),
-        ],
-        name="block",
-    )
-    inputs = keras.Input((8, 8, 3))
-    x = layers.Conv2D(8, 3, name="after")(block(layers.Conv2D(6, 1, name="conv")(inputs)))
-    model = keras.Model(inputs, layers.Dense(3, name="head")(layers.GlobalAveragePooling2D()(x)))
+    model = nested_model()  # block's 'conv' clashes with the outer one: 'block_conv'
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # bn and relu are not named one by one: no warning
         only = th.hybrid_compress(model, th.Budget(macs=0.9), layers=["block"])
-    assert [la.name for la in only.factored_layers] == ["block_conv", "inner"]
-    assert only.gates.group_keys == [["block_conv"], ["inner"]]
+    assert [la.name for la in only.factored_layers] == ["block_conv"]
+    assert only.gates.group_keys == [["block_conv", "conv", "shared"]]  # coupled by the Add
     skipped = th.hybrid_compress(model, th.Budget(macs=0.9), skip=["block"])
-    assert [la.name for la in skipped.factored_layers] == ["conv", "after", "head"]
-    assert skipped.gates.group_keys == [["after"]]  # conv's channels feed the block
+    assert [la.name for la in skipped.factored_layers] == ["conv", "shared", "head"]
+    assert skipped.gates is None  # every channel group touches the block
 
 
 def test_named_layers_that_cannot_be_compressed_are_warned_of_with_reasons():

@@ -11,6 +11,7 @@ from models import (
     assert_unchanged,
     lenet5,
     max_relative_diff,
+    nested_model,
     random_removal,
     randomize_batchnorm,
     resnet_style,
@@ -100,26 +101,6 @@ def _squeeze_excite_model():
     return keras.Model(inputs, outputs)
 
 
-def _nested_model():
-    block = keras.Sequential(
-        [
-            keras.Input((8, 8, 6)),
-            layers.Conv2D(6, 3, padding="same", name="conv"),
-            layers.BatchNormalization(name="bn"),
-            layers.ReLU(name="relu"),
-        ],
-        name="block",
-    )
-    inputs = keras.Input((8, 8, 3))
-    x = layers.Conv2D(6, 1, name="conv")(inputs)
-    shared = layers.Conv2D(6, 3, padding="same", name="shared")
-    x = layers.Add(name="add")([x, block(x)])
-    x = shared(x)
-    x = shared(x)
-    x = layers.GlobalMaxPooling2D(name="gmp")(x)
-    return keras.Model(inputs, layers.Dense(3, name="head")(x))
-
-
 def _spatial_concat_model():
     """Concatenating along height couples the channels of both inputs, like an Add."""
     inputs = keras.Input((8, 8, 3))
@@ -130,7 +111,7 @@ def _spatial_concat_model():
     return keras.Model(inputs, layers.Dense(3, name="head")(layers.GlobalAveragePooling2D()(x)))
 
 
-@pytest.mark.parametrize("build", [_squeeze_excite_model, _nested_model, _spatial_concat_model])
+@pytest.mark.parametrize("build", [_squeeze_excite_model, nested_model, _spatial_concat_model])
 def test_exact_on_every_supported_construct(build):
     model = randomize_batchnorm(build())
     remove = random_removal(model, 0.5, seed=3)

@@ -264,11 +264,11 @@ def factorize(model: Any, ranks: Mapping[str, int], *, force: bool = False):
 
 def _check_rank(calls: dict, names: set, name: str, rank: Any, force: bool) -> None:
     """Raises a clear error unless `name` can be factorized at `rank`."""
-    factorable = sorted(n for n, op in calls.items() if _is_factorable(op.layer))
+    factorable = sorted(n for n, op in calls.items() if is_factorable(op.layer))
     if name not in calls:
         raise KeyError(f"No layer named '{name}' in the model. Factorizable layers: {factorable}.")
     layer = calls[name].layer
-    if not _is_factorable(layer):
+    if not is_factorable(layer):
         raise TypeError(
             f"Layer '{name}' is a {type(layer).__name__} (groups={getattr(layer, 'groups', 1)}); "
             f"factorize handles Dense and plain Conv2D layers. Factorizable layers: {factorable}."
@@ -292,7 +292,8 @@ def _check_rank(calls: dict, names: set, name: str, rank: Any, force: bool) -> N
         )
 
 
-def _is_factorable(layer: Any) -> bool:
+def is_factorable(layer: Any) -> bool:
+    """Whether `factorize` can split `layer`: a Dense, or a plain channels-last Conv2D."""
     if type(layer) is L.Dense:
         return True
     return type(layer) is L.Conv2D and layer.groups == 1 and layer.data_format == "channels_last"

@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfhybrid import budget as budget_lib
-from tfhybrid import channels, cost, graph, schedules
+from tfhybrid import channels, cost, graph, schedules, surgery
 from tfhybrid._keras import SCALE_COMMUTING, keras, keras_functional
 from tfhybrid.techniques import magnitude
 
@@ -933,7 +933,7 @@ class _Choice:
     def __init__(self, analysis, filters: bool, ranks: bool, only: set, skip: set, named: set):
         self.groups, self.ranks, self.why_not = [], {}, []
         self.named = named
-        self._reasons = {name: [] for name in only}  # per layer in `layers`
+        self._why_no_channels, self._why_no_rank = {}, {}  # for the layers in `named`
         for group in analysis.groups:
             names = set(group.layers())
             producers = set(group.layers("produces"))
@@ -951,28 +951,25 @@ class _Choice:
                 self.groups.append(group)
                 continue
             self.why_not.append(f"group {group.id} ({', '.join(sorted(producers))}): {reason}")
-            for name in producers & only:
-                self._reasons[name].append(f"channels: {reason}")
+            self._why_no_channels.update(dict.fromkeys(producers & named, reason))
         for layer in analysis.model.layers:
             if layer.name in skip or (only and layer.name not in only):
                 continue
             reason = "ranks=False" if not ranks else _why_not_factored(layer)
             if reason is None:
                 self.ranks[layer.name] = searched_rank(layer.get_weights()[0])
-            elif layer.name in only:
-                self._reasons[layer.name].append(f"rank: {reason}")
+            elif layer.name in named:
+                self._why_no_rank[layer.name] = reason
 
     def left_out(self) -> list[str]:
         """One line per layer named in `layers` that neither masks nor a rank compress."""
         thinned = {n for g in self.groups for n in g.layers("produces") + g.layers("passes")}
-        chosen = thinned | set(self.ranks)
-        lines = []
-        for name in sorted(self.named - chosen):
-            reasons = self._reasons[name]
-            if not any(r.startswith("channels:") for r in reasons):
-                reasons = ["channels: they follow the layer that produces them", *reasons]
-            lines.append(f"{name}: {'; '.join(reasons)}")
-        return lines
+        return [
+            f"{name}: channels: "
+            + self._why_no_channels.get(name, "they follow the layer that produces them")
+            + f"; rank: {self._why_no_rank.get(name, 'it is skipped')}"
+            for name in sorted(self.named - thinned - set(self.ranks))
+        ]
 
     def check(self) -> None:
         """Raises if nothing can be compressed; warns of layers named in `layers` that
@@ -996,12 +993,11 @@ class _Choice:
 
 def _why_not_factored(layer: L.Layer) -> str | None:
     """Why rank selection cannot take `layer`, or None if it can."""
-    if type(layer) not in (L.Dense, L.Conv2D):
-        return f"rank selection takes Dense and Conv2D layers, not {type(layer).__name__}"
-    if getattr(layer, "groups", 1) != 1:
-        return f"it is a grouped conv (groups={layer.groups})"
-    if getattr(layer, "data_format", "channels_last") != "channels_last":
-        return "it is channels_first"
+    if not surgery.is_factorable(layer):
+        return (
+            "rank selection takes Dense and plain channels-last Conv2D layers, not "
+            f"{type(layer).__name__} (groups={getattr(layer, 'groups', 1)})"
+        )
     if searched_rank(layer.get_weights()[0]) < 2:
         return "a split of its kernel never needs fewer MACs"
     return None

@@ -4,6 +4,7 @@ import warnings
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tfhybrid as th
 from tfhybrid.techniques import df
@@ -91,7 +92,7 @@ def test_a_nested_backbone_named_in_layers_meets_the_budget_and_strips_exactly()
     features = layers.GlobalAveragePooling2D()(backbone(inputs))
     model = keras.Model(inputs, layers.Dense(10, name="head")(features))
     compressed = th.hybrid_compress(model, th.Budget(macs=0.5), layers=[backbone.name])
-    assert "head" not in {la.name for la in compressed.factored_layers}
+    assert "head" not in {la.name for la in df.factored_layers_of(compressed)}
     compressed.finish_search()  # the projection alone takes the backbone to the budget
     small = th.strip(compressed)
     assert th.profile(small).macs <= 0.5 * th.profile(model).macs
@@ -105,8 +106,8 @@ def test_filters_only_and_ranks_only_use_the_same_path(filters, ranks, kind):
     compressed = th.hybrid_compress(
         model, th.Budget(params=0.3), filters=filters, ranks=ranks, search_steps=4, round_to=2
     )
-    assert (compressed.gates is not None) == filters
-    assert bool(compressed.factored_layers) == ranks
+    assert (df.gates_of(compressed) is not None) == filters
+    assert bool(df.factored_layers_of(compressed)) == ranks
     _fit(compressed, x, y, epochs=2)
     small = th.strip(compressed)
     assert th.profile(small).params <= 0.3 * th.profile(model).params
@@ -118,11 +119,13 @@ def test_filters_only_and_ranks_only_use_the_same_path(filters, ranks, kind):
 def test_layers_and_skip_restrict_the_search():
     model = lenet5()
     compressed = th.hybrid_compress(model, th.Budget(macs=0.9), layers=["conv2", "fc1"])
-    assert [la.name for la in compressed.factored_layers] == ["conv2", "fc1"]
-    assert compressed.gates.group_keys == [["conv2"], ["fc1"]]
+    assert [la.name for la in df.factored_layers_of(compressed)] == ["conv2", "fc1"]
+    assert df.gates_of(compressed).group_keys == [["conv2"], ["fc1"]]
     skipped = th.hybrid_compress(model, th.Budget(macs=0.9), skip=["fc1"])
-    assert "fc1" not in [la.name for la in skipped.factored_layers]
-    assert ["fc1"] not in skipped.gates.group_keys and ["conv2"] not in skipped.gates.group_keys
+    assert "fc1" not in [la.name for la in df.factored_layers_of(skipped)]
+    assert ["fc1"] not in df.gates_of(skipped).group_keys and ["conv2"] not in df.gates_of(
+        skipped
+    ).group_keys
 
 
 def test_names_that_are_not_layers_are_refused_with_the_closest_name():
@@ -138,18 +141,18 @@ def test_a_nested_model_name_stands_for_all_its_layers():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # bn and relu are not named one by one: no warning
         only = th.hybrid_compress(model, th.Budget(macs=0.9), layers=["block"])
-    assert [la.name for la in only.factored_layers] == ["block_conv"]
-    assert only.gates.group_keys == [["block_conv", "conv", "shared"]]  # coupled by the Add
+    assert [la.name for la in df.factored_layers_of(only)] == ["block_conv"]
+    assert df.gates_of(only).group_keys == [["block_conv", "conv", "shared"]]  # coupled by the Add
     skipped = th.hybrid_compress(model, th.Budget(macs=0.9), skip=["block"])
-    assert [la.name for la in skipped.factored_layers] == ["conv", "shared", "head"]
-    assert skipped.gates is None  # every channel group touches the block
+    assert [la.name for la in df.factored_layers_of(skipped)] == ["conv", "shared", "head"]
+    assert df.gates_of(skipped) is None  # every channel group touches the block
 
 
 def test_named_layers_that_cannot_be_compressed_are_warned_of_with_reasons():
     model = lenet5()
     with pytest.warns(UserWarning, match=r"uncompressed:\n  pool1: channels: .*MaxPooling2D"):
         compressed = th.hybrid_compress(model, th.Budget(macs=0.5), layers=["conv2", "pool1"])
-    assert [la.name for la in compressed.factored_layers] == ["conv2"]
+    assert [la.name for la in df.factored_layers_of(compressed)] == ["conv2"]
     with pytest.warns(
         UserWarning, match=r"fc2: channels: it feeds the model output 'fc2'; rank: ranks"
     ):
@@ -166,8 +169,8 @@ def test_named_layers_that_cannot_be_compressed_are_warned_of_with_reasons():
     "budget,options,error,message",
     [
         (0.5, {}, TypeError, r"budget must be a tfhybrid.Budget, got float"),
-        (th.Budget(macs=0.5), {"round_to": 0}, ValueError, r"round_to .* got 0, 2000"),
-        (th.Budget(macs=0.5), {"search_steps": 0}, ValueError, r"search_steps .* got 1, 0"),
+        (th.Budget(macs=0.5), {"round_to": 0}, ValueError, r"DF\(round_to=0\)"),
+        (th.Budget(macs=0.5), {"search_steps": 0}, ValueError, r"search_steps must be >= 1.* 0"),
     ],
 )
 def test_bad_options_are_refused(budget, options, error, message):
@@ -185,8 +188,8 @@ def test_dense_layers_on_sequences_are_searched_and_stripped_exactly():
     model = keras.Model(inputs, outputs)
     x, y = _data(model, 32)
     compressed = th.hybrid_compress(model, th.Budget(macs=0.3), search_steps=4)
-    assert {"ff1", "ff2"} <= {la.name for la in compressed.factored_layers}
-    assert compressed.gates.group_keys == [["ff1"]]  # the residual stream touches the input
+    assert {"ff1", "ff2"} <= {la.name for la in df.factored_layers_of(compressed)}
+    assert df.gates_of(compressed).group_keys == [["ff1"]]  # the residual stream touches the input
     _fit(compressed, x, y, epochs=2, batch_size=8)
     small = th.strip(compressed)
     assert th.profile(small).macs <= 0.3 * th.profile(model).macs
@@ -203,10 +206,10 @@ def test_save_mid_search_load_and_resume(tmp_path, suffix):
     compressed.save(path)
     with th.custom_object_scope():
         loaded = keras.models.load_model(path)
-    assert isinstance(loaded, df.HybridModel)
+    assert isinstance(loaded, th.CompressionModel)
     assert int(loaded.compression_step.numpy()) == 4
     np.testing.assert_allclose(loaded(x[:4]), compressed(x[:4]), rtol=1e-5, atol=1e-6)
-    for a, b in zip(loaded.gates.logits, compressed.gates.logits):
+    for a, b in zip(df.gates_of(loaded).logits, df.gates_of(compressed).logits):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     loaded.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[th.CompressionScheduler()])
     assert int(loaded.compression_step.numpy()) == 16 and loaded.search_finished()
@@ -271,3 +274,97 @@ def test_budget_below_the_incompressible_part_gives_the_minimum():
 def test_strip_refuses_plain_models():
     with pytest.raises(TypeError, match="made by tfhybrid.hybrid_compress"):
         th.strip(lenet5())
+
+
+def test_compression_variables_follow_their_own_optimizer_not_the_users():
+    x, y = _data(lenet5(), 32)
+    compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.2), search_steps=50)
+    own = compressed.compression_variables()
+    assert len(own) == len(df.gates_of(compressed).logits) + len(df.factored_layers_of(compressed))
+    weights = {v.ref(): v.numpy().copy() for v in compressed.trainable_variables}
+    compressed.compile(
+        keras.optimizers.SGD(0.0), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    compressed.fit(x, y, batch_size=16, verbose=0, callbacks=[th.CompressionScheduler()])
+    own_refs = {v.ref() for v in own}
+    for variable in compressed.trainable_variables:
+        changed = not np.array_equal(variable.numpy(), weights[variable.ref()])
+        assert changed == (variable.ref() in own_refs), variable.name
+    assert int(compressed.compression_optimizer.iterations.numpy()) == 2
+    # The user's optimizer holds no slot of a compression variable (SGD with momentum).
+    frozen = th.hybrid_compress(
+        lenet5(),
+        th.Budget(macs=0.2),
+        search_steps=50,
+        compression_optimizer=keras.optimizers.SGD(0.0),
+    )
+    frozen.compile(
+        keras.optimizers.SGD(1e-3, momentum=0.9),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    start = [v.numpy().copy() for v in frozen.compression_variables()]
+    frozen.fit(x, y, batch_size=16, verbose=0, callbacks=[th.CompressionScheduler()])
+    for before, variable in zip(start, frozen.compression_variables()):
+        np.testing.assert_array_equal(before, variable.numpy())
+    slots = len(frozen.optimizer.variables()) - 1  # one momentum per weight, and iterations
+    assert slots == len(frozen.trainable_variables) - len(start)
+
+
+def test_a_bad_compression_optimizer_is_refused():
+    with pytest.raises(ValueError, match="compression_optimizer='nope'.*Keras optimizer"):
+        th.hybrid_compress(lenet5(), th.Budget(macs=0.5), compression_optimizer="nope")
+
+
+def test_without_search_steps_the_search_lasts_half_of_the_first_fit(tmp_path):
+    x, y = _data(lenet5(), 64)
+    compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.3))
+    assert compressed.search_steps is None
+    compressed.predict(x[:4], verbose=0)  # traced before the length was known
+    _fit(compressed, x, y, epochs=3)  # 3 epochs of 4 batches: the search takes 6
+    assert compressed.search_steps == 6 and compressed.search_finished()
+    assert df.gates_of(compressed).temperature.steps == 6
+    assert all(la.temperature.steps == 6 for la in df.factored_layers_of(compressed))
+    assert compressed.penalty_weight.steps == 1  # 6 // 4
+    small = th.strip(compressed)
+    assert th.profile(small).macs <= 0.3 * th.profile(lenet5()).macs
+    _assert_strip_is_exact(compressed, small, x[:8])
+    path = str(tmp_path / "decided.keras")
+    compressed.save(path)
+    with th.custom_object_scope():
+        loaded = keras.models.load_model(path)
+    assert loaded.search_steps == 6 and df.gates_of(loaded).temperature.steps == 6
+
+
+def test_a_user_schedule_is_kept_when_the_fit_sets_the_length():
+    x, y = _data(lenet5(), 32)
+    mine = th.ExponentialDecay(1.0, 0.5, 100)
+    compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.3), temperature=mine)
+    _fit(compressed, x, y, epochs=2)
+    assert compressed.search_steps == 2 and df.gates_of(compressed).temperature.end == 0.5
+
+
+def test_a_search_of_unknown_length_asks_for_search_steps():
+    x, y = _data(lenet5(), 32)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).filter(lambda a, b: True).batch(8)
+    compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.3))
+    with pytest.raises(ValueError, match="length is unknown.*search_steps=N"):
+        _fit_on(compressed, data)
+
+
+def _fit_on(compressed, data):
+    compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    compressed.fit(data, verbose=0, callbacks=[th.CompressionScheduler()])
+
+
+def test_a_fit_and_a_strip_before_the_search_ends_warn():
+    x, y = _data(lenet5(), 32)
+    compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.3), search_steps=10)
+    with pytest.warns(UserWarning, match=r"ended at step 2 of .* search's 10.*still soft"):
+        _fit(compressed, x, y, epochs=1)
+    with pytest.warns(UserWarning, match=r"still searching \(step 2 of 10\).*projected"):
+        small = th.strip(compressed)
+    assert th.profile(small).macs <= 0.3 * th.profile(lenet5()).macs
+    _fit(compressed, x, y, epochs=4)  # the search ends: neither warns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        th.strip(compressed)

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 import tfhybrid as th
+from tfhybrid.techniques import df
 
 from models import lenet5
 
@@ -22,6 +23,7 @@ _MIRRORED = textwrap.dedent(
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import tfhybrid as th
+    from tfhybrid.techniques import df
     from models import lenet5
     keras = th.keras
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -33,7 +35,7 @@ _MIRRORED = textwrap.dedent(
         model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[th.CompressionScheduler()])
     assert model.search_finished()
-    searched = [model.gates, *model.factored_layers]
+    searched = [df.gates_of(model), *df.factored_layers_of(model)]
     for layer in searched:
         for var in layer.weights:
             replicas = [v.numpy() for v in var.values]
@@ -145,10 +147,10 @@ def test_a_model_saved_before_the_decisions_were_taken_is_still_searching(tmp_pa
     with th.custom_object_scope():
         loaded = keras.models.load_model(path)
     assert int(loaded.compression_step.numpy()) == 4 and not loaded.search_finished()
-    logits = loaded.gates.logits[0]
+    logits = df.gates_of(loaded).logits[0]
     searched = logits.numpy()
     logits.assign(-searched)  # a search model's masks follow its logits, not `keep` (ones)
-    assert float(tf.reduce_max(loaded.gates.masks()[0])) < 0.5
+    assert float(tf.reduce_max(df.gates_of(loaded).masks()[0])) < 0.5
     logits.assign(searched)
     loaded.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[th.CompressionScheduler()])
     assert loaded.search_finished()

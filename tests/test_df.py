@@ -27,7 +27,7 @@ def test_factored_layers_start_at_the_truncated_svd_of_the_kernel_gated_near_one
     outputs = layers.Dense(7, name="fc")(x)
     model = keras.Model(inputs, outputs)
     compressed = th.hybrid_compress(model, th.Budget(macs=0.9), filters=False, search_steps=5)
-    ranks = {la.name: la.rank for la in compressed.factored_layers}
+    ranks = {la.name: la.rank for la in df.factored_layers_of(compressed)}
     # break-even ranks: ceil(36 * 12 / 48) = 9 < 12; ceil(300 * 7 / 307) = 7, full rank
     assert ranks == {"conv": 9, "fc": 7}
     conv = compressed.get_layer("conv")
@@ -39,7 +39,7 @@ def test_factored_layers_start_at_the_truncated_svd_of_the_kernel_gated_near_one
     reference = th.factorize(model, {"conv": 9}, force=True)
     x = np.random.default_rng(0).normal(size=(3, 9, 9, 4)).astype(np.float32)
     assert not np.allclose(compressed(x), reference(x), rtol=1e-4, atol=1e-5)
-    for layer in compressed.factored_layers:
+    for layer in df.factored_layers_of(compressed):
         layer.decided.assign(1)
     np.testing.assert_allclose(compressed(x), reference(x), rtol=1e-4, atol=1e-5)
 
@@ -47,7 +47,7 @@ def test_factored_layers_start_at_the_truncated_svd_of_the_kernel_gated_near_one
 def test_masks_start_near_one_staggered_by_l1_norm_and_freeze_to_the_kept_channels():
     model = lenet5()
     compressed = th.hybrid_compress(model, th.Budget(macs=0.5), ranks=False, search_steps=5)
-    gates = compressed.gates
+    gates = df.gates_of(compressed)
     norms = magnitude.channel_l1_norms(model)
     for gid, logits in zip(gates.group_ids, gates.logits):
         start = df.LOGIT_SCALE * logits.numpy()
@@ -74,7 +74,7 @@ def test_soft_budget_is_differentiable_in_masks_and_thresholds():
     compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.2))
     with tf.GradientTape() as tape:
         ratio = compressed.ratios()["macs"]
-    watched = compressed.gates.logits + [la.tau for la in compressed.factored_layers]
+    watched = df.gates_of(compressed).logits + [la.tau for la in df.factored_layers_of(compressed)]
     grads = tape.gradient(ratio, watched)
     assert all(g is not None and float(tf.reduce_sum(tf.abs(g))) > 0 for g in grads)
     assert 0.5 < float(ratio) <= 1.0
@@ -85,9 +85,9 @@ def test_projection_meets_the_budget_with_rounded_counts(round_to, macs):
     model = resnet_style()
     compressed = th.hybrid_compress(model, th.Budget(macs=macs, params=0.5), round_to=round_to)
     rng = np.random.default_rng(0)
-    for logits in compressed.gates.logits:
+    for logits in df.gates_of(compressed).logits:
         logits.assign(rng.normal(0.3, 0.2, logits.shape).astype(np.float32))
-    keep, active = compressed.hard_decisions()
+    keep, active = compressed.technique("df").hard_decisions(compressed)
     for kept in [*keep.values(), *active.values()]:
         assert kept.sum() % round_to == 0 or kept.sum() == kept.size
     small = th.strip(compressed)
@@ -100,9 +100,9 @@ def test_hard_masked_model_and_stripped_model_agree():
     model = randomize_batchnorm(resnet_style())
     compressed = th.hybrid_compress(model, th.Budget(macs=0.4), search_steps=1)
     rng = np.random.default_rng(1)
-    for logits in compressed.gates.logits:
+    for logits in df.gates_of(compressed).logits:
         logits.assign(rng.normal(0.2, 0.3, logits.shape).astype(np.float32))
-    for layer in compressed.factored_layers:
+    for layer in df.factored_layers_of(compressed):
         layer.tau.assign(0.05)
     compressed.finish_search()
     assert compressed.search_finished()
@@ -116,12 +116,12 @@ def test_hard_masked_model_and_stripped_model_agree():
 
 def test_straight_through_budget_has_the_hard_value_and_the_soft_gradient():
     compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.2))
-    compressed.gates.logits[1].assign(np.linspace(-1, 1, 50).astype(np.float32))
+    df.gates_of(compressed).logits[1].assign(np.linspace(-1, 1, 50).astype(np.float32))
     with tf.GradientTape() as tape:
         ratio = compressed.ratios(straight_through=True)["macs"]
     assert float(ratio) == pytest.approx(float(compressed.ratios(hard=True)["macs"]))
     assert float(ratio) != pytest.approx(float(compressed.ratios()["macs"]))
-    grad = tape.gradient(ratio, compressed.gates.logits[1])
+    grad = tape.gradient(ratio, df.gates_of(compressed).logits[1])
     assert float(tf.reduce_sum(tf.abs(grad))) > 0
 
 
@@ -136,7 +136,7 @@ def test_factored_layers_use_unit_norm_factors_whatever_their_scale():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
     before = compressed(x).numpy()
-    for layer in compressed.factored_layers:  # rescale every component of U and V
+    for layer in df.factored_layers_of(compressed):  # rescale every component of U and V
         layer.u.assign(layer.u * rng.uniform(0.2, 5.0, layer.u.shape[1]))
         layer.v.assign(layer.v * rng.uniform(0.2, 5.0, (layer.v.shape[0], 1)))
     np.testing.assert_allclose(compressed(x), before, rtol=1e-4, atol=1e-5)
@@ -154,12 +154,12 @@ def test_a_mask_multiplies_each_channel_once_after_the_layers_it_commutes_with()
     and a soft mask m scales a channel by m, not m**2."""
     model = lenet5()
     compressed = th.hybrid_compress(model, th.Budget(macs=0.5), ranks=False)
-    gated = {node.inbound_layers.name for node in compressed.gates.inbound_nodes}
+    gated = {node.inbound_layers.name for node in df.gates_of(compressed).inbound_nodes}
     assert gated == {"pool1", "flatten", "fc1"}
     rng = np.random.default_rng(0)
-    for logits in compressed.gates.logits:
+    for logits in df.gates_of(compressed).logits:
         logits.assign(rng.normal(0.0, 0.1, logits.shape).astype(np.float32))
-    m1, m2, m3 = (m.numpy() for m in compressed.gates.masks())
+    m1, m2, m3 = (m.numpy() for m in df.gates_of(compressed).masks())
     x = rng.normal(size=(2, 28, 28, 1)).astype(np.float32)
     h = model.get_layer("pool1")(model.get_layer("conv1")(x) * m1)
     h = model.get_layer("flatten")(model.get_layer("pool2")(model.get_layer("conv2")(h) * m2))
@@ -185,7 +185,7 @@ def test_a_training_step_builds_each_mask_and_gate_once_and_trains_them():
     many tensors carry a group and however often the budget counts it (DenseNet121's
     search took minutes to trace when each tensor and count built its own)."""
     compressed = th.hybrid_compress(_dense_block(), th.Budget(macs=0.5))
-    gates, factored = compressed.gates, compressed.factored_layers
+    gates, factored = df.gates_of(compressed), df.factored_layers_of(compressed)
     assert len(gates.inbound_nodes) > len(gates.sizes) == 4 and factored  # masked repeatedly
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
@@ -200,14 +200,14 @@ def test_a_training_step_builds_each_mask_and_gate_once_and_trains_them():
     assert all(g is not None and float(tf.reduce_sum(tf.abs(g))) > 0 for g in grads)
     for logits in gates.logits:
         logits.assign(rng.normal(0.0, 0.1, logits.shape).astype(np.float32))
-    unshared = super(df.HybridModel, compressed).call(tf.constant(x))  # built per tensor
+    unshared = super(th.CompressionModel, compressed).call(tf.constant(x))  # built per tensor
     np.testing.assert_allclose(compressed(x), unshared, rtol=1e-5, atol=1e-6)
 
 
 def test_shared_decisions_are_per_thread_and_end_with_their_context():
     """MirroredStrategy traces its replicas in threads of one graph: a replica must
     never get another's tensors."""
-    gates = th.hybrid_compress(lenet5(), th.Budget(macs=0.5)).gates
+    gates = df.gates_of(th.hybrid_compress(lenet5(), th.Budget(macs=0.5)))
     with gates.shared_decisions():
         mask = gates.mask(0)
         assert gates.mask(0) is mask
@@ -223,11 +223,11 @@ def test_projection_gives_unused_budget_back_to_the_best_units():
     """A search that ends far under budget keeps the best units that still fit."""
     model = lenet5()
     compressed = th.hybrid_compress(model, th.Budget(macs=0.3))
-    for logits in compressed.gates.logits:  # every channel off, the last ones least so
+    for logits in df.gates_of(compressed).logits:  # every channel off, the last ones least so
         logits.assign(np.linspace(-0.5, -0.1, logits.shape[0]).astype(np.float32))
-    for layer in compressed.factored_layers:  # every component under the threshold
+    for layer in df.factored_layers_of(compressed):  # every component under the threshold
         layer.tau.assign(2.0)
-    keep, _ = compressed.hard_decisions()
+    keep, _ = compressed.technique("df").hard_decisions(compressed)
     ratio = th.profile(th.strip(compressed)).macs / th.profile(model).macs
     assert 0.29 < ratio <= 0.3
     for kept in keep.values():
@@ -271,7 +271,7 @@ def test_searched_ranks_keep_every_component_a_model_within_the_budget_can_use(b
     x = layers.Dense(10, activation="relu", name="a")(inputs)
     x = layers.Dense(8, activation="relu", name="b")(x)
     model = keras.Model(inputs, layers.Dense(3, name="c")(x))
-    searched = {la.name: la.rank for la in th.hybrid_compress(model, budget).factored_layers}
+    searched = {la.name: la.rank for la in df.factored_layers_of(th.hybrid_compress(model, budget))}
     usable = {name: _usable_components_by_brute_force(model, name, budget) for name in searched}
     break_even = {n: df.searched_rank(model.get_layer(n).get_weights()[0]) for n in searched}
     for name, rank in searched.items():
@@ -286,8 +286,12 @@ def test_lenet_300_100_at_a_tenth_searches_what_its_first_layer_can_keep():
     ranks_only = th.hybrid_compress(lenet_300_100(), th.Budget(macs=0.1), filters=False)
     # 10% of 266,200 MACs, less fc2 and fc3 at their smallest, over 784 + 1 (one unit
     # left) or 784 + 300 (filters=False) MACs per component; break-even ranks 217 and 75.
-    assert {la.name: la.rank for la in hybrid.factored_layers} == {"fc1": 33, "fc2": 75, "fc3": 10}
-    assert {la.name: la.rank for la in ranks_only.factored_layers}["fc1"] == 24
+    assert {la.name: la.rank for la in df.factored_layers_of(hybrid)} == {
+        "fc1": 33,
+        "fc2": 75,
+        "fc3": 10,
+    }
+    assert {la.name: la.rank for la in df.factored_layers_of(ranks_only)}["fc1"] == 24
 
 
 @pytest.mark.parametrize(("budget", "two_convs"), [(0.9, False), (0.2, True)])
@@ -300,10 +304,12 @@ def test_a_factored_conv_equals_its_truncated_svd_as_one_conv_or_two(budget, two
     # At 0.2 the budget leaves conv 1 of its 9 break-even components: two convs need
     # 32 * 81 * 48 MACs, forming the kernel and one conv 36 * 12 + 32 * 81 * 432.
     assert conv.runs_as_two_convs((None, 9, 9, 4)) is two_convs
-    for layer in compressed.factored_layers:
+    for layer in df.factored_layers_of(compressed):
         layer.decided.assign(1)
     full = {"conv": 12, "head": 5}  # a layer keeping all its components is the plain one
-    ranks = {la.name: la.rank for la in compressed.factored_layers if la.rank < full[la.name]}
+    ranks = {
+        la.name: la.rank for la in df.factored_layers_of(compressed) if la.rank < full[la.name]
+    }
     reference = th.factorize(model, ranks, force=True)
     x = np.random.default_rng(0).normal(size=(3, 9, 9, 4)).astype(np.float32)
     np.testing.assert_allclose(compressed(x), reference(x), rtol=1e-4, atol=1e-5)

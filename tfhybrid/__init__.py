@@ -6,7 +6,6 @@ The public API, re-exported; see DESIGN.md for the architecture.
 from tfhybrid._keras import keras
 from tfhybrid.api import custom_object_scope, hybrid_compress, strip
 from tfhybrid.budget import Budget
-from tfhybrid.callbacks import CompressionLogger, CompressionScheduler
 from tfhybrid.channels import ChannelGroup, Member, channel_groups
 from tfhybrid.cost import LayerCost, Profile, profile
 from tfhybrid.export import (
@@ -19,7 +18,11 @@ from tfhybrid.export import (
 from tfhybrid.report import summary
 from tfhybrid.schedules import ExponentialDecay, LinearRamp
 from tfhybrid.surgery import ChannelMask, factorize, prune_channels
+from tfhybrid.techniques.base import Technique, register_technique
+from tfhybrid.techniques.df import DF
 from tfhybrid.tfmot import quantize_aware
+from tfhybrid.training.callbacks import CompressionLogger, CompressionScheduler
+from tfhybrid.training.model import CompressionModel
 
 __version__ = "0.1.0"
 
@@ -27,6 +30,10 @@ __all__ = [
     "Budget",
     "CompressionLogger",
     "CompressionScheduler",
+    "CompressionModel",
+    "DF",
+    "Technique",
+    "register_technique",
     "custom_object_scope",
     "hybrid_compress",
     "strip",

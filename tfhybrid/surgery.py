@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tfhybrid import channels, cost, graph
+from tfhybrid import channels, cost, graph, plan
 from tfhybrid._keras import (
     CONV,
     DEPTHWISE_CONV,
@@ -336,37 +336,28 @@ def _factorized(layer: Any, rank: int):
     return lambda *args, **kwargs: second_call(first_call(*args, **kwargs))
 
 
-def strip(
-    model: Any,
-    replacements: Mapping[str, graph.Replacement],
-    remove: Mapping[tuple, Iterable[int]],
-    ranks: Mapping[str, int],
-):
-    """Builds the plain, physically smaller model that a compression decided on.
+def strip(model: Any, decided: plan.Plan):
+    """Builds the plain, physically smaller model that a compression plan describes.
 
     Three steps, each exact: training-time layers are replaced by plain ones
-    (`replacements`), channels are removed (`prune_channels`), and layers are split
+    (`decided.replace`), channels are removed (`prune_channels`), and layers are split
     where their rank makes that cheaper (`factorize`).
 
     Args:
         model: a functional model holding training-time layers.
-        replacements: layer name -> replacement (a plain layer, or the identity).
-        remove: channels to remove, keyed by the sorted producer layer names of
-            their group (stable across rebuilds, unlike group ids).
-        ranks: layer name -> rank of its kernel; the layer is split if that
-            reduces its MACs, else kept whole.
+        decided: the techniques' merged plan (see `plan.Plan`).
 
     Returns:
         A plain functional `keras.Model`.
     """
-    plain = graph.rebuild(model, lambda op: replacements.get(op.layer.name))
+    plain = graph.rebuild(model, lambda op: decided.replacement(op.layer.name))
     by_producers = {
         tuple(sorted(g.layers("produces"))): g.id for g in channels.channel_groups(plain)
     }
-    pruned = prune_channels(plain, {by_producers[tuple(k)]: v for k, v in remove.items()})
+    pruned = prune_channels(plain, {by_producers[tuple(k)]: v for k, v in decided.remove.items()})
     calls = {op.layer.name: op for op in graph.ops(pruned)}
     cheaper = {}
-    for name, rank in ranks.items():
+    for name, rank in decided.ranks.items():
         rows, cols = _kernel_matrix(calls[name].layer.get_weights()[0]).shape
         before, after = _macs_before_and_after_split(calls[name], rank)
         if rank < min(rows, cols) and after < before:

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow_model_optimization as tfmot
 
 from tfhybrid._keras import keras
-from tfhybrid.techniques import df
+from tfhybrid.training.model import refuse_search_model
 
 #: A kernel with at least this share of exact zeros counts as pruned.
 PRUNED_SHARE = 0.05
@@ -39,7 +39,7 @@ def quantize_aware(model: Any, preserve_sparsity: bool | None = None) -> keras.M
         ValueError: for a model still under a tfhybrid search (strip it first), or a
             model TF-MOT cannot quantize (the layer and TF-MOT's reason are named).
     """
-    df.refuse_search_model(model, "quantize_aware")
+    refuse_search_model(model, "quantize_aware")
     if preserve_sparsity is None:
         preserve_sparsity = has_pruned_weights(model)
     qat = tfmot.quantization.keras

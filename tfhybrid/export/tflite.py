@@ -21,7 +21,7 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from tfhybrid.export import edgetpu, flatbuffer
-from tfhybrid.techniques import df
+from tfhybrid.training.model import refuse_search_model
 
 QUANTIZE_MODES = ("none", "dynamic", "float16", "int8")
 TARGETS = (None, "edgetpu")
@@ -121,7 +121,7 @@ def export_tflite(
             without `representative_data`, data that does not fit the model's input,
             or a conflicting `quantize` for `target="edgetpu"`.
     """
-    df.refuse_search_model(model, "export_tflite")
+    refuse_search_model(model, "export_tflite")
     quantize = _checked_mode(quantize, target, io_dtype)
     if quantize == "int8" and representative_data is None:
         raise ValueError(

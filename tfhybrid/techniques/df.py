@@ -21,17 +21,13 @@ of Hybrid Structured Compression".
 - At the end of the search the decisions are made hard and, if they are over
   budget, projected: the least important channels/ranks go until the budget holds.
 
-This module builds the training-time layers and decisions; `surgery.strip` turns
-them into a plain model.
+`DF` is the technique (see `techniques.base`): it builds the training-time layers
+and states its decisions as a plan, which `surgery.strip` turns into a plain model.
 """
 
 from __future__ import annotations
 
-import contextlib
-import difflib
-import json
 import math
-import threading
 import types
 import warnings
 from typing import Any
@@ -40,9 +36,10 @@ import numpy as np
 import tensorflow as tf
 
 from tfhybrid import budget as budget_lib
-from tfhybrid import channels, cost, graph, schedules, surgery
-from tfhybrid._keras import SCALE_COMMUTING, keras, keras_functional
-from tfhybrid.techniques import magnitude
+from tfhybrid import cost, graph, schedules, surgery
+from tfhybrid import plan as plan_lib
+from tfhybrid._keras import SCALE_COMMUTING, keras
+from tfhybrid.techniques import base, magnitude
 
 L = keras.layers
 
@@ -71,59 +68,9 @@ INITIAL_SPREAD = 2.0
 INITIAL_THRESHOLD = -(INITIAL_LOGIT - INITIAL_SPREAD) / LOGIT_SCALE
 
 
-def _int_var(layer: L.Layer, name: str) -> tf.Variable:
-    """A step counter or flag; under a distribution strategy the first replica's update
-    counts."""
-    return layer.add_weight(
-        name,
-        shape=(),
-        dtype=tf.int64,
-        initializer="zeros",
-        trainable=False,
-        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-    )
-
-
-class _SharedWithinAStep:
-    """Builds a searched layer's decision tensors (masks, gates) once per step.
-
-    One training step reads them many times: every tensor of a channel group is
-    masked (a DenseNet concatenation carries up to ~60 groups into each later layer
-    of its block), and the budget counts each mask and gate again. Built per read,
-    DenseNet121's training graph took minutes to trace. Inside `shared_decisions`,
-    which `HybridModel` opens around a forward pass or a whole train/test step,
-    each is built once: the step sits wholly inside or outside one gradient tape,
-    so the shared tensors carry their gradients. Per thread, as MirroredStrategy
-    runs its replicas in threads of one graph.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._shared = threading.local()
-
-    def _memo(self, key, build):
-        shared = getattr(self._shared, "values", None)
-        if shared is None:
-            return build()
-        if key not in shared:
-            shared[key] = build()
-        return shared[key]
-
-    @contextlib.contextmanager
-    def shared_decisions(self):
-        """Within it (nested: the outermost), each decision tensor is built once."""
-        if getattr(self._shared, "values", None) is not None:
-            yield
-            return
-        self._shared.values = {}
-        try:
-            yield
-        finally:
-            self._shared.values = None
-
-
 @keras.utils.register_keras_serializable(package="tfhybrid")
-class ChannelGates(_SharedWithinAStep, L.Layer):
+@keras.utils.register_keras_serializable(package="tfhybrid")
+class ChannelGates(base.SharedWithinAStep, L.Layer):
     """The masks of the channel groups under search, shared by all their tensors.
 
     Called once per masked tensor with that tensor's `layout`: a list of
@@ -153,13 +100,12 @@ class ChannelGates(_SharedWithinAStep, L.Layer):
             self.add_weight(f"keep_{i}", shape=(n,), initializer="ones", trainable=False)
             for i, n in enumerate(self.sizes)
         ]
-        self.step = _int_var(self, "step")
-        self.decided = _int_var(self, "decided")
+        base.add_search_state(self)
         super().build(input_shape)
 
     def mask(self, index: int, hard: bool = False) -> tf.Tensor:
         """The mask of gated group `index`: soft during the search, the kept 0/1 once
-        the decisions are taken (`HybridModel.finish_search`).
+        the decisions are taken (`DF.finish`).
 
         With `hard=True` the search's current hard decision (logit > 0) is given.
         """
@@ -210,7 +156,7 @@ class ChannelGates(_SharedWithinAStep, L.Layer):
         return f"gates {len(self.sizes)} groups, kept {kept}/{sum(self.sizes)} channels"
 
 
-class _Factored(_SharedWithinAStep, L.Layer):
+class _Factored(base.SharedWithinAStep, L.Layer):
     """Base of the factored layers: W = U diag(s * g) V, g = sigmoid((s - tau) / T) (DTL-S).
 
     Like a channel mask, the gate g tends to 0/1 as T anneals, so the components
@@ -249,8 +195,7 @@ class _Factored(_SharedWithinAStep, L.Layer):
         self.active = self.add_weight(
             "active", shape=(self.rank,), initializer="ones", trainable=False
         )
-        self.step = _int_var(self, "step")
-        self.decided = _int_var(self, "decided")
+        base.add_search_state(self)
         super().build(input_shape)
 
     def threshold(self) -> tf.Tensor:
@@ -300,11 +245,10 @@ class _Factored(_SharedWithinAStep, L.Layer):
         matrix = (self.u.numpy() * s_eff) @ self.v.numpy()
         return matrix.reshape(self._kernel_shape())
 
-    def to_plain(self, active: np.ndarray) -> graph.Replacement:
+    def to_plain(self, active: np.ndarray) -> plan_lib.PlainLayer:
         """The plain layer computing this layer's function with the components `active`."""
-        layer = self.plain_class.from_config(self.plain["config"])
         weights = [self.dense_kernel(active)] + ([self.bias.numpy()] if self.use_bias else [])
-        return graph.with_weights(layer, weights)
+        return plan_lib.PlainLayer(self.plain["class_name"], self.plain["config"], weights)
 
     def initial_weights(self, svd: tuple, bias: np.ndarray | None) -> list:
         """Weights in `build` order that start the layer at the top-`rank` SVD.
@@ -424,261 +368,6 @@ def factored_layer(layer: Any, rank: int, temperature: dict) -> graph.Replacemen
     return graph.with_weights(factored, factored.initial_weights(svd, (bias or [None])[0]))
 
 
-@keras.utils.register_keras_serializable(package="tfhybrid")
-class HybridModel(keras.Model):
-    """A functional model under DF search.
-
-    It adds the budget penalty to the loss (`compute_loss`), reports the current
-    hard MACs/params ratios as `macs_ratio` / `params_ratio` in the logs, and
-    refuses to `fit` during the search without a `CompressionScheduler`.
-
-    Args:
-        inputs, outputs: as for a functional `keras.Model`.
-        compression: the search's settings (JSON text or dict): budget, cost
-            model, original MACs/params, penalty schedule, search steps, round_to.
-    """
-
-    def __init__(self, inputs, outputs, compression, **kwargs):
-        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
-        if not isinstance(compression, str):
-            compression = json.dumps(compression)
-        self._compression = compression
-        settings = json.loads(compression)
-        self.budget = budget_lib.Budget(**settings["budget"])
-        self.cost_model = cost.CostModel.from_config(settings["cost"])
-        self.original_cost = (settings["original"]["macs"], settings["original"]["params"])
-        self.penalty_weight = schedules.deserialize(settings["penalty"])
-        self.search_steps = int(settings["search_steps"])
-        self.round_to = int(settings["round_to"])
-        # The ratios compute_loss traced; compute_metrics reports them (a plain holder,
-        # so Keras does not track the tensors).
-        self._traced = types.SimpleNamespace(ratios=None)
-
-    @contextlib.contextmanager
-    def _shared_decisions(self):
-        """Each mask and gate is built once within it (see `_SharedWithinAStep`)."""
-        with contextlib.ExitStack() as stack:
-            for layer in self._searched_layers():
-                stack.enter_context(layer.shared_decisions())
-            yield
-
-    def call(self, inputs, training=None, mask=None):
-        with self._shared_decisions():
-            return super().call(inputs, training=training, mask=mask)
-
-    # -- the layers under search -----------------------------------------------------
-    @property
-    def gates(self) -> ChannelGates | None:
-        return next((la for la in self.layers if isinstance(la, ChannelGates)), None)
-
-    @property
-    def factored_layers(self) -> list[_Factored]:
-        return [la for la in self.layers if isinstance(la, _Factored)]
-
-    def _searched_layers(self) -> list:
-        return ([self.gates] if self.gates else []) + self.factored_layers
-
-    @property
-    def compression_step(self) -> tf.Variable:
-        """Batches trained so far (each training step advances it, in its graph)."""
-        return self._searched_layers()[0].step
-
-    def search_finished(self) -> bool:
-        """True once the hard decisions were taken (the model is fine-tuning)."""
-        return bool(self._searched_layers()[0].decided.numpy())
-
-    # -- cost ------------------------------------------------------------------------
-    def ratios(self, hard: bool = False, straight_through: bool = False) -> dict:
-        """MACs and params of the current decisions over the original's.
-
-        Args:
-            hard: count the hard decisions (mask logit > 0, s > tau) instead of soft.
-            straight_through: the hard counts' value with the soft counts' gradient,
-                so that the penalty stops once the *hard* model meets the budget.
-        """
-        gates = self.gates
-        counts = {}
-        if gates is not None:
-            for gid, index in zip(gates.group_ids, range(len(gates.sizes))):
-                counts[gid] = _count(
-                    gates.mask(index, hard=True), gates.mask(index), hard, straight_through
-                )
-        ranks = {
-            la.name: _count(la.soft_rank(hard=True), la.soft_rank(), hard, straight_through)
-            for la in self.factored_layers
-        }
-        macs, params = self.cost_model.evaluate(counts, ranks)
-        return {"macs": macs / self.original_cost[0], "params": params / self.original_cost[1]}
-
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None):
-        loss = super().compute_loss(x, y, y_pred, sample_weight)
-        step = self.compression_step
-        weight = tf.where(step < self.search_steps, self.penalty_weight(step), 0.0)
-        ratios = self.ratios(straight_through=True)
-        self._traced.ratios = ratios
-        penalty = budget_lib.penalty(ratios, self.budget)
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        return loss + weight * penalty / replicas
-
-    def compute_metrics(self, x, y, y_pred, sample_weight):
-        result = super().compute_metrics(x, y, y_pred, sample_weight)
-        traced = self._traced.ratios
-        if traced is not None and _in_current_graph(traced["macs"]):
-            # The straight-through ratios have the hard ratios' value: no second count.
-            hard = {k: tf.stop_gradient(v) for k, v in traced.items()}
-        else:
-            hard = self.ratios(hard=True)
-        return {**result, "macs_ratio": hard["macs"], "params_ratio": hard["params"]}
-
-    def fit(self, *args, callbacks=None, **kwargs):
-        drives = any(getattr(cb, "drives_compression", False) for cb in callbacks or [])
-        if not drives and not self.search_finished():
-            raise ValueError(
-                f"{self._searching()}: add callbacks=[tfhybrid.CompressionScheduler()] to "
-                "fit(), which takes the search's hard decisions when its last step comes."
-            )
-        self._build_optimizer()
-        return super().fit(*args, callbacks=callbacks, **kwargs)
-
-    def _build_optimizer(self) -> None:
-        """Creates the optimizer's slots for the trainable variables before `fit` traces.
-
-        Keras creates them inside the first traced training step, and a `tf.function`
-        that created variables is traced a second time: the search's graph (masks,
-        factored layers, budget, and an optimizer update for each of their variables)
-        would be built twice, which on DenseNet121 costs about a minute.
-        """
-        optimizer = self.optimizer
-        if isinstance(optimizer, keras.optimizers.Optimizer):  # legacy ones build later
-            with self.distribute_strategy.scope():
-                optimizer.build(self.trainable_variables)  # a no-op once built
-
-    def train_on_batch(self, *args, **kwargs):
-        if not self.search_finished():
-            raise ValueError(
-                f"{self._searching()}, and train_on_batch cannot take the search's "
-                "decisions at its end: train it with fit(..., "
-                "callbacks=[tfhybrid.CompressionScheduler()])."
-            )
-        return super().train_on_batch(*args, **kwargs)
-
-    def _searching(self) -> str:
-        step, last = int(self.compression_step.numpy()), self.search_steps
-        return f"Model '{self.name}' is searching its compression (step {step} of {last})"
-
-    # -- the search's steps ----------------------------------------------------------
-    def train_step(self, data):
-        """Keras's training step, then every searched layer's step advances by one.
-
-        Inside the step's graph, like the optimizer's `iterations`: a per-batch
-        eager update from a callback costs more than the search's own ops on small
-        models. The `CompressionScheduler` takes the hard decisions at the last step.
-        The forward pass and the budget share each mask and gate (`_shared_decisions`).
-        """
-        with self._shared_decisions():
-            logs = super().train_step(data)
-        for layer in self._searched_layers():
-            layer.step.assign_add(1)
-        return logs
-
-    def test_step(self, data):
-        """Keras's test step, each mask and gate built once for the pass and the budget."""
-        with self._shared_decisions():
-            return super().test_step(data)
-
-    def finish_search(self) -> None:
-        """Freezes the hard decisions, projected onto the budget: from then on every
-        mask and gate reads them (each searched layer's `decided` flag)."""
-        keep, active = self.hard_decisions()
-        gates = self.gates
-        if gates is not None:
-            for var, gid in zip(gates.keep, gates.group_ids):
-                var.assign(keep[gid].astype(np.float32))
-        for layer in self.factored_layers:
-            layer.active.assign(active[layer.name].astype(np.float32))
-        for layer in self._searched_layers():
-            layer.decided.assign(1)
-
-    def hard_decisions(self) -> tuple[dict, dict]:
-        """The channels kept per group and components kept per factored layer.
-
-        After the search: the frozen decisions. During it: the current decisions,
-        projected onto the budget (the model is not modified).
-
-        Returns:
-            (group id -> bool array over its channels,
-             layer name -> bool array over its searched components)
-        """
-        gates = self.gates
-        if self.search_finished():
-            keep = (
-                {}
-                if gates is None
-                else {gid: var.numpy() > 0.5 for gid, var in zip(gates.group_ids, gates.keep)}
-            )
-            return keep, {la.name: la.active.numpy() > 0.5 for la in self.factored_layers}
-        return _Projection(self).run()
-
-    def materialize(self) -> tuple[dict, dict, dict]:
-        """What `surgery.strip` needs to build the plain model of the hard decisions.
-
-        Returns:
-            (layer name -> plain replacement (the gates become the identity),
-             sorted producer names of a group -> channel indices to remove,
-             factored layer name -> rank kept)
-        """
-        keep, active = self.hard_decisions()
-        replacements = {la.name: la.to_plain(active[la.name]) for la in self.factored_layers}
-        remove, gates = {}, self.gates
-        if gates is not None:
-            replacements[gates.name] = lambda inputs, layout=(): inputs
-            for gid, key in zip(gates.group_ids, gates.group_keys):
-                removed = np.flatnonzero(~keep[gid])
-                if removed.size:
-                    remove[tuple(key)] = removed
-        ranks = {name: int(np.sum(kept)) for name, kept in active.items()}
-        return replacements, remove, ranks
-
-    def get_config(self) -> dict:
-        network = keras_functional.get_network_config(self)
-        return {**network, "compression": self._compression}
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        compression = config.pop("compression")
-        inputs, outputs, _ = keras_functional.reconstruct_from_config(config, custom_objects)
-        return cls(inputs, outputs, compression, name=config.get("name"))
-
-
-def _in_current_graph(tensor: tf.Tensor) -> bool:
-    """True if `tensor` belongs to the function being traced now (never when eager)."""
-    return (
-        tf.inside_function() and getattr(tensor, "graph", None) is tf.compat.v1.get_default_graph()
-    )
-
-
-def refuse_search_model(model: Any, call: str) -> None:
-    """Raises if `model` is still a search model: `call` needs the stripped, plain one.
-
-    Raises:
-        ValueError: naming the model and the call to make instead.
-    """
-    if isinstance(model, HybridModel):
-        raise ValueError(
-            f"Model '{model.name}' is a tfhybrid search model (channel gates, factored "
-            f"layers); {call} needs the plain model: {call}(tfhybrid.strip(model), ...)."
-        )
-
-
-def _count(hard_value, soft_value, hard: bool, straight_through: bool):
-    """The count `ratios` uses: hard, soft, or hard in value with the soft gradient."""
-    hard_count, soft_count = tf.reduce_sum(hard_value), tf.reduce_sum(soft_value)
-    if straight_through:
-        return soft_count + tf.stop_gradient(hard_count - soft_count)
-    return hard_count if hard else soft_count
-
-
 class _Projection:
     """Hard decisions from the search's scores, projected onto the budget.
 
@@ -692,15 +381,15 @@ class _Projection:
     stops), and budget left unused is capacity the fine-tuning could have used.
     """
 
-    def __init__(self, model: HybridModel):
+    def __init__(self, model: Any, round_to: int):
         self.model = model
-        self.round_to = model.round_to
+        self.round_to = round_to
         self.scores: dict = {}  # ("group", gid) or ("rank", name) -> scores
-        gates = model.gates
+        gates = gates_of(model)
         if gates is not None:
             for gid, logits in zip(gates.group_ids, gates.logits):
                 self.scores["group", gid] = LOGIT_SCALE * logits.numpy()
-        for layer in model.factored_layers:
+        for layer in factored_layers_of(model):
             self.scores["rank", layer.name] = layer.component_logits().numpy()
 
     def minimum(self, key) -> int:
@@ -810,80 +499,104 @@ class _Projection:
         return best
 
 
-def compress(
-    model: Any,
-    budget: budget_lib.Budget,
-    *,
-    filters: bool = True,
-    ranks: bool = True,
-    layers: list[str] | None = None,
-    skip: tuple = (),
-    round_to: int = 1,
-    search_steps: int = 2000,
-    temperature: schedules.Schedule | None = None,
-    penalty: schedules.Schedule | None = None,
-) -> HybridModel:
-    """Wraps `model` for the DF search (see `tfhybrid.hybrid_compress`)."""
-    if not isinstance(budget, budget_lib.Budget):
-        raise TypeError(f"budget must be a tfhybrid.Budget, got {type(budget).__name__}.")
-    if int(round_to) < 1 or int(search_steps) < 1:
-        raise ValueError(f"round_to and search_steps must be >= 1, got {round_to}, {search_steps}.")
-    analysis = channels.analyze(model)
-    temperature = temperature or schedules.ExponentialDecay(1.0, 0.05, search_steps)
-    penalty = penalty or schedules.LinearRamp(0.0, 5.0, max(1, search_steps // 4))
-    only = _layer_names(analysis, "layers", layers or ())
-    skip = _layer_names(analysis, "skip", skip)
-    named = set(layers or ()) - set(analysis.nested)  # not through a nested model's name
-    chosen = _Choice(analysis, filters, ranks, only, skip, named)
-    chosen.check()
-    cost_model = cost.CostModel.from_analysis(analysis)
-    original = cost_model.evaluate()
-    settings = {
-        "budget": budget.get_config(),
-        "cost": cost_model.get_config(),
-        "original": {"macs": original[0], "params": original[1]},
-        "penalty": schedules.serialize(penalty),
-        "search_steps": int(search_steps),
-        "round_to": int(round_to),
-    }
-    _check_reachable(chosen, cost_model, original, budget, int(round_to))
-    smallest = _smallest(chosen, int(round_to))
-    chosen.ranks = {
-        name: min(rank, keepable_rank(name, smallest, cost_model, original, budget))
-        for name, rank in chosen.ranks.items()
-    }
-    temp = schedules.serialize(temperature)
-    gates = None
-    if chosen.groups:
-        gates = ChannelGates(
-            [g.id for g in chosen.groups],
-            [sorted(g.layers("produces")) for g in chosen.groups],
-            [g.size for g in chosen.groups],
-            temp,
-            name="channel_gates",
-        )
-    gate_index = {g.id: i for i, g in enumerate(chosen.groups)}
-    deferred = _masks_deferred(analysis.model)
+def gates_of(model: Any) -> ChannelGates | None:
+    """The channel gates of a compression model under DF, or None."""
+    return next((la for la in model.layers if isinstance(la, ChannelGates)), None)
 
-    def replace(op: graph.Op):
-        call = graph.copy_of(op.layer)
-        if op.layer.name in chosen.ranks:
-            call = factored_layer(op.layer, chosen.ranks[op.layer.name], temp)
-        layouts = [analysis.layout(kt) for kt in op.outputs]
-        gated_groups = {gid for lay in layouts for gid, _ in lay} & gate_index.keys()
+
+def factored_layers_of(model: Any) -> list[_Factored]:
+    """The factored layers of a compression model under DF."""
+    return [la for la in model.layers if isinstance(la, _Factored)]
+
+
+@base.register_technique
+class DF(base.Technique):
+    """Filters (DML-S masks) and ranks (DTL-S thresholds) learned together (DF).
+
+    Each prunable channel group gets a vector of mask logits, each Dense/Conv2D a
+    factored form whose components a learnable threshold gates; the masks' and
+    gates' soft counts enter the shared budget. At the search's end the decisions
+    become hard and, if over budget, are projected onto it (the least important
+    channels and components go). `strip` removes the masked channels and splits the
+    layers whose kept rank needs fewer MACs split.
+
+    Args:
+        filters: learn which channels to remove.
+        ranks: learn the rank of each Dense/Conv2D layer.
+        round_to: keep channel counts and ranks multiples of this (e.g. 8).
+
+    Raises:
+        ValueError: for round_to < 1.
+    """
+
+    name = "df"
+
+    def __init__(self, filters: bool = True, ranks: bool = True, round_to: int = 1):
+        if int(round_to) < 1:
+            raise ValueError(f"DF(round_to={round_to}): give a multiple of at least 1.")
+        self.filters, self.ranks, self.round_to = bool(filters), bool(ranks), int(round_to)
+
+    def get_config(self) -> dict:
+        return {"filters": self.filters, "ranks": self.ranks, "round_to": self.round_to}
+
+    # -- set-up ------------------------------------------------------------------------
+    def select(self, setup: base.Setup) -> dict[str, str]:
+        chosen = _Choice(
+            setup.analysis, self.filters, self.ranks, setup.layers, setup.skip, setup.named
+        )
+        chosen.check()
+        original = (setup.original["macs"], setup.original["params"])
+        _check_reachable(chosen, setup.cost_model, original, setup.budget, self.round_to)
+        smallest = _smallest(chosen, self.round_to)
+        chosen.ranks = {
+            name: min(rank, keepable_rank(name, smallest, setup.cost_model, original, setup.budget))
+            for name, rank in chosen.ranks.items()
+        }
+        self._setup = types.SimpleNamespace(analysis=setup.analysis, chosen=chosen)
+        claims = {n: "channels" for g in chosen.groups for n in g.layers()}
+        return {**claims, **dict.fromkeys(chosen.ranks, "rank")}
+
+    def prepare(self, setup: base.Setup, others: list[base.Technique]) -> None:
+        """Makes the gates that every masked tensor shares."""
+        held = self._setup
+        groups = held.chosen.groups
+        held.temperature = temperature = setup.temperature
+        held.gates = None
+        if groups:
+            held.gates = ChannelGates(
+                [g.id for g in groups],
+                [sorted(g.layers("produces")) for g in groups],
+                [g.size for g in groups],
+                temperature,
+                name="channel_gates",
+            )
+        held.gate_index = {g.id: i for i, g in enumerate(groups)}
+        held.deferred = _masks_deferred(held.analysis.model)
+
+    def replace_layer(self, op: graph.Op) -> graph.Replacement | None:
+        rank = self._setup.chosen.ranks.get(op.layer.name)
+        return None if rank is None else factored_layer(op.layer, rank, self._setup.temperature)
+
+    def wrap_outputs(self, op: graph.Op, call: graph.Replacement) -> graph.Replacement:
+        held = self._setup
+        layouts = [held.analysis.layout(kt) for kt in op.outputs]
+        gated_groups = {gid for lay in layouts for gid, _ in lay} & held.gate_index.keys()
         # A scale-commuting layer's output carries its input's masks, unless they were
         # deferred to it.
         applied = isinstance(op.layer, SCALE_COMMUTING) and not any(
-            id(kt) in deferred for kt in op.inputs
+            id(kt) in held.deferred for kt in op.inputs
         )
-        passed_on = all(id(kt) in deferred for kt in op.outputs)
+        passed_on = all(id(kt) in held.deferred for kt in op.outputs)
         if not gated_groups or applied or passed_on:
-            return call if op.layer.name in chosen.ranks else None
-        sizes = [g.size for g in analysis.groups]
+            return call
+        sizes = [g.size for g in held.analysis.groups]
         gate_layouts = [
-            None if id(kt) in deferred else [[gate_index.get(g, -1), sizes[g], m] for g, m in lay]
+            None
+            if id(kt) in held.deferred
+            else [[held.gate_index.get(g, -1), sizes[g], m] for g, m in lay]
             for kt, lay in zip(op.outputs, layouts)
         ]
+        gates = held.gates
 
         def gated(*args, **kwargs):
             outputs = tf.nest.flatten(call(*args, **kwargs))
@@ -894,14 +607,99 @@ def compress(
 
         return gated
 
-    plain = graph.rebuild(analysis.model, replace)
-    compressed = HybridModel(plain._nested_inputs, plain._nested_outputs, settings, name=model.name)
-    if gates is not None:
-        norms = magnitude.channel_l1_norms(model, analysis)
+    def initialize(self, model: Any, original: Any) -> None:
+        gates = gates_of(model)
+        if gates is None:
+            return
+        norms = magnitude.channel_l1_norms(original, self._setup.analysis)
         for gid, logits in zip(gates.group_ids, gates.logits):
             if gid in norms:
                 logits.assign(staggered_logits(norms[gid]) / LOGIT_SCALE)
-    return compressed
+
+    # -- training ----------------------------------------------------------------------
+    def layers_of(self, model: Any) -> list:
+        gates = gates_of(model)
+        return ([gates] if gates is not None else []) + factored_layers_of(model)
+
+    def compression_variables(self, model: Any) -> list[tf.Variable]:
+        gates = gates_of(model)
+        logits = list(gates.logits) if gates is not None else []
+        return logits + [layer.tau for layer in factored_layers_of(model)]
+
+    def decisions(self, model: Any, hard: bool = False) -> base.Decisions:
+        gates = gates_of(model)
+        counts = {}
+        if gates is not None:
+            counts = {
+                gid: tf.reduce_sum(gates.mask(index, hard))
+                for index, gid in enumerate(gates.group_ids)
+            }
+        ranks = {la.name: la.soft_rank(hard) for la in factored_layers_of(model)}
+        return base.Decisions(counts=counts, ranks=ranks)
+
+    def finish(self, model: Any) -> None:
+        """Freezes the hard decisions, projected onto the budget: from then on every
+        mask and gate reads them."""
+        keep, active = self.hard_decisions(model)
+        gates = gates_of(model)
+        if gates is not None:
+            for var, gid in zip(gates.keep, gates.group_ids):
+                var.assign(keep[gid].astype(np.float32))
+        for layer in factored_layers_of(model):
+            layer.active.assign(active[layer.name].astype(np.float32))
+
+    def hard_decisions(self, model: Any) -> tuple[dict, dict]:
+        """The channels kept per group and components kept per factored layer.
+
+        After the search: the frozen decisions. During it: the current decisions,
+        projected onto the budget (the model is not modified).
+
+        Returns:
+            (group id -> bool array over its channels,
+             layer name -> bool array over its searched components)
+        """
+        gates, factored = gates_of(model), factored_layers_of(model)
+        if model.search_finished():
+            keep = (
+                {}
+                if gates is None
+                else {gid: var.numpy() > 0.5 for gid, var in zip(gates.group_ids, gates.keep)}
+            )
+            return keep, {la.name: la.active.numpy() > 0.5 for la in factored}
+        return _Projection(model, self.round_to).run()
+
+    def plan(self, model: Any) -> plan_lib.Plan:
+        """The gates go, masked channels are removed, factored layers become plain ones
+        kept at their rank (split where that needs fewer MACs)."""
+        keep, active = self.hard_decisions(model)
+        replace = {la.name: la.to_plain(active[la.name]) for la in factored_layers_of(model)}
+        remove, gates = {}, gates_of(model)
+        if gates is not None:
+            replace[gates.name] = plan_lib.IDENTITY
+            for gid, key in zip(gates.group_ids, gates.group_keys):
+                removed = np.flatnonzero(~keep[gid])
+                if removed.size:
+                    remove[tuple(key)] = removed
+        ranks = {name: int(np.sum(kept)) for name, kept in active.items()}
+        return plan_lib.Plan.of(self.name, replace=replace, remove=remove, ranks=ranks)
+
+    def scalars(self, model: Any) -> dict[str, float]:
+        """What `strip` would keep now (`kept_channels/<producers>`, `rank/<layer>`), the
+        search's own hard decisions before the projection (`search/...`), and the
+        temperature."""
+        keep, active = self.hard_decisions(model)
+        gates, figures = gates_of(model), {}
+        if gates is not None:
+            figures["compression/temperature"] = float(gates.temperature(gates.step))
+            for index, (gid, key) in enumerate(zip(gates.group_ids, gates.group_keys)):
+                producers = "+".join(key)
+                figures[f"kept_channels/{producers}"] = int(np.sum(keep[gid]))
+                current = int(np.sum(gates.mask(index, hard=True).numpy()))
+                figures[f"search/kept_channels/{producers}"] = current
+        for layer in factored_layers_of(model):
+            figures[f"rank/{layer.name}"] = int(np.sum(active[layer.name]))
+            figures[f"search/rank/{layer.name}"] = int(layer.soft_rank(hard=True).numpy())
+        return figures
 
 
 def staggered_logits(norms: np.ndarray) -> np.ndarray:
@@ -1001,29 +799,6 @@ def _why_not_factored(layer: L.Layer) -> str | None:
     if searched_rank(layer.get_weights()[0]) < 2:
         return "a split of its kernel never needs fewer MACs"
     return None
-
-
-def _layer_names(analysis, option: str, names) -> set:
-    """The names given as `layers=`/`skip=`, a nested model's name standing for all its
-    layers, checked against the analysed model.
-
-    Raises:
-        ValueError: for a name that is neither a layer nor a nested model of the model.
-    """
-    expanded = {n for name in names for n in analysis.nested.get(name, [name])}
-    known = [layer.name for layer in analysis.model.layers]
-    unknown = sorted(expanded - set(known))
-    if not unknown:
-        return expanded
-    hints = []
-    for name in unknown:
-        close = difflib.get_close_matches(name, known + list(analysis.nested), n=1)
-        hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-    raise ValueError(
-        f"hybrid_compress({option}=...) names {', '.join(hints)}, neither a layer nor a "
-        f"nested model of model '{analysis.model.name}'. Use the names `model.summary()` "
-        "shows, or those of a nested model's layers."
-    )
 
 
 def _smallest(chosen, round_to: int) -> tuple[dict, dict]:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
 from tfhybrid._keras import keras
-from tfhybrid.techniques.df import HybridModel
+from tfhybrid.training.model import CompressionModel
 
 
 class CompressionScheduler(keras.callbacks.Callback):
@@ -24,12 +24,16 @@ class CompressionScheduler(keras.callbacks.Callback):
     when a `fit` ends with the search: from then on the model's masks read the
     frozen decisions. A `fit` of a model saved at the search's end before they were
     taken takes them before its first batch.
+
+    A search made without `search_steps` lasts the first half of the first `fit`
+    (its epochs times its steps per epoch). A `fit` that ends before the search does
+    warns: the masks and ranks are still soft, a later `fit` resumes the search.
     """
 
     drives_compression = True
 
     def set_model(self, model: Any) -> None:
-        if not isinstance(model, HybridModel):
+        if not isinstance(model, CompressionModel):
             raise ValueError(
                 "CompressionScheduler drives models made by tfhybrid.hybrid_compress; got "
                 f"{type(model).__name__} '{model.name}'. Fit the model hybrid_compress returned."
@@ -47,6 +51,9 @@ class CompressionScheduler(keras.callbacks.Callback):
                 "batches, so compile it with steps_per_execution=1 until the search ends "
                 f"(step {model.search_steps})."
             )
+        if searching and model.search_steps is None:
+            model.set_search_steps(_half_of_fit(self.params, model.name))
+            model.train_function = model.make_train_function()
         # The step the next batch trains at, counted here: no read of the device per batch.
         self._next_step = int(model.compression_step.numpy())
         self._decided = not searching  # search_finished(), kept here for the same reason
@@ -58,6 +65,17 @@ class CompressionScheduler(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self._decide_at(self._next_step)
 
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if not self._decided:
+            warnings.warn(
+                f"The fit of model '{self.model.name}' ended at step {self._next_step} of its "
+                f"compression search's {self.model.search_steps}: its masks and ranks are "
+                "still soft. Fit on with CompressionScheduler() to finish the search (it "
+                "resumes), or hybrid_compress with fewer search_steps; strip now takes the "
+                "search's current decisions.",
+                stacklevel=2,
+            )
+
     def _decide_at(self, step: int) -> None:
         """Takes the decisions once, if the model (at `step`) has trained the search."""
         if step >= self.model.search_steps and not self._decided:
@@ -65,16 +83,32 @@ class CompressionScheduler(keras.callbacks.Callback):
             self._decided = True
 
 
+def _half_of_fit(params: dict, name: str) -> int:
+    """Half the batches of a fit (Keras's callback params), the default search length.
+
+    Raises:
+        ValueError: if the fit's length is unknown.
+    """
+    steps, epochs = params.get("steps"), params.get("epochs") or 1
+    if not steps:
+        raise ValueError(
+            f"Model '{name}' was made without search_steps, so its search lasts half of its "
+            "first fit, but this fit's length is unknown (a dataset of unknown cardinality). "
+            "Pass search_steps=N to hybrid_compress, or steps_per_epoch=N to fit."
+        )
+    return max(1, steps * epochs // 2)
+
+
 class CompressionLogger(keras.callbacks.Callback):
-    """Writes the search to TensorBoard: ratios, temperature, kept channels and ranks.
+    """Writes the search to TensorBoard: the budget's ratios and each technique's figures.
 
     Scalars, at the model's compression step:
     - `compression/{macs,params}_ratio` (and `_soft`): the search's current hard
       (soft) decisions over the original model;
-    - `kept_channels/<producers>`, `rank/<layer>`: what `strip` would keep now, the
-      current decisions projected onto the budget;
-    - `search/kept_channels/<producers>`, `search/rank/<layer>`: the current hard
-      decisions before that projection, to see how the search itself meets the budget.
+    - each technique's own figures (`Technique.scalars`); DF's: `kept_channels/<producers>`
+      and `rank/<layer>`, what `strip` would keep now (the current decisions projected
+      onto the budget), `search/kept_channels/<producers>` and `search/rank/<layer>`, the
+      current hard decisions before that projection, and `compression/temperature`.
 
     Args:
         log_dir: folder for the TensorBoard event files.
@@ -117,25 +151,14 @@ class CompressionLogger(keras.callbacks.Callback):
             return
         self._written_at = step
         model = self.model
-        keep, active = model.hard_decisions()
-        gates = model.gates
         with self._writer.as_default(step=step):
             for name, value in model.ratios(hard=True).items():
                 tf.summary.scalar(f"compression/{name}_ratio", float(value))
             for name, value in model.ratios(hard=False).items():
                 tf.summary.scalar(f"compression/{name}_ratio_soft", float(value))
-            if gates is not None:
-                temperature = float(gates.temperature(gates.step))
-                tf.summary.scalar("compression/temperature", temperature)
-                for index, (gid, key) in enumerate(zip(gates.group_ids, gates.group_keys)):
-                    producers = "+".join(key)
-                    tf.summary.scalar(f"kept_channels/{producers}", int(np.sum(keep[gid])))
-                    current = int(np.sum(gates.mask(index, hard=True).numpy()))
-                    tf.summary.scalar(f"search/kept_channels/{producers}", current)
-            for layer in model.factored_layers:
-                tf.summary.scalar(f"rank/{layer.name}", int(np.sum(active[layer.name])))
-                current = int(layer.soft_rank(hard=True).numpy())
-                tf.summary.scalar(f"search/rank/{layer.name}", current)
+            for technique in model.techniques:
+                for tag, value in technique.scalars(model).items():
+                    tf.summary.scalar(tag, value)
         self._writer.flush()
 
     def on_train_end(self, logs: dict | None = None) -> None:

@@ -1,0 +1,115 @@
+"""The DF search under the optimizers users compile with, on LeNet-5 / MNIST.
+
+    python benchmarks/optimizers.py --optimizers=sgd_0.01,sgd_0.02,sgd_0.05,adam,rmsprop,adamw \
+        --seeds=0,1 --budget=0.1 --out=docs/results/optimizers.json
+
+The protocol a new user follows: pretrain LeNet-5 for 2 epochs with SGD(0.05, momentum
+0.9, nesterov); `hybrid_compress(model, Budget(macs=0.1), search_steps=2 epochs)`;
+compile with the optimizer under test (constant rate, as users write it); fit 4 epochs
+with `CompressionScheduler()`; `strip`; fine-tune 1 epoch with the same optimizer;
+report test error, MACs and params of the stripped model. The mask logits and rank
+thresholds are updated by tfhybrid's own optimizer whatever the user compiles, so the
+search should land in the same place under each.
+"""
+
+import json
+import os
+import pathlib
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+
+from absl import app, flags  # noqa: E402
+from mnist import lenet5, mnist  # noqa: E402
+
+import tfhybrid as th  # noqa: E402
+
+keras = th.keras
+
+OPTIMIZERS = {
+    "sgd_0.01": lambda: keras.optimizers.SGD(0.01, momentum=0.9),
+    "sgd_0.02": lambda: keras.optimizers.SGD(0.02, momentum=0.9),
+    "sgd_0.05": lambda: keras.optimizers.SGD(0.05, momentum=0.9),
+    "adam": lambda: keras.optimizers.Adam(1e-3),
+    "rmsprop": lambda: keras.optimizers.RMSprop(1e-3),
+    "adamw": lambda: keras.optimizers.AdamW(1e-3, weight_decay=4e-3),
+}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("optimizers", list(OPTIMIZERS), f"Optimizers, of {list(OPTIMIZERS)}.")
+flags.DEFINE_list("seeds", ["0", "1"], "Seeds (each pretrains its own network).")
+flags.DEFINE_float("budget", 0.1, "Share of the original MACs to keep.")
+flags.DEFINE_integer("pretrain_epochs", 2, "Epochs of SGD pretraining.")
+flags.DEFINE_integer("search_epochs", 2, "Epochs of search inside the compressed fit.")
+flags.DEFINE_integer("fit_epochs", 4, "Epochs of the compressed fit (search + fine-tune).")
+flags.DEFINE_integer("finetune_epochs", 1, "Epochs of fine-tuning after strip.")
+flags.DEFINE_integer("train_batches", 0, "Use only this many training batches (0: all).")
+flags.DEFINE_string("out", "docs/results/optimizers.json", "Result JSON.")
+
+
+def compile_with(model, optimizer):
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def run_one(name: str, seed: int, train, test) -> dict:
+    keras.utils.set_random_seed(seed)
+    steps = int(train.cardinality())
+    model = compile_with(lenet5(), keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True))
+    model.fit(train, epochs=FLAGS.pretrain_epochs, verbose=0)
+    original = th.profile(model)
+    compressed = th.hybrid_compress(
+        model, th.Budget(macs=FLAGS.budget), search_steps=FLAGS.search_epochs * steps
+    )
+    compile_with(compressed, OPTIMIZERS[name]())
+    start = time.perf_counter()
+    compressed.fit(
+        train, epochs=FLAGS.fit_epochs, callbacks=[th.CompressionScheduler()], verbose=0
+    )
+    seconds = time.perf_counter() - start
+    small = compile_with(th.strip(compressed), OPTIMIZERS[name]())
+    before = 1 - small.evaluate(test, verbose=0)[1]
+    small.fit(train, epochs=FLAGS.finetune_epochs, verbose=0)
+    prof = th.profile(small)
+    result = {
+        "optimizer": name,
+        "seed": seed,
+        "test_error_after_fit": before,
+        "test_error": 1 - small.evaluate(test, verbose=0)[1],
+        "mac_ratio": prof.macs / original.macs,
+        "param_ratio": prof.params / original.params,
+        "fit_seconds": seconds,
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main(argv):
+    del argv
+    train = mnist("train", 128, shuffle_seed=0)
+    if FLAGS.train_batches:
+        train = train.take(FLAGS.train_batches)
+    test = mnist("test", 1000)
+    results = [
+        run_one(name, int(seed), train, test) for name in FLAGS.optimizers for seed in FLAGS.seeds
+    ]
+    out = pathlib.Path(FLAGS.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/optimizers.py " + " ".join(sys.argv[1:])
+    out.write_text(json.dumps({"command": command, "results": results}, indent=1))
+    print(f"{'optimizer':10} {'seed':>4} {'error %':>8} {'MACs':>6} {'params':>6}")
+    for r in results:
+        print(
+            f"{r['optimizer']:10} {r['seed']:>4} {100 * r['test_error']:>8.2f} "
+            f"{r['mac_ratio']:>6.3f} {r['param_ratio']:>6.3f}"
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)

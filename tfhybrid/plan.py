@@ -1,0 +1,116 @@
+"""Plans: what `strip` does to a compression model, declared by its techniques.
+
+A plan says, by layer name, which training-time layers become which plain layers
+(or disappear), which channels of which channel groups go, and at which rank a
+layer's kernel is kept. Techniques produce plans; `surgery.strip` executes the
+merged plan and knows nothing of the techniques. Merging refuses two plans that
+decide the same layer or the same channel group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from tfhybrid import graph
+from tfhybrid._keras import keras
+
+
+@dataclasses.dataclass(frozen=True)
+class PlainLayer:
+    """A plain Keras layer by class, config and weights (in `get_weights` order)."""
+
+    class_name: str
+    config: dict
+    weights: list
+
+    @classmethod
+    def of(cls, layer: Any, weights: list | None = None) -> PlainLayer:
+        """`layer` as it is (or with `weights` instead of its own)."""
+        config = layer.get_config()
+        return cls(
+            type(layer).__name__, config, layer.get_weights() if weights is None else weights
+        )
+
+    def call(self) -> graph.Replacement:
+        """A replacement that calls a new layer of this class with these weights."""
+        layer = keras.layers.deserialize({"class_name": self.class_name, "config": self.config})
+        return graph.with_weights(layer, [np.asarray(w) for w in self.weights])
+
+
+#: Replace a layer by its first input (a gate that `strip` removes).
+IDENTITY = "identity"
+
+
+@dataclasses.dataclass
+class Plan:
+    """Decisions for `surgery.strip`, by layer name and channel group.
+
+    Attributes:
+        replace: layer name -> `PlainLayer`, or `IDENTITY` to drop the layer.
+        remove: sorted producer names of a channel group -> channel indices to remove.
+        ranks: layer name -> rank of its kernel; the layer is split in two where that
+            needs fewer MACs, else kept whole.
+        sources: layer name or group key -> name of the technique that decided it.
+    """
+
+    replace: dict = dataclasses.field(default_factory=dict)
+    remove: dict = dataclasses.field(default_factory=dict)
+    ranks: dict = dataclasses.field(default_factory=dict)
+    sources: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, technique: str, *, replace=None, remove=None, ranks=None) -> Plan:
+        """A plan whose decisions all come from `technique`."""
+        replace, ranks = dict(replace or {}), dict(ranks or {})
+        remove = {tuple(k): np.asarray(v, int) for k, v in (remove or {}).items()}
+        decided = [*replace, *remove, *(("rank", name) for name in ranks)]
+        return cls(replace, remove, ranks, dict.fromkeys(decided, technique))
+
+    def merge(self, other: Plan) -> Plan:
+        """Both plans' decisions in one.
+
+        Raises:
+            ValueError: if both decide the same layer, the same layer's rank, or the
+                same channel group (naming it and both techniques).
+        """
+        for key in set(self.sources) & set(other.sources):
+            raise ValueError(
+                f"Two techniques decide {_describe(key)}: {self.sources[key]} and "
+                f"{other.sources[key]}. Give each layer to one technique (their `layers=` "
+                "or `skip=` options)."
+            )
+        return Plan(
+            {**self.replace, **other.replace},
+            {**self.remove, **other.remove},
+            {**self.ranks, **other.ranks},
+            {**self.sources, **other.sources},
+        )
+
+    def replacement(self, name: str) -> graph.Replacement | None:
+        """What `graph.rebuild` calls for layer `name` (None: the layer as it is)."""
+        spec = self.replace.get(name)
+        if spec is None:
+            return None
+        if spec == IDENTITY:
+            return lambda inputs, *args, **kwargs: inputs
+        return spec.call()
+
+
+def merge(plans: Iterable[Plan]) -> Plan:
+    """All `plans` merged (see `Plan.merge`)."""
+    merged = Plan()
+    for plan in plans:
+        merged = merged.merge(plan)
+    return merged
+
+
+def _describe(key: Any) -> str:
+    if isinstance(key, tuple) and key[:1] == ("rank",):
+        return f"the rank of layer '{key[1]}'"
+    if isinstance(key, tuple):
+        return f"the channel group produced by {list(key)}"
+    return f"layer '{key}'"

@@ -1,0 +1,1 @@
+"""Training under compression: the compression model, its set-up and its callbacks."""

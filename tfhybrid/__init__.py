@@ -20,6 +20,7 @@ from tfhybrid.schedules import ExponentialDecay, LinearRamp
 from tfhybrid.surgery import ChannelMask, factorize, prune_channels
 from tfhybrid.techniques.base import Technique, register_technique
 from tfhybrid.techniques.df import DF
+from tfhybrid.techniques.sparse import Sparse
 from tfhybrid.tfmot import quantize_aware
 from tfhybrid.training.callbacks import CompressionLogger, CompressionScheduler
 from tfhybrid.training.model import CompressionModel
@@ -32,6 +33,7 @@ __all__ = [
     "CompressionScheduler",
     "CompressionModel",
     "DF",
+    "Sparse",
     "Technique",
     "register_technique",
     "custom_object_scope",

@@ -14,18 +14,23 @@ class Budget:
 
     Args:
         macs: share of the original multiply-accumulates, in (0, 1].
-        params: share of the original parameters, in (0, 1].
+        params: share of the original parameters (non-zero ones), in (0, 1].
+        bits: share of the original float32 storage, in (0, 1] (see `cost.CostModel.costs`
+            for what a sparse or quantized weight stores).
 
     Raises:
-        ValueError: if neither is given or one is outside (0, 1].
+        ValueError: if none is given or one is outside (0, 1].
     """
 
     macs: float | None = None
     params: float | None = None
+    bits: float | None = None
 
     def __post_init__(self):
-        if self.macs is None and self.params is None:
-            raise ValueError("Budget needs macs=..., params=... or both, e.g. Budget(macs=0.25).")
+        if not self.targets():
+            raise ValueError(
+                "Budget needs macs=..., params=... or bits=..., e.g. Budget(macs=0.25)."
+            )
         for name, value in self.targets().items():
             if not isinstance(value, (int, float)) or not 0 < value <= 1:
                 raise ValueError(
@@ -34,15 +39,16 @@ class Budget:
                 )
 
     def targets(self) -> dict[str, float]:
-        """{"macs": fraction, "params": fraction} for the quantities constrained."""
-        return {k: v for k, v in (("macs", self.macs), ("params", self.params)) if v is not None}
+        """{"macs": fraction, ...} for the quantities constrained."""
+        given = (("macs", self.macs), ("params", self.params), ("bits", self.bits))
+        return {k: v for k, v in given if v is not None}
 
     def met_by(self, ratios: dict[str, float]) -> bool:
         """True if every constrained ratio (new / original) is within its fraction."""
         return all(ratios[k] <= v + 1e-12 for k, v in self.targets().items())
 
     def get_config(self) -> dict:
-        return {"macs": self.macs, "params": self.params}
+        return {"macs": self.macs, "params": self.params, "bits": self.bits}
 
 
 def penalty(ratios: dict[str, Any], budget: Budget) -> tf.Tensor:

@@ -48,17 +48,33 @@ class LayerCost:
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
-    """MACs and parameters of a model, in total and per layer call.
+    """MACs, parameters and storage of a model, in total and per layer call.
 
     Attributes:
         macs: total multiply-accumulates of one forward pass, batch size 1.
         params: total parameters (trainable and not), as `model.count_params()`.
         layers: one `LayerCost` per layer call, in topological order.
+        nonzero_params: the parameters that are not exactly zero (what a params
+            budget counts).
+        bits: storage of the weights: per weight tensor, 32 bits per value, or, where
+            it is cheaper, 32 bits per non-zero plus a one-bit-per-entry bitmap.
     """
 
     macs: int
     params: int
     layers: list[LayerCost]
+    nonzero_params: int = 0
+    bits: int = 0
+
+    def ratios(self, original: Profile) -> dict[str, float]:
+        """{"macs", "params", "bits"} of this model over `original`'s, as a budget counts
+        them: this model's non-zero parameters and its storage over all of the
+        original's parameters and their float32 storage."""
+        return {
+            "macs": self.macs / original.macs,
+            "params": self.nonzero_params / original.params,
+            "bits": self.bits / (32 * original.params),
+        }
 
     def layer(self, name: str) -> LayerCost:
         """The cost of the (first call of the) layer called `name`."""
@@ -133,7 +149,15 @@ def profile(model: Any) -> Profile:
             "tfhybrid.strip(model) instead.",
             stacklevel=2,
         )
-    return Profile(macs=sum(c.macs for c in costs), params=model.count_params(), layers=costs)
+    weights = [np.asarray(w) for w in model.weights]
+    nonzero = [int(np.count_nonzero(w)) for w in weights]
+    return Profile(
+        macs=sum(c.macs for c in costs),
+        params=model.count_params(),
+        layers=costs,
+        nonzero_params=sum(nonzero),
+        bits=sum(min(32 * w.size, 32 * n + w.size) for w, n in zip(weights, nonzero)),
+    )
 
 
 def _multiplies_unknown_kernel(layer: Any) -> bool:
@@ -237,23 +261,45 @@ class CostModel:
             )
         return cls(terms, [g.size for g in analysis.groups])
 
-    def evaluate(self, counts: dict | None = None, ranks: dict | None = None) -> tuple:
-        """(MACs, params) for group channel counts and layer ranks.
+    def evaluate(
+        self, counts: dict | None = None, ranks: dict | None = None, densities: dict | None = None
+    ) -> tuple:
+        """(MACs, params) for group channel counts, layer ranks and kernel densities.
 
         Args:
             counts: group id -> channels kept (number or tensor); others keep all.
             ranks: layer name -> rank (number or tensor) for layers that may be
                 split; a layer counts as split only where that needs fewer MACs.
+            densities: layer name -> share of its (whole) kernel's weights that are
+                non-zero: params count the non-zeros; MACs stay dense, as a runtime
+                without sparse kernels multiplies the zeros too.
 
         Returns:
-            (MACs, params): ints for numbers, float32 scalar tensors if any count or
-            rank is a tensor (then differentiable in them).
+            (MACs, params): ints for numbers, float32 scalar tensors if any count,
+            rank or density is a tensor (then differentiable in them).
         """
-        counts, ranks = counts or {}, ranks or {}
-        if any(tf.is_tensor(v) for v in (*counts.values(), *ranks.values())):
-            return self._evaluate(counts, ranks, _TF)
-        macs, params = self._evaluate(counts, ranks, _NUMPY)
-        return int(round(float(macs))), int(round(float(params)))
+        costs = self.costs(counts, ranks, densities)
+        if tf.is_tensor(costs["macs"]):
+            return costs["macs"], costs["params"]
+        return int(round(float(costs["macs"]))), int(round(float(costs["params"])))
+
+    def costs(
+        self, counts: dict | None = None, ranks: dict | None = None, densities: dict | None = None
+    ) -> dict:
+        """{"macs", "params", "bits"} for the decisions (see `evaluate`).
+
+        Bits count storage: 32 per float32 parameter (non-zeros only), plus, for each
+        kernel with a density below 1, one bit per entry of its dense shape (the
+        bitmap that says where the non-zeros are).
+
+        Returns:
+            Floats (float64) for numbers, float32 scalar tensors if any decision is a
+            tensor (then differentiable in them), (N,) arrays for (N,) arrays.
+        """
+        counts, ranks, densities = counts or {}, ranks or {}, densities or {}
+        values = (*counts.values(), *ranks.values(), *densities.values())
+        xp = _TF if any(tf.is_tensor(v) for v in values) else _NUMPY
+        return self._evaluate(counts, ranks, xp, densities)
 
     def kernel_matrix(self, name: str, counts: dict | None = None) -> tuple[float, float, float]:
         """(rows, cols, positions) of layer `name`'s kernel as a matrix, for group counts.
@@ -278,11 +324,7 @@ class CostModel:
         positions = sum(t.factored[1] for t in calls)
         return first.factored[0] * width(first.inputs), width(first.outputs), positions
 
-    def evaluate_many(self, counts: dict, ranks: dict) -> tuple[np.ndarray, np.ndarray]:
-        """(MACs, params) of N decision sets at once; counts/ranks hold (N,) arrays."""
-        return self._evaluate(counts, ranks, _NUMPY)
-
-    def _evaluate(self, counts: dict, ranks: dict, xp: Any) -> tuple:
+    def _evaluate(self, counts: dict, ranks: dict, xp: Any, densities: dict) -> dict:
         arr = {k: xp.const(v) for k, v in self._arrays().items()}
         group_counts = xp.stack([counts.get(g, size) for g, size in enumerate(self.sizes)])
         cin = xp.matvec(arr["inputs"], group_counts)
@@ -290,14 +332,18 @@ class CostModel:
         rank = xp.stack([ranks.get(t.name, 0) for t in self.terms])
         a, b, p0, pa, pb, pc = (arr[k] for k in ("a", "b", "p0", "pa", "pb", "pc"))
         full_macs = a * cin + b * cin * cout
-        full_params = p0 + pa * cin + pb * cin * cout + pc * cout
+        density = xp.stack([densities.get(t.name, 1.0) for t in self.terms])
+        entries = pb * cin * cout
+        full_params = p0 + pa * cin + entries * density + pc * cout
+        sparse = np.array([t.name in densities for t in self.terms], float)
         split_macs = arr["positions"] * (arr["area"] * cin * rank + rank * cout)
         split_params = (arr["area"] * cin * rank + rank * cout + pc * cout) * arr["first"]
         ranked = np.array([t.factored is not None and t.name in ranks for t in self.terms])
         split = xp.logical_and(ranked, split_macs < full_macs)
         macs = xp.pick(ranked, split, split_macs, full_macs)
         params = xp.pick(ranked, split, split_params, full_params)
-        return xp.sum(macs), xp.sum(params)
+        bits = 32.0 * params + sparse * entries
+        return {"macs": xp.sum(macs), "params": xp.sum(params), "bits": xp.sum(bits)}
 
     def _arrays(self) -> dict:
         """The terms as arrays: layouts as (terms x groups) matrices of multipliers."""

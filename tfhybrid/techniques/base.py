@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import difflib
 import threading
 from typing import Any, ClassVar
 
@@ -36,7 +37,7 @@ class Setup:
         analysis: `channels.analyze` of the original model (its `model` is flattened).
         budget: the shared `Budget`.
         cost_model: `cost.CostModel` of the original model.
-        original: {"macs", "params", "bits"} of the original model.
+        original: {"macs", "params", "bits"} of the original model (`CostModel.costs`).
         layers: names the user restricted compression to (empty: all).
         skip: names the user excluded.
         named: names given in `layers` (not through a nested model's name), whose
@@ -56,6 +57,16 @@ class Setup:
     def allowed(self, name: str) -> bool:
         """Whether the user's `layers`/`skip` let a technique take layer `name`."""
         return name not in self.skip and (not self.layers or name in self.layers)
+
+    def restricted(self, option: str, layers: list, skip: list) -> tuple[set, set]:
+        """(layers, skip) with a technique's own `layers=`/`skip=` options added.
+
+        Raises:
+            ValueError: for a name that is neither a layer nor a nested model.
+        """
+        own = expand_names(self.analysis, f"{option}(layers=...)", layers)
+        only = (self.layers & own if self.layers else own) if layers else self.layers
+        return only, self.skip | expand_names(self.analysis, f"{option}(skip=...)", skip)
 
 
 @dataclasses.dataclass
@@ -157,6 +168,10 @@ class Technique(abc.ABC):
         """A loss term of its own (beside the shared budget penalty), or None."""
         return None
 
+    def set_search_steps(self, model: Any, steps: int) -> None:  # noqa: B027
+        """The search's length is known (given, or set by the first fit): stretch the
+        schedules that follow it (temperatures, sparsity ramps)."""
+
     def before_step(self, model: Any, step: tf.Tensor) -> None:  # noqa: B027
         """In the training step's graph, before the forward pass (`step`: the batch)."""
 
@@ -173,6 +188,30 @@ class Technique(abc.ABC):
     def scalars(self, model: Any) -> dict[str, float]:
         """Figures for `CompressionLogger` (tag -> value), e.g. kept channels per group."""
         return {}
+
+
+def expand_names(analysis: Any, option: str, names) -> set:
+    """Layer names given as an option, a nested model's name standing for all its
+    layers, checked against the analysed model.
+
+    Raises:
+        ValueError: for a name that is neither a layer nor a nested model of the model,
+            with the closest name.
+    """
+    expanded = {n for name in names for n in analysis.nested.get(name, [name])}
+    known = [layer.name for layer in analysis.model.layers]
+    unknown = sorted(expanded - set(known))
+    if not unknown:
+        return expanded
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known + list(analysis.nested), n=1)
+        hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    raise ValueError(
+        f"{option} names {', '.join(hints)}, neither a layer nor a nested model of model "
+        f"'{analysis.model.name}'. Use the names `model.summary()` shows, or those of a "
+        "nested model's layers."
+    )
 
 
 def register_technique(cls: type) -> type:

@@ -384,6 +384,7 @@ class _Projection:
     def __init__(self, model: Any, round_to: int):
         self.model = model
         self.round_to = round_to
+        self.densities = model.decisions(hard=True).densities  # other techniques' sparsity
         self.scores: dict = {}  # ("group", gid) or ("rank", name) -> scores
         gates = gates_of(model)
         if gates is not None:
@@ -424,15 +425,15 @@ class _Projection:
         return keep, active
 
     def ratios(self, counts: dict) -> dict:
-        macs, params = self.cost(counts)
         original = self.model.original_cost
-        return {"macs": float(macs) / original[0], "params": float(params) / original[1]}
+        return {k: float(v) / original[k] for k, v in self.cost(counts).items()}
 
-    def cost(self, counts: dict) -> tuple:
-        """(MACs, params) of one set of counts, or of N if the counts are (N,) arrays."""
+    def cost(self, counts: dict) -> dict:
+        """{"macs", "params", "bits"} of one set of counts, or of N if the counts are
+        (N,) arrays."""
         groups = {gid: n for (kind, gid), n in counts.items() if kind == "group"}
         ranks = {name: n for (kind, name), n in counts.items() if kind == "rank"}
-        return self.model.cost_model.evaluate_many(groups, ranks)
+        return self.model.cost_model.costs(groups, ranks, self.densities)
 
     def trials(self, counts: dict, changed: dict) -> tuple:
         """`counts` with one key at a time set to its count in `changed`, evaluated.
@@ -445,13 +446,10 @@ class _Projection:
         trial = {k: np.array([changed[k] if c == k else counts[k] for c in keys]) for k in counts}
         now, after = self.cost(counts), self.cost(trial)
         original = self.model.original_cost
-        targets = self.model.budget.targets()
-        names = ("macs", "params")
-        ratios = {name: after[i] / original[i] for i, name in enumerate(names)}
+        ratios = {name: after[name] / original[name] for name in after}
         used = sum(
-            (after[i] - now[i]) / original[i] / targets[name]
-            for i, name in enumerate(names)
-            if name in targets
+            (after[name] - now[name]) / original[name] / target
+            for name, target in self.model.budget.targets().items()
         )
         return keys, np.atleast_1d(used), ratios
 
@@ -524,6 +522,9 @@ class DF(base.Technique):
         filters: learn which channels to remove.
         ranks: learn the rank of each Dense/Conv2D layer.
         round_to: keep channel counts and ranks multiples of this (e.g. 8).
+        layers: only these layers (within `hybrid_compress`'s `layers`), e.g. to leave
+            the others to a stacked technique.
+        skip: never these layers (nor the channel groups they belong to).
 
     Raises:
         ValueError: for round_to < 1.
@@ -531,21 +532,35 @@ class DF(base.Technique):
 
     name = "df"
 
-    def __init__(self, filters: bool = True, ranks: bool = True, round_to: int = 1):
+    def __init__(
+        self,
+        filters: bool = True,
+        ranks: bool = True,
+        round_to: int = 1,
+        layers: list | None = None,
+        skip: list | tuple = (),
+    ):
         if int(round_to) < 1:
             raise ValueError(f"DF(round_to={round_to}): give a multiple of at least 1.")
         self.filters, self.ranks, self.round_to = bool(filters), bool(ranks), int(round_to)
+        self.layers, self.skip = list(layers or []), list(skip)
 
     def get_config(self) -> dict:
-        return {"filters": self.filters, "ranks": self.ranks, "round_to": self.round_to}
+        return {
+            "filters": self.filters,
+            "ranks": self.ranks,
+            "round_to": self.round_to,
+            "layers": self.layers,
+            "skip": self.skip,
+        }
 
     # -- set-up ------------------------------------------------------------------------
     def select(self, setup: base.Setup) -> dict[str, str]:
-        chosen = _Choice(
-            setup.analysis, self.filters, self.ranks, setup.layers, setup.skip, setup.named
-        )
+        only, skip = setup.restricted("DF", self.layers, self.skip)
+        named = setup.named | set(self.layers)
+        chosen = _Choice(setup.analysis, self.filters, self.ranks, only, skip, named)
         chosen.check()
-        original = (setup.original["macs"], setup.original["params"])
+        original = setup.original
         _check_reachable(chosen, setup.cost_model, original, setup.budget, self.round_to)
         smallest = _smallest(chosen, self.round_to)
         chosen.ranks = {
@@ -617,6 +632,11 @@ class DF(base.Technique):
                 logits.assign(staggered_logits(norms[gid]) / LOGIT_SCALE)
 
     # -- training ----------------------------------------------------------------------
+    def set_search_steps(self, model: Any, steps: int) -> None:
+        """The masks' and gates' temperature follows the search's length."""
+        for layer in self.layers_of(model):
+            layer.temperature = model.temperature()
+
     def layers_of(self, model: Any) -> list:
         gates = gates_of(model)
         return ([gates] if gates is not None else []) + factored_layers_of(model)
@@ -810,8 +830,8 @@ def _smallest(chosen, round_to: int) -> tuple[dict, dict]:
 
 def _check_reachable(chosen, cost_model, original, budget, round_to) -> None:
     """Raises if even the smallest allowed model exceeds the budget."""
-    macs, params = cost_model.evaluate(*_smallest(chosen, round_to))
-    smallest = {"macs": macs / original[0], "params": params / original[1]}
+    costs = cost_model.costs(*_smallest(chosen, round_to))
+    smallest = {k: float(v) / original[k] for k, v in costs.items()}
     if not budget.met_by(smallest):
         floor = ", ".join(f"{k}={v:.4f}" for k, v in smallest.items())
         raise ValueError(
@@ -842,20 +862,21 @@ def keepable_rank(
         name: a layer under rank search.
         smallest: (counts, ranks) of the smallest model the search may reach.
         cost_model: the model's `cost.CostModel`.
-        original: (MACs, params) of the original model.
+        original: {"macs", "params", "bits"} of the original model.
         budget: the `Budget`.
 
     Returns:
         An upper bound on the components any model within the budget keeps.
     """
     counts, ranks = smallest
-    rest = dict(zip(("macs", "params"), cost_model.evaluate(counts, {**ranks, name: 0})))
+    rest = cost_model.costs(counts, {**ranks, name: 0})
     rows, cols, positions = cost_model.kernel_matrix(name, counts)
     full_rows, full_cols, _ = cost_model.kernel_matrix(name)
-    limit = dict(zip(("macs", "params"), original))
+    limit = original
+    per_weight = {"macs": positions, "params": 1.0, "bits": 32.0}
     bounds = []
     for kind, share in budget.targets().items():
-        room = (share * limit[kind] - rest[kind]) / (positions if kind == "macs" else 1.0)
+        room = (share * limit[kind] - rest[kind]) / per_weight[kind]
         whole = _largest_square((rows, full_rows), (cols, full_cols), room)
         bounds.append(max(room / (rows + cols), whole))
     return max(0, math.floor(min(bounds) + 1e-9))

@@ -47,7 +47,8 @@ def default_penalty(search_steps: int) -> schedules.Schedule:
 class CompressionModel(keras.Model):
     """A functional model whose techniques search their compression during `fit`.
 
-    Logs the current hard MACs/params ratios as `macs_ratio` / `params_ratio` and
+    Logs the current hard MACs/params/bits ratios as `macs_ratio`, `params_ratio` and
+    `bits_ratio`, and
     refuses to `fit` during the search without a `CompressionScheduler`.
 
     Args:
@@ -65,7 +66,9 @@ class CompressionModel(keras.Model):
         settings = json.loads(compression)
         self.budget = budget_lib.Budget(**settings["budget"])
         self.cost_model = cost.CostModel.from_config(settings["cost"])
-        self.original_cost = (settings["original"]["macs"], settings["original"]["params"])
+        original = settings["original"]
+        # {"macs", "params", "bits"} of the original model (bits: 32 per parameter).
+        self.original_cost = {"bits": 32.0 * original["params"], **original}
         # Plain holders: Keras tracks neither the technique objects nor traced tensors.
         self._held = types.SimpleNamespace(
             techniques=[base.deserialize(c) for c in _techniques_of(settings)], ratios=None
@@ -130,11 +133,18 @@ class CompressionModel(keras.Model):
         settings["search_steps"] = int(steps)
         self._compression = json.dumps(settings)
         self._read_search_length(settings)
-        temperature = settings.get("temperature") or default_temperature(int(steps))
-        for layer in self.technique_layers():
-            if hasattr(layer, "temperature"):
-                layer.temperature = schedules.deserialize(temperature)
+        for technique in self._held.techniques:
+            technique.set_search_steps(self, int(steps))
         self.train_function = self.test_function = self.predict_function = None
+
+    def temperature(self) -> schedules.Schedule:
+        """The soft decisions' temperature schedule: the user's, or the default one
+        stretched over the search (over 1 step while its length is unknown)."""
+        settings = json.loads(self._compression)
+        given = settings.get("temperature")
+        if given is not None:
+            return schedules.deserialize(given)
+        return default_temperature(settings["search_steps"] or 1)
 
     def search_progress(self) -> str:
         """'step N of M' of the search (M: the length, or when it will be set)."""
@@ -154,9 +164,9 @@ class CompressionModel(keras.Model):
         return merged
 
     def ratios_of(self, decisions: base.Decisions) -> dict:
-        """MACs and params of `decisions` over the original model's."""
-        macs, params = self.cost_model.evaluate(decisions.counts, decisions.ranks)
-        return {"macs": macs / self.original_cost[0], "params": params / self.original_cost[1]}
+        """MACs, params and bits of `decisions` over the original model's."""
+        costs = self.cost_model.costs(decisions.counts, decisions.ranks, decisions.densities)
+        return {k: costs[k] / self.original_cost[k] for k in costs}
 
     def ratios(self, hard: bool = False, straight_through: bool = False) -> dict:
         """MACs and params of the current decisions over the original's.
@@ -171,7 +181,7 @@ class CompressionModel(keras.Model):
         soft, hard_now = self.decisions(), self.decisions(hard=True)
         counts = {k: _straight_through(hard_now.counts[k], v) for k, v in soft.counts.items()}
         ranks = {k: _straight_through(hard_now.ranks[k], v) for k, v in soft.ranks.items()}
-        return self.ratios_of(base.Decisions(counts, ranks))
+        return self.ratios_of(base.Decisions(counts, ranks, soft.densities))
 
     # -- training ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -194,7 +204,7 @@ class CompressionModel(keras.Model):
         weight = tf.where(step < last, self.penalty_weight(step), 0.0)
         ratios = self.ratios(straight_through=True)
         self._held.ratios = ratios
-        penalty = budget_lib.penalty(ratios, self.budget)
+        penalty = tf.cast(budget_lib.penalty(ratios, self.budget), tf.float32)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         terms = [t.loss(self) for t in self._held.techniques]
         own = tf.add_n([term for term in terms if term is not None] or [0.0])
@@ -208,7 +218,7 @@ class CompressionModel(keras.Model):
             hard = {k: tf.stop_gradient(v) for k, v in traced.items()}
         else:
             hard = self.ratios(hard=True)
-        return {**result, "macs_ratio": hard["macs"], "params_ratio": hard["params"]}
+        return {**result, **{f"{k}_ratio": v for k, v in hard.items()}}
 
     def train_step(self, data):
         """One gradient of the loss: the user's optimizer updates the weights, the

@@ -4,7 +4,6 @@ rebuild the model once with every technique's training-time layers, and wrap it 
 
 from __future__ import annotations
 
-import difflib
 import json
 from typing import Any
 
@@ -42,14 +41,13 @@ def compress(
         temperature = temperature or model_lib.default_temperature(int(search_steps))
         penalty = penalty or model_lib.default_penalty(int(search_steps))
     cost_model = cost.CostModel.from_analysis(analysis)
-    macs, params = cost_model.evaluate()
     setup = base.Setup(
         analysis=analysis,
         budget=budget,
         cost_model=cost_model,
-        original={"macs": macs, "params": params},
-        layers=_layer_names(analysis, "layers", layers or ()),
-        skip=_layer_names(analysis, "skip", skip),
+        original={k: float(v) for k, v in cost_model.costs().items()},
+        layers=base.expand_names(analysis, "hybrid_compress(layers=...)", layers or ()),
+        skip=base.expand_names(analysis, "hybrid_compress(skip=...)", skip),
         named=set(layers or ()) - set(analysis.nested),  # not through a nested model's name
         # Until the first fit sets the search's length (see CompressionModel.set_search_steps).
         temperature=schedules.serialize(temperature or model_lib.default_temperature(1)),
@@ -83,6 +81,8 @@ def compress(
     )
     for technique in techniques:
         technique.initialize(compressed, model)
+        if search_steps is not None:
+            technique.set_search_steps(compressed, int(search_steps))
     return compressed
 
 
@@ -145,26 +145,3 @@ def _optimizer_config(optimizer: Any) -> dict:
             f"or its name, e.g. keras.optimizers.Adam(1e-3). {error}"
         ) from error
     return json.loads(json.dumps(keras.optimizers.serialize(optimizer)))
-
-
-def _layer_names(analysis, option: str, names) -> set:
-    """The names given as `layers=`/`skip=`, a nested model's name standing for all its
-    layers, checked against the analysed model.
-
-    Raises:
-        ValueError: for a name that is neither a layer nor a nested model of the model.
-    """
-    expanded = {n for name in names for n in analysis.nested.get(name, [name])}
-    known = [layer.name for layer in analysis.model.layers]
-    unknown = sorted(expanded - set(known))
-    if not unknown:
-        return expanded
-    hints = []
-    for name in unknown:
-        close = difflib.get_close_matches(name, known + list(analysis.nested), n=1)
-        hints.append(f"'{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-    raise ValueError(
-        f"hybrid_compress({option}=...) names {', '.join(hints)}, neither a layer nor a "
-        f"nested model of model '{analysis.model.name}'. Use the names `model.summary()` "
-        "shows, or those of a nested model's layers."
-    )

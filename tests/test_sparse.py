@@ -1,0 +1,115 @@
+"""techniques.sparse: TF-MOT pruning as a technique, alone and stacked with DF."""
+
+import numpy as np
+import pytest
+from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
+
+import tfhybrid as th
+from tfhybrid.techniques import sparse
+
+from models import assert_unchanged, lenet5, weights_snapshot
+
+keras = th.keras
+
+
+def _data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, n)
+
+
+def _fit(compressed, epochs, n=64):
+    x, y = _data(n)
+    compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    compressed.fit(
+        x, y, batch_size=16, epochs=epochs, verbose=0, callbacks=[th.CompressionScheduler()]
+    )
+    return x
+
+
+def _kernel_zeros(model) -> dict:
+    return {
+        la.name: float(np.mean(la.kernel.numpy() == 0))
+        for la in model.layers
+        if getattr(la, "kernel", None) is not None
+    }
+
+
+def test_sparse_alone_meets_a_params_budget_with_tfmots_wrappers():
+    model = lenet5()
+    snapshot, config = weights_snapshot(model), model.get_config()
+    technique = th.Sparse()
+    compressed = th.hybrid_compress(model, th.Budget(params=0.3), [technique])
+    wrappers = [la for la in compressed.layers if isinstance(la, sparse.SparseWrapper)]
+    assert [w.layer.name for w in wrappers] == ["conv1", "conv2", "fc1", "fc2"]
+    assert all(isinstance(w, pruning_wrapper.PruneLowMagnitude) for w in wrappers)
+    x = _fit(compressed, epochs=4)  # 16 steps: the sparsity ramps over the first 8
+    assert compressed.search_steps == 8 and compressed.search_finished()
+    assert all(w.pruning_schedule.end_step == 8 for w in wrappers)
+    small = th.strip(compressed)
+    assert all(0.69 < share < 0.71 for share in _kernel_zeros(small).values())
+    np.testing.assert_allclose(small(x[:8]), compressed(x[:8]), rtol=1e-5, atol=1e-5)
+    ratios = th.profile(small).ratios(th.profile(model))
+    assert ratios["params"] <= 0.3 and ratios["macs"] == 1.0  # zeros are still multiplied
+    assert float(compressed.ratios(hard=True)["params"]) <= 0.3
+    assert_unchanged(model, snapshot, config)
+    assert technique.get_config() == th.Sparse().get_config()  # the user's object unchanged
+
+
+def test_df_filters_and_sparse_stack_under_one_budget_to_int8_tflite(tmp_path):
+    model = lenet5()
+    budget = th.Budget(macs=0.3, params=0.2)
+    compressed = th.hybrid_compress(
+        model, budget, [th.DF(ranks=False), th.Sparse(sparsity=0.5)], search_steps=8
+    )
+    x = _fit(compressed, epochs=4)
+    small = th.strip(compressed)
+    scale = np.abs(compressed(x[:8]).numpy()).max()
+    np.testing.assert_allclose(small(x[:8]), compressed(x[:8]), atol=1e-5 * scale)
+    ratios = th.profile(small).ratios(th.profile(model))
+    assert ratios["macs"] <= 0.3 and ratios["params"] <= 0.2
+    assert th.profile(small).layer("conv2").output_shape[-1] < 50  # channels removed
+    assert all(0.4 < share < 0.6 for share in _kernel_zeros(small).values())
+    report = th.export_tflite(
+        small, tmp_path / "small.tflite", quantize="int8", representative_data=x, sparse=True
+    )
+    assert report.input_dtypes == ["int8"] and report.check["max_abs_diff"] < 0.5 * scale
+
+
+def test_two_techniques_changing_one_layers_weights_are_refused():
+    with pytest.raises(ValueError, match=r"'conv1' is claimed by two techniques: df \(rank\)"):
+        th.hybrid_compress(lenet5(), th.Budget(macs=0.5), [th.DF(), th.Sparse(sparsity=0.5)])
+    both = th.hybrid_compress(
+        lenet5(),
+        th.Budget(macs=0.5),
+        [th.DF(skip=["conv1"]), th.Sparse(sparsity=0.5, layers=["conv1"])],
+    )
+    assert [la.name for la in th.DF().layers_of(both)] == ["channel_gates", "conv2", "fc1", "fc2"]
+
+
+def test_sparse_options_and_their_errors():
+    with pytest.raises(ValueError, match=r"Sparse\(sparsity=1.0\)"):
+        th.Sparse(sparsity=1.0)
+    with pytest.raises(ValueError, match="needs a params budget"):
+        th.hybrid_compress(lenet5(), th.Budget(macs=0.5), [th.Sparse()])
+    with pytest.raises(ValueError, match=r"no layer to prune(.|\n)*conv1: .*XNNPack"):
+        th.hybrid_compress(lenet5(), th.Budget(params=0.5), [th.Sparse(latency_on_xnnpack=True)])
+    with pytest.raises(ValueError, match=r"twice"):
+        th.hybrid_compress(lenet5(), th.Budget(params=0.5), [th.Sparse(), th.Sparse()])
+    with pytest.raises(ValueError, match=r"give them to tfhybrid.DF"):
+        th.hybrid_compress(lenet5(), th.Budget(params=0.5), [th.Sparse()], ranks=False)
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_a_sparse_search_saves_loads_and_resumes(tmp_path, suffix):
+    compressed = th.hybrid_compress(lenet5(), th.Budget(params=0.5), [th.Sparse()], search_steps=8)
+    x = _fit(compressed, epochs=1)
+    path = str(tmp_path / f"sparse{suffix}")
+    compressed.save(path)
+    with th.custom_object_scope():
+        loaded = keras.models.load_model(path)
+    assert [t.name for t in loaded.techniques] == ["sparse"]
+    assert int(loaded.compression_step.numpy()) == 4
+    np.testing.assert_allclose(loaded(x[:4]), compressed(x[:4]), rtol=1e-5, atol=1e-6)
+    _fit(loaded, epochs=1)
+    assert loaded.search_finished()
+    assert th.profile(th.strip(loaded)).ratios(th.profile(lenet5()))["params"] <= 0.5

@@ -1,0 +1,229 @@
+"""Sparse: TF-MOT's magnitude pruning (`prune_low_magnitude`) as a technique.
+
+Each Dense/Conv layer TF-MOT can prune is wrapped in TF-MOT's own pruning wrapper;
+its sparsity rises along TF-MOT's `PolynomialDecay` from 0 to the target over the
+search, the mask updated every `frequency` steps. The compression scheduler drives
+the wrappers' steps (no `UpdatePruningStep` to add), the kept weights count in the
+budget as non-zeros, and `strip` gives the plain layer with the mask applied (what
+TF-MOT's `strip_pruning` keeps). Dense MACs do not fall: a runtime multiplies the
+zeros unless it has sparse kernels (XNNPack's for 1x1 convolutions, see
+`latency_on_xnnpack`); the `.tflite` shrinks with `export_tflite(..., sparse=True)`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import tensorflow_model_optimization as tfmot
+from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
+
+from tfhybrid import graph, plan
+from tfhybrid._keras import CONV, DEPTHWISE_CONV, SEPARABLE_CONV, TRANSPOSED_CONV, keras
+from tfhybrid.techniques import base
+
+_sparsity = tfmot.sparsity.keras
+#: The layers whose kernel Sparse prunes: the cost model counts their non-zeros.
+PRUNED = (keras.layers.Dense, *CONV)
+NOT_PRUNED = (*DEPTHWISE_CONV, *SEPARABLE_CONV, *TRANSPOSED_CONV)
+
+
+@keras.utils.register_keras_serializable(package="tfhybrid")
+class SparseWrapper(pruning_wrapper.PruneLowMagnitude):
+    """TF-MOT's pruning wrapper with the search's `step` and `decided` counters.
+
+    It is a `PruneLowMagnitude`, so TF-MOT's `strip_pruning` and its pruning
+    callbacks know it; tfhybrid's scheduler drives it instead of `UpdatePruningStep`.
+    """
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        base.add_search_state(self)
+
+
+@base.register_technique
+class Sparse(base.Technique):
+    """Unstructured (or block) magnitude pruning of kernels by TF-MOT.
+
+    Args:
+        sparsity: share of each pruned kernel's weights set to zero at the search's end;
+            None: the share that meets `Budget(params=...)` with the other layers whole.
+        block_size: TF-MOT's `block_size` (rows, cols) for block-sparse Dense kernels.
+        frequency: steps between mask updates; None: a twentieth of the search.
+        latency_on_xnnpack: prune only the layers TF-MOT's `PruneForLatencyOnXNNPack`
+            allows (1x1 convolutions XNNPack runs sparse), for a real speed-up.
+        layers: only these layers (besides `hybrid_compress`'s own `layers`/`skip`).
+        skip: never these layers.
+
+    Raises:
+        ValueError: for a sparsity outside [0, 1).
+    """
+
+    name = "sparse"
+
+    def __init__(
+        self,
+        sparsity: float | None = None,
+        block_size: tuple = (1, 1),
+        frequency: int | None = None,
+        latency_on_xnnpack: bool = False,
+        layers: list | None = None,
+        skip: list | tuple = (),
+    ):
+        if sparsity is not None and not 0 <= sparsity < 1:
+            raise ValueError(
+                f"Sparse(sparsity={sparsity!r}): give the share of weights to zero, in [0, 1)."
+            )
+        self.sparsity = None if sparsity is None else float(sparsity)
+        self.block_size = tuple(int(b) for b in block_size)
+        self.frequency = None if frequency is None else int(frequency)
+        self.latency_on_xnnpack = bool(latency_on_xnnpack)
+        self.layers, self.skip = list(layers or []), list(skip)
+
+    def get_config(self) -> dict:
+        return {
+            "sparsity": self.sparsity,
+            "block_size": list(self.block_size),
+            "frequency": self.frequency,
+            "latency_on_xnnpack": self.latency_on_xnnpack,
+            "layers": self.layers,
+            "skip": self.skip,
+        }
+
+    # -- set-up ------------------------------------------------------------------------
+    def select(self, setup: base.Setup) -> dict[str, str]:
+        policy = _sparsity.PruneForLatencyOnXNNPack() if self.latency_on_xnnpack else None
+        self._restriction = setup.restricted("Sparse", self.layers, self.skip)
+        taken, why_not = [], []
+        for layer in setup.analysis.model.layers:
+            if not _has_kernel(layer):
+                continue
+            reason = self._why_not(layer, setup, policy)
+            if reason is None:
+                taken.append(layer.name)
+            else:
+                why_not.append(f"{layer.name}: {reason}")
+        if not taken:
+            raise ValueError(
+                "Sparse finds no layer to prune. Per layer:\n  " + "\n  ".join(why_not)
+            )
+        self._taken = taken
+        return dict.fromkeys(taken, "weights")
+
+    def _why_not(self, layer: Any, setup: base.Setup, policy: Any) -> str | None:
+        only, skip = self._restriction
+        if layer.name in skip or (only and layer.name not in only):
+            return "left out by `layers=`/`skip=`"
+        if not isinstance(layer, PRUNED) or isinstance(layer, NOT_PRUNED):
+            return f"Sparse prunes Dense and Conv kernels, not a {type(layer).__name__}'s"
+        if policy is not None and not policy.allow_pruning(layer):
+            return "PruneForLatencyOnXNNPack runs it dense (not a 1x1 convolution)"
+        return None
+
+    def prepare(self, setup: base.Setup, others: list[base.Technique]) -> None:
+        target = self.sparsity
+        if target is None:
+            target = _sparsity_for_budget(setup, self._taken)
+        self._target = target
+
+    def replace_layer(self, op: graph.Op) -> graph.Replacement | None:
+        if op.layer.name not in self._taken:
+            return None
+        schedule = _sparsity.PolynomialDecay(0.0, self._target, 0, 1, frequency=1)
+        inner = graph.clone_layer(op.layer)
+        wrapper = SparseWrapper(inner, pruning_schedule=schedule, block_size=self.block_size)
+        return _with_inner_weights(wrapper, op.layer.get_weights())
+
+    def initialize(self, model: Any, original: Any) -> None:
+        for wrapper in self.layers_of(model):
+            wrapper.pruning_step.assign(0)  # as UpdatePruningStep does before the first batch
+
+    # -- training ----------------------------------------------------------------------
+    def layers_of(self, model: Any) -> list:
+        return [layer for layer in model.layers if isinstance(layer, SparseWrapper)]
+
+    def set_search_steps(self, model: Any, steps: int) -> None:
+        """The sparsity reaches its target at the search's last step."""
+        frequency = self.frequency or max(1, steps // 20)
+        for wrapper in self.layers_of(model):
+            schedule = wrapper.pruning_schedule  # shared with TF-MOT's pruning object
+            schedule.end_step, schedule.frequency = int(steps), frequency
+
+    def decisions(self, model: Any, hard: bool = False) -> base.Decisions:
+        densities = {}
+        for wrapper in self.layers_of(model):
+            densities[wrapper.layer.name] = 1.0 - wrapper.pruning_schedule.final_sparsity
+        return base.Decisions(densities=densities)
+
+    def finish(self, model: Any) -> None:
+        """Applies the final masks to the weights, as `UpdatePruningStep` does at an
+        epoch's end."""
+        for wrapper in self.layers_of(model):
+            wrapper.pruning_obj.weight_mask_op()
+
+    def plan(self, model: Any) -> plan.Plan:
+        """Each wrapper becomes its layer, its kernel times TF-MOT's mask."""
+        replace = {w.name: _masked_layer(w) for w in self.layers_of(model)}
+        return plan.Plan.of(self.name, replace=replace)
+
+    def scalars(self, model: Any) -> dict[str, float]:
+        """The share of zeros in each pruned kernel now (`sparsity/<layer>`)."""
+        figures = {}
+        for wrapper in self.layers_of(model):
+            mask = wrapper.pruning_vars[0][1].numpy()
+            figures[f"sparsity/{wrapper.layer.name}"] = float(1.0 - mask.mean())
+        return figures
+
+
+def _has_kernel(layer: Any) -> bool:
+    return getattr(layer, "kernel", None) is not None and layer.kernel.shape.rank >= 2
+
+
+def _with_inner_weights(wrapper: Any, weights: list) -> graph.Replacement:
+    """A replacement calling `wrapper`, its wrapped layer set to `weights` once built."""
+    state = {"set": False}
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        outputs = wrapper(*args, **kwargs)
+        if not state["set"]:
+            wrapper.layer.set_weights(weights)
+            state["set"] = True
+        return outputs
+
+    return call
+
+
+def _masked_layer(wrapper: Any) -> plan.PlainLayer:
+    """The wrapped layer as a plain layer, its pruned weights zero."""
+    masks = {id(weight): mask for weight, mask, _ in wrapper.pruning_vars}
+    weights = [
+        w.numpy() * masks[id(w)].numpy() if id(w) in masks else w.numpy()
+        for w in wrapper.layer.weights
+    ]
+    return plan.PlainLayer.of(wrapper.layer, weights)
+
+
+def _sparsity_for_budget(setup: base.Setup, taken: list[str]) -> float:
+    """The one sparsity of the `taken` kernels that meets the params budget alone.
+
+    Raises:
+        ValueError: without a params budget, or when even all-zero kernels miss it.
+    """
+    target = setup.budget.targets().get("params")
+    if target is None:
+        raise ValueError(
+            f"Sparse() without a sparsity needs a params budget to derive it from, and "
+            f"{setup.budget} has none: zeros do not reduce dense MACs. Give "
+            "Sparse(sparsity=0.8), or Budget(params=...)."
+        )
+    full = setup.cost_model.evaluate()[1]
+    empty = setup.cost_model.evaluate(densities=dict.fromkeys(taken, 0.0))[1]
+    allowed = target * setup.original["params"]
+    if empty > allowed:
+        raise ValueError(
+            f"{setup.budget} cannot be met by Sparse alone: with every pruned kernel empty "
+            f"the model keeps {empty / setup.original['params']:.4f} of its params. Raise "
+            "the budget or stack a technique that removes channels."
+        )
+    share_kept = (allowed - empty) / (full - empty) if full > empty else 1.0
+    return float(min(0.99, max(0.0, 1.0 - math.floor(share_kept * 1e4) / 1e4)))

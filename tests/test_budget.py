@@ -7,9 +7,11 @@ import tfhybrid as th
 from tfhybrid import budget
 
 
-@pytest.mark.parametrize("kwargs", [{"macs": 0.0}, {"macs": 1.5}, {"params": -0.1}, {}])
+@pytest.mark.parametrize(
+    "kwargs", [{"macs": 0.0}, {"macs": 1.5}, {"params": -0.1}, {"bits": 2.0}, {}]
+)
 def test_budget_outside_unit_interval_is_refused(kwargs):
-    with pytest.raises(ValueError, match=r"outside \(0, 1\]|needs macs"):
+    with pytest.raises(ValueError, match=r"outside \(0, 1\]|needs macs=..., params=... or bits"):
         th.Budget(**kwargs)
 
 
@@ -19,6 +21,10 @@ def test_met_by_checks_every_constrained_quantity():
     assert both.met_by({"macs": 0.25, "params": 0.4})
     assert not both.met_by({"macs": 0.26, "params": 0.4})
     assert th.Budget(params=0.5).met_by({"macs": 1.0, "params": 0.5})
+    bits = th.Budget(macs=0.5, bits=1 / 16)
+    assert bits.targets() == {"macs": 0.5, "bits": 1 / 16}
+    assert bits.met_by({"macs": 0.5, "params": 1.0, "bits": 0.06})
+    assert not bits.met_by({"macs": 0.5, "params": 0.1, "bits": 0.07})
 
 
 def test_penalty_is_zero_inside_and_grows_outside():

@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
@@ -160,3 +161,45 @@ def test_layers_it_cannot_count_are_named_in_a_warning():
         warnings.simplefilter("error")  # normalization and batch norm weights are not kernels
         th.profile(efficientnet)
         th.profile(small)
+
+
+def test_costs_count_non_zeros_bitmaps_and_shared_values_as_the_docs_say():
+    """Hand counts on a two-layer model (the rules of docs/cost.md)."""
+    from tfhybrid import channels, cost
+
+    inputs = keras.Input((6,))
+    hidden = layers.Dense(4, name="a")(inputs)  # kernel 6 x 4 = 24, bias 4
+    model = keras.Model(inputs, layers.Dense(3, name="b")(hidden))  # kernel 12, bias 3
+    model_cost = cost.CostModel.from_analysis(channels.analyze(model))
+    assert model_cost.costs() == {"macs": 36, "params": 43, "bits": 32 * 43}
+    # a at density 0.25: 6 of its 24 weights are stored, with a 24-bit bitmap.
+    sparse = model_cost.costs(densities={"a": 0.25})
+    assert sparse["params"] == 43 - 18 and sparse["bits"] == 32 * 25 + 24
+    assert sparse["macs"] == 36  # dense kernels multiply the zeros too
+    # b with 4 shared values: 12 entries of 2 bits and a table of 4 float32 values.
+    shared = model_cost.costs(bits={"b": (2, 4)})
+    assert shared["params"] == 43 and shared["bits"] == 32 * (43 - 12) + 12 * 2 + 4 * 32
+    # Both, with a's output thinned to 2 channels: a keeps 12 entries (3 non-zero),
+    # b keeps 6 entries.
+    group = next(g.id for g in channels.analyze(model).groups if g.layers("produces") == ["a"])
+    both = model_cost.costs({group: 2}, densities={"a": 0.25}, bits={"b": (2, 4)})
+    assert both["params"] == 3 + 2 + 6 + 3
+    assert both["bits"] == 32 * (3 + 2 + 3) + 12 + 6 * 2 + 4 * 32
+
+
+def test_profile_measures_non_zeros_and_the_cheapest_storage_of_each_tensor():
+    inputs = keras.Input((6,))
+    model = keras.Model(inputs, layers.Dense(40, name="a")(inputs))  # kernel 240, bias 40
+    kernel = np.random.default_rng(0).normal(size=(6, 40)).astype(np.float32)
+    kernel[:, :30] = 0.0  # 60 non-zeros of 240
+    model.get_layer("a").set_weights([kernel, np.arange(40, dtype=np.float32)])
+    prof = th.profile(model)
+    assert prof.params == 280 and prof.nonzero_params == 60 + 39
+    # kernel: 32 * 60 + 240 (bitmap) < 32 * 240; bias: 40 distinct values, 6-bit
+    # indices and a table (6 * 40 + 32 * 40) beat 32 * 39 + 40 and 32 * 40.
+    assert prof.bits == (32 * 60 + 240) + min(32 * 40, 32 * 39 + 40, 6 * 40 + 32 * 40)
+    shared = np.where(kernel > 0, 0.5, -0.5).astype(np.float32)  # 2 values: 1 bit each
+    model.get_layer("a").set_weights([shared, np.zeros(40, np.float32)])
+    assert th.profile(model).bits == (240 + 64) + 40  # the zero bias: its bitmap alone
+    ratios = th.profile(model).ratios(prof)
+    assert ratios["params"] == 240 / 280 and ratios["bits"] == (304 + 40) / (32 * 280)

@@ -19,6 +19,7 @@ from tfhybrid.report import summary
 from tfhybrid.schedules import ExponentialDecay, LinearRamp
 from tfhybrid.surgery import ChannelMask, factorize, prune_channels
 from tfhybrid.techniques.base import Technique, register_technique
+from tfhybrid.techniques.cluster import Cluster
 from tfhybrid.techniques.df import DF
 from tfhybrid.techniques.sparse import Sparse
 from tfhybrid.tfmot import quantize_aware
@@ -32,6 +33,7 @@ __all__ = [
     "CompressionLogger",
     "CompressionScheduler",
     "CompressionModel",
+    "Cluster",
     "DF",
     "Sparse",
     "Technique",

@@ -56,8 +56,10 @@ class Profile:
         layers: one `LayerCost` per layer call, in topological order.
         nonzero_params: the parameters that are not exactly zero (what a params
             budget counts).
-        bits: storage of the weights: per weight tensor, 32 bits per value, or, where
-            it is cheaper, 32 bits per non-zero plus a one-bit-per-entry bitmap.
+        bits: storage of the weights: per weight tensor the cheapest of 32 bits per
+            value; 32 bits per non-zero and a one-bit-per-entry bitmap; or, for a
+            tensor of at most 256 distinct values, an index of ceil(log2(distinct))
+            bits per entry and the distinct values at 32 bits each.
     """
 
     macs: int
@@ -156,8 +158,20 @@ def profile(model: Any) -> Profile:
         params=model.count_params(),
         layers=costs,
         nonzero_params=sum(nonzero),
-        bits=sum(min(32 * w.size, 32 * n + w.size) for w, n in zip(weights, nonzero)),
+        bits=sum(_stored_bits(w, n) for w, n in zip(weights, nonzero)),
     )
+
+
+def _stored_bits(weight: np.ndarray, nonzero: int) -> int:
+    """Bits of `weight` in the cheapest of the encodings `Profile.bits` names."""
+    options = [32 * weight.size, 32 * nonzero + weight.size]
+    if np.unique(weight.ravel()[:1024]).size > 256:  # most float tensors: no table
+        return min(options)
+    distinct = np.unique(weight).size
+    if distinct <= 256:
+        index_bits = max(1, math.ceil(math.log2(max(distinct, 2))))
+        options.append(index_bits * weight.size + 32 * distinct)
+    return min(options)
 
 
 def _multiplies_unknown_kernel(layer: Any) -> bool:
@@ -284,22 +298,32 @@ class CostModel:
         return int(round(float(costs["macs"]))), int(round(float(costs["params"])))
 
     def costs(
-        self, counts: dict | None = None, ranks: dict | None = None, densities: dict | None = None
+        self,
+        counts: dict | None = None,
+        ranks: dict | None = None,
+        densities: dict | None = None,
+        bits: dict | None = None,
     ) -> dict:
         """{"macs", "params", "bits"} for the decisions (see `evaluate`).
 
-        Bits count storage: 32 per float32 parameter (non-zeros only), plus, for each
-        kernel with a density below 1, one bit per entry of its dense shape (the
-        bitmap that says where the non-zeros are).
+        Bits count storage: 32 per float32 parameter (non-zeros only); a kernel with a
+        density below 1 adds one bit per entry of its dense shape (the bitmap of where
+        its non-zeros are); a kernel in `bits` stores, instead of its float32 values,
+        one index per entry and a table of float32 values.
+
+        Args:
+            counts, ranks, densities: as for `evaluate`.
+            bits: layer name -> (bits of each entry's index, values in its table), for
+                kernels whose weights share a few values (clustering, quantization).
 
         Returns:
             Floats (float64) for numbers, float32 scalar tensors if any decision is a
             tensor (then differentiable in them), (N,) arrays for (N,) arrays.
         """
-        counts, ranks, densities = counts or {}, ranks or {}, densities or {}
+        counts, ranks, densities, bits = counts or {}, ranks or {}, densities or {}, bits or {}
         values = (*counts.values(), *ranks.values(), *densities.values())
         xp = _TF if any(tf.is_tensor(v) for v in values) else _NUMPY
-        return self._evaluate(counts, ranks, xp, densities)
+        return self._evaluate(counts, ranks, xp, densities, bits)
 
     def kernel_matrix(self, name: str, counts: dict | None = None) -> tuple[float, float, float]:
         """(rows, cols, positions) of layer `name`'s kernel as a matrix, for group counts.
@@ -324,7 +348,7 @@ class CostModel:
         positions = sum(t.factored[1] for t in calls)
         return first.factored[0] * width(first.inputs), width(first.outputs), positions
 
-    def _evaluate(self, counts: dict, ranks: dict, xp: Any, densities: dict) -> dict:
+    def _evaluate(self, counts: dict, ranks: dict, xp: Any, densities: dict, bits: dict) -> dict:
         arr = {k: xp.const(v) for k, v in self._arrays().items()}
         group_counts = xp.stack([counts.get(g, size) for g, size in enumerate(self.sizes)])
         cin = xp.matvec(arr["inputs"], group_counts)
@@ -342,8 +366,13 @@ class CostModel:
         split = xp.logical_and(ranked, split_macs < full_macs)
         macs = xp.pick(ranked, split, split_macs, full_macs)
         params = xp.pick(ranked, split, split_params, full_params)
-        bits = 32.0 * params + sparse * entries
-        return {"macs": xp.sum(macs), "params": xp.sum(params), "bits": xp.sum(bits)}
+        shared = np.array([t.name in bits for t in self.terms], float)
+        index_bits = np.array([bits.get(t.name, (0, 0))[0] for t in self.terms], float)
+        table = np.array([bits.get(t.name, (0, 0))[1] for t in self.terms], float)
+        # A shared-value kernel's entries store an index each instead of 32 bits.
+        stored = 32.0 * params + sparse * entries + shared * (entries * (index_bits - 32.0))
+        stored = stored + 32.0 * table
+        return {"macs": xp.sum(macs), "params": xp.sum(params), "bits": xp.sum(stored)}
 
     def _arrays(self) -> dict:
         """The terms as arrays: layouts as (terms x groups) matrices of multipliers."""

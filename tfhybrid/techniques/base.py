@@ -77,7 +77,8 @@ class Decisions:
         counts: channel group id -> channels kept.
         ranks: layer name -> rank of its kernel.
         densities: layer name -> share of its kernel's weights that are non-zero.
-        bits: layer name -> bits per kept kernel weight (float32: 32).
+        bits: layer name -> (bits of each kernel entry's index, values in its table),
+            for kernels that share a few values (see `cost.CostModel.costs`).
     """
 
     counts: dict = dataclasses.field(default_factory=dict)

@@ -384,7 +384,8 @@ class _Projection:
     def __init__(self, model: Any, round_to: int):
         self.model = model
         self.round_to = round_to
-        self.densities = model.decisions(hard=True).densities  # other techniques' sparsity
+        others = model.decisions(hard=True)  # e.g. the sparsity and clusters of other layers
+        self.densities, self.bits = others.densities, others.bits
         self.scores: dict = {}  # ("group", gid) or ("rank", name) -> scores
         gates = gates_of(model)
         if gates is not None:
@@ -433,7 +434,7 @@ class _Projection:
         (N,) arrays."""
         groups = {gid: n for (kind, gid), n in counts.items() if kind == "group"}
         ranks = {name: n for (kind, name), n in counts.items() if kind == "rank"}
-        return self.model.cost_model.costs(groups, ranks, self.densities)
+        return self.model.cost_model.costs(groups, ranks, self.densities, self.bits)
 
     def trials(self, counts: dict, changed: dict) -> tuple:
         """`counts` with one key at a time set to its count in `changed`, evaluated.

@@ -165,7 +165,9 @@ class CompressionModel(keras.Model):
 
     def ratios_of(self, decisions: base.Decisions) -> dict:
         """MACs, params and bits of `decisions` over the original model's."""
-        costs = self.cost_model.costs(decisions.counts, decisions.ranks, decisions.densities)
+        costs = self.cost_model.costs(
+            decisions.counts, decisions.ranks, decisions.densities, decisions.bits
+        )
         return {k: costs[k] / self.original_cost[k] for k in costs}
 
     def ratios(self, hard: bool = False, straight_through: bool = False) -> dict:
@@ -181,7 +183,7 @@ class CompressionModel(keras.Model):
         soft, hard_now = self.decisions(), self.decisions(hard=True)
         counts = {k: _straight_through(hard_now.counts[k], v) for k, v in soft.counts.items()}
         ranks = {k: _straight_through(hard_now.ranks[k], v) for k, v in soft.ranks.items()}
-        return self.ratios_of(base.Decisions(counts, ranks, soft.densities))
+        return self.ratios_of(base.Decisions(counts, ranks, soft.densities, soft.bits))
 
     # -- training ------------------------------------------------------------------------
     @contextlib.contextmanager

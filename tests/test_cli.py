@@ -92,6 +92,29 @@ def test_report_prints_the_layer_table(model_file, capsys):
     )
 
 
+def test_report_gives_a_stacked_models_shares_of_the_original(tmp_path, capsys):
+    original = lenet5()
+    budget = th.Budget(macs=0.3, params=0.2)
+    compressed = th.hybrid_compress(
+        original, budget, [th.DF(ranks=False), th.Sparse(sparsity=0.5)], search_steps=2
+    )
+    compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(0).normal(size=(16, 28, 28, 1)).astype(np.float32)
+    y = np.arange(16) % 10
+    compressed.fit(x, y, batch_size=8, verbose=0, callbacks=[th.CompressionScheduler()])
+    small_path, original_path = tmp_path / "small.keras", tmp_path / "original.keras"
+    th.strip(compressed).save(small_path)
+    original.save(original_path)
+    status, out, err = run(capsys, "report", small_path, "--original", original_path)
+    assert status == 0, err
+    shares = dict(
+        part.split() for part in out.split("share of the original: ")[1].strip().split(", ")
+    )
+    assert float(shares["macs"]) <= 0.3 and float(shares["params"]) <= 0.2
+    assert float(shares["bits"]) <= 0.2 + 1 / 32  # 32 bits per non-zero, 1 per entry
+    assert " non-zero), " in out
+
+
 @pytest.fixture(scope="module")
 def search_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "searching.keras"

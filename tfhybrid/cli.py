@@ -2,11 +2,13 @@
 
     python -m tfhybrid export MODEL.keras --quantize int8 --representative mnist \
         --target edgetpu --out model.tflite
-    python -m tfhybrid report MODEL.keras
+    python -m tfhybrid report MODEL.keras [--original ORIGINAL.keras]
 
 `export` writes the `.tflite` file and prints the export report (exit status 3
 when `--target edgetpu` finds ops that cannot map). `report` prints the per-layer
-MACs/params table. Bad input (a missing or non-Keras file, an unknown command or
+MACs/params table, the totals (non-zero parameters and storage bits too) and, with
+`--original`, the model's share of the original's MACs, params and bits, as a
+`Budget` counts them. Bad input (a missing or non-Keras file, an unknown command or
 flag) gives one line on stderr and exit status 2.
 """
 
@@ -41,6 +43,12 @@ flags.DEFINE_string(
 flags.DEFINE_bool("sparse", False, "Also use the sparse weight encoding.", flag_values=FLAGS)
 flags.DEFINE_integer(
     "samples", 100, "Representative inputs to use.", flag_values=FLAGS, lower_bound=1
+)
+flags.DEFINE_string(
+    "original",
+    None,
+    "report: the uncompressed model, to print the shares of it.",
+    flag_values=FLAGS,
 )
 
 COMMANDS = ("export", "report")
@@ -109,10 +117,17 @@ def export(model: Any, model_path: str) -> int:
 
 
 def report(model: Any) -> int:
-    """`report`: prints the per-layer MACs/params table and the totals."""
+    """`report`: prints the per-layer MACs/params table, the totals and, with
+    `--original`, the shares of the original model."""
     summary(model)
     prof = cost.profile(model)
-    print(f"total: {prof.macs:,} MACs, {prof.params:,} params")
+    print(
+        f"total: {prof.macs:,} MACs, {prof.params:,} params ({prof.nonzero_params:,} "
+        f"non-zero), {prof.bits:,} bits"
+    )
+    if FLAGS.original:
+        shares = prof.ratios(cost.profile(load(FLAGS.original)))
+        print("share of the original: " + ", ".join(f"{k} {v:.4f}" for k, v in shares.items()))
     return 0
 
 

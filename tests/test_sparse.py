@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
 
 import tfhybrid as th
@@ -113,3 +114,19 @@ def test_a_sparse_search_saves_loads_and_resumes(tmp_path, suffix):
     _fit(loaded, epochs=1)
     assert loaded.search_finished()
     assert th.profile(th.strip(loaded)).ratios(th.profile(lenet5()))["params"] <= 0.5
+
+
+def test_the_logger_writes_the_budget_ratios_and_each_kernels_sparsity(tmp_path):
+    compressed = th.hybrid_compress(lenet5(), th.Budget(params=0.5), [th.Sparse()], search_steps=4)
+    x, y = _data(32)
+    compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callbacks = [th.CompressionScheduler(), th.CompressionLogger(str(tmp_path))]
+    compressed.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=callbacks)
+    tags = {
+        value.tag: float(tf.make_ndarray(value.tensor))
+        for path in tmp_path.glob("events.out.tfevents.*")
+        for event in tf.compat.v1.train.summary_iterator(str(path))
+        for value in event.summary.value
+    }
+    assert tags["compression/params_ratio"] <= 0.5 and "compression/bits_ratio" in tags
+    assert tags["sparsity/fc1"] == pytest.approx(compressed.technique("sparse").sparsity, abs=0.01)

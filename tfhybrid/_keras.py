@@ -49,9 +49,23 @@ SEPARABLE_CONV = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
 #: Plain convolutions (the classes above derive from these or their base; test them first).
 CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 
+
+def nested_io(model: keras.Model) -> tuple:
+    """A functional model's inputs and outputs in the structure it was built with."""
+    return model._nested_inputs, model._nested_outputs  # noqa: SLF001 - no public getter
+
+
+def steps_per_execution(model: keras.Model) -> int:
+    """The `steps_per_execution` a model was compiled with (1 if not compiled)."""
+    per_call = model._steps_per_execution  # noqa: SLF001 - Keras keeps no public getter
+    return 1 if per_call is None else int(per_call.numpy())
+
+
 __all__ = [
     "keras",
     "keras_functional",
+    "nested_io",
+    "steps_per_execution",
     "KerasTensor",
     "CONV",
     "DEPTHWISE_CONV",

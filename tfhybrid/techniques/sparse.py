@@ -121,15 +121,14 @@ class Sparse(base.Technique):
         return None
 
     def prepare(self, setup: base.Setup, others: list[base.Technique]) -> None:
-        target = self.sparsity
-        if target is None:
-            target = _sparsity_for_budget(setup, self._taken)
-        self._target = target
+        """Derives the sparsity from the budget if none was given (saved as the option)."""
+        if self.sparsity is None:
+            self.sparsity = _sparsity_for_budget(setup, self._taken)
 
     def replace_layer(self, op: graph.Op) -> graph.Replacement | None:
         if op.layer.name not in self._taken:
             return None
-        schedule = _sparsity.PolynomialDecay(0.0, self._target, 0, 1, frequency=1)
+        schedule = _sparsity.PolynomialDecay(0.0, self.sparsity, 0, 1, frequency=1)
         inner = graph.clone_layer(op.layer)
         wrapper = SparseWrapper(inner, pruning_schedule=schedule, block_size=self.block_size)
         return _with_inner_weights(wrapper, op.layer.get_weights())

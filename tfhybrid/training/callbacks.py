@@ -8,7 +8,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfhybrid._keras import keras
+from tfhybrid._keras import keras, steps_per_execution
 from tfhybrid.training.model import CompressionModel
 
 
@@ -43,11 +43,11 @@ class CompressionScheduler(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict | None = None) -> None:
         model = self.model
         searching = not model.search_finished()
-        per_call = model._steps_per_execution  # noqa: SLF001 - Keras keeps no public getter
-        if searching and per_call is not None and int(per_call.numpy()) > 1:
+        per_call = steps_per_execution(model)
+        if searching and per_call > 1:
             raise ValueError(
                 f"Model '{model.name}' was compiled with steps_per_execution="
-                f"{int(per_call.numpy())}; the search takes its decisions between two "
+                f"{per_call}; the search takes its decisions between two "
                 "batches, so compile it with steps_per_execution=1 until the search ends "
                 f"(step {model.search_steps})."
             )

@@ -199,6 +199,7 @@ class CompressionModel(keras.Model):
         with self._shared_decisions():
             return super().call(inputs, training=training, mask=mask)
 
+    @tf.autograph.experimental.do_not_convert  # no tensor-dependent Python flow
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None):
         loss = super().compute_loss(x, y, y_pred, sample_weight)
         step = self.compression_step
@@ -212,6 +213,7 @@ class CompressionModel(keras.Model):
         own = tf.add_n([term for term in terms if term is not None] or [0.0])
         return loss + (weight * penalty + own) / replicas
 
+    @tf.autograph.experimental.do_not_convert  # no tensor-dependent Python flow
     def compute_metrics(self, x, y, y_pred, sample_weight):
         result = super().compute_metrics(x, y, y_pred, sample_weight)
         traced = self._held.ratios
@@ -222,6 +224,7 @@ class CompressionModel(keras.Model):
             hard = self.ratios(hard=True)
         return {**result, **{f"{k}_ratio": v for k, v in hard.items()}}
 
+    @tf.autograph.experimental.do_not_convert  # no tensor-dependent Python flow
     def train_step(self, data):
         """One gradient of the loss: the user's optimizer updates the weights, the
         compression optimizer the compression variables; then every technique's
@@ -248,6 +251,7 @@ class CompressionModel(keras.Model):
             technique.after_step(self)
         return logs
 
+    @tf.autograph.experimental.do_not_convert  # no tensor-dependent Python flow
     def test_step(self, data):
         """Keras's test step, each mask and gate built once for the pass and the budget."""
         with self._shared_decisions():

@@ -9,7 +9,7 @@ from typing import Any
 
 from tfhybrid import budget as budget_lib
 from tfhybrid import channels, cost, graph, schedules
-from tfhybrid._keras import keras
+from tfhybrid._keras import keras, nested_io
 from tfhybrid.techniques import base
 from tfhybrid.training import model as model_lib
 
@@ -76,9 +76,7 @@ def compress(
         return wrapped if (call is not None or wrapped is not start) else None
 
     plain = graph.rebuild(analysis.model, replace)
-    compressed = model_lib.CompressionModel(
-        plain._nested_inputs, plain._nested_outputs, settings, name=model.name
-    )
+    compressed = model_lib.CompressionModel(*nested_io(plain), settings, name=model.name)
     for technique in techniques:
         technique.initialize(compressed, model)
         if search_steps is not None:

@@ -43,16 +43,31 @@ _MIRRORED = textwrap.dedent(
     small = th.strip(model)
     assert th.profile(small).macs <= 0.2 * th.profile(lenet5()).macs
     print("MIRRORED OK", int(model.compression_step.numpy()))
+    techniques = [th.DF(ranks=False), th.Sparse(sparsity=0.5, layers=["conv2", "fc1"]),
+                  th.Cluster(clusters=8, layers=["fc2"])]
+    with strategy.scope():
+        stacked = th.hybrid_compress(
+            lenet5(), th.Budget(macs=0.3, params=0.3), techniques, search_steps=4)
+        stacked.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    stacked.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[th.CompressionScheduler()])
+    for layer in stacked.technique_layers():
+        for var in layer.weights:
+            replicas = [v.numpy() for v in getattr(var, "values", [var])]
+            assert all(np.array_equal(replicas[0], r) for r in replicas), var.name
+    ratios = th.profile(th.strip(stacked)).ratios(th.profile(lenet5()))
+    assert ratios["macs"] <= 0.3 and ratios["params"] <= 0.3
+    print("STACKED OK", int(stacked.compression_step.numpy()))
     """
 )
 
 
-def test_search_under_mirrored_strategy_takes_identical_decisions_on_both_replicas():
+def test_searches_under_mirrored_strategy_take_identical_decisions_on_both_replicas():
     tests = pathlib.Path(__file__).parent
     result = subprocess.run(
         [sys.executable, "-c", _MIRRORED], cwd=tests, capture_output=True, text=True, timeout=600
     )
     assert "MIRRORED OK 12" in result.stdout, result.stderr[-3000:]
+    assert "STACKED OK 8" in result.stdout, result.stderr[-3000:]
 
 
 def _scalar_events(log_dir: pathlib.Path) -> list:

@@ -50,6 +50,15 @@ SEPARABLE_CONV = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
 CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 
 
+def is_factorable(layer) -> bool:
+    """Whether a layer's kernel can be split in two by SVD: a Dense, or a plain
+    channels-last Conv2D (not grouped, not a subclass such as a depthwise conv)."""
+    if type(layer) is keras.layers.Dense:
+        return True
+    conv = type(layer) is keras.layers.Conv2D
+    return conv and layer.groups == 1 and layer.data_format == "channels_last"
+
+
 def nested_io(model: keras.Model) -> tuple:
     """A functional model's inputs and outputs in the structure it was built with."""
     return model._nested_inputs, model._nested_outputs  # noqa: SLF001 - no public getter
@@ -63,6 +72,7 @@ def steps_per_execution(model: keras.Model) -> int:
 
 __all__ = [
     "keras",
+    "is_factorable",
     "keras_functional",
     "nested_io",
     "steps_per_execution",

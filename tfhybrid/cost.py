@@ -22,7 +22,14 @@ import numpy as np
 import tensorflow as tf
 
 from tfhybrid import graph
-from tfhybrid._keras import CONV, DEPTHWISE_CONV, SEPARABLE_CONV, TRANSPOSED_CONV, keras
+from tfhybrid._keras import (
+    CONV,
+    DEPTHWISE_CONV,
+    SEPARABLE_CONV,
+    TRANSPOSED_CONV,
+    is_factorable,
+    keras,
+)
 
 L = keras.layers
 
@@ -260,7 +267,7 @@ class CostModel:
                 params = (0.0, 0.0, 0.0, 0.0)
             counted.add(id(layer))
             factored = None
-            if type(layer) in (L.Dense, L.Conv2D) and getattr(layer, "groups", 1) == 1:
+            if is_factorable(layer):
                 area = math.prod(getattr(layer, "kernel_size", (1,)))
                 factored = (float(area), float(math.prod(out_shape[1:-1])))
             terms.append(

@@ -19,6 +19,7 @@ from tfhybrid._keras import (
     DEPTHWISE_CONV,
     SEPARABLE_CONV,
     TRANSPOSED_CONV,
+    is_factorable,
     keras,
 )
 
@@ -290,13 +291,6 @@ def _check_rank(calls: dict, names: set, name: str, rank: Any, force: bool) -> N
             f"Rank {rank} for layer '{name}' does not reduce its MACs ({after} >= {before}); "
             f"ranks up to {largest} do. Pass force=True to factorize anyway."
         )
-
-
-def is_factorable(layer: Any) -> bool:
-    """Whether `factorize` can split `layer`: a Dense, or a plain channels-last Conv2D."""
-    if type(layer) is L.Dense:
-        return True
-    return type(layer) is L.Conv2D and layer.groups == 1 and layer.data_format == "channels_last"
 
 
 def _kernel_matrix(kernel: np.ndarray) -> np.ndarray:

@@ -36,9 +36,9 @@ import numpy as np
 import tensorflow as tf
 
 from tfhybrid import budget as budget_lib
-from tfhybrid import cost, graph, schedules, surgery
+from tfhybrid import cost, graph, schedules
 from tfhybrid import plan as plan_lib
-from tfhybrid._keras import SCALE_COMMUTING, keras
+from tfhybrid._keras import SCALE_COMMUTING, is_factorable, keras
 from tfhybrid.techniques import base, magnitude
 
 L = keras.layers
@@ -812,7 +812,7 @@ class _Choice:
 
 def _why_not_factored(layer: L.Layer) -> str | None:
     """Why rank selection cannot take `layer`, or None if it can."""
-    if not surgery.is_factorable(layer):
+    if not is_factorable(layer):
         return (
             "rank selection takes Dense and plain channels-last Conv2D layers, not "
             f"{type(layer).__name__} (groups={getattr(layer, 'groups', 1)})"

@@ -133,3 +133,19 @@ def assert_unchanged(model: keras.Model, snapshot: list[np.ndarray], config: dic
     for a, b in zip(now, snapshot):
         np.testing.assert_array_equal(a, b)
     assert model.get_config() == config
+
+
+def mnist_like(n: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`n` random 28 x 28 x 1 inputs and labels 0..9 (for LeNet-shaped models)."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, n)
+
+
+def fit_search(compressed, epochs: int, n: int = 64, batch_size: int = 16) -> np.ndarray:
+    """Compiles (Adam) and fits a search model on `mnist_like(n)` with the scheduler;
+    returns the inputs."""
+    x, y = mnist_like(n)
+    compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callbacks = [th.CompressionScheduler()]
+    compressed.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, callbacks=callbacks)
+    return x

@@ -7,19 +7,9 @@ from tensorflow_model_optimization.python.core.clustering.keras import cluster_w
 import tfhybrid as th
 from tfhybrid.techniques import cluster
 
-from models import lenet5
+from models import fit_search, lenet5
 
 keras = th.keras
-
-
-def _fit(compressed, epochs):
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(64, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 64)
-    compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    compressed.fit(
-        x, y, batch_size=16, epochs=epochs, verbose=0, callbacks=[th.CompressionScheduler()]
-    )
-    return x
 
 
 def test_clustered_kernels_keep_their_values_and_count_as_indices_and_a_table():
@@ -28,7 +18,7 @@ def test_clustered_kernels_keep_their_values_and_count_as_indices_and_a_table():
     wrappers = [la for la in compressed.layers if isinstance(la, cluster.ClusterWrapper)]
     assert all(isinstance(w, cluster_wrapper.ClusterWeights) for w in wrappers)
     assert [w.layer.name for w in wrappers] == ["conv1", "conv2", "fc1", "fc2"]
-    x = _fit(compressed, epochs=2)
+    x = fit_search(compressed, epochs=2)
     small = th.strip(compressed)
     for name in ("conv1", "conv2", "fc1", "fc2"):
         assert np.unique(small.get_layer(name).kernel.numpy()).size <= 16
@@ -49,7 +39,7 @@ def test_df_filters_and_cluster_stack_under_macs_and_bits():
         [th.DF(ranks=False), th.Cluster(clusters=8)],
         search_steps=4,
     )
-    x = _fit(compressed, epochs=2)
+    x = fit_search(compressed, epochs=2)
     small = th.strip(compressed)
     scale = np.abs(compressed(x[:8]).numpy()).max()
     np.testing.assert_allclose(small(x[:8]), compressed(x[:8]), atol=1e-5 * scale)

@@ -8,23 +8,9 @@ from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wra
 import tfhybrid as th
 from tfhybrid.techniques import sparse
 
-from models import assert_unchanged, lenet5, weights_snapshot
+from models import assert_unchanged, fit_search, lenet5, mnist_like, weights_snapshot
 
 keras = th.keras
-
-
-def _data(n=64, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, n)
-
-
-def _fit(compressed, epochs, n=64):
-    x, y = _data(n)
-    compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    compressed.fit(
-        x, y, batch_size=16, epochs=epochs, verbose=0, callbacks=[th.CompressionScheduler()]
-    )
-    return x
 
 
 def _kernel_zeros(model) -> dict:
@@ -43,7 +29,7 @@ def test_sparse_alone_meets_a_params_budget_with_tfmots_wrappers():
     wrappers = [la for la in compressed.layers if isinstance(la, sparse.SparseWrapper)]
     assert [w.layer.name for w in wrappers] == ["conv1", "conv2", "fc1", "fc2"]
     assert all(isinstance(w, pruning_wrapper.PruneLowMagnitude) for w in wrappers)
-    x = _fit(compressed, epochs=4)  # 16 steps: the sparsity ramps over the first 8
+    x = fit_search(compressed, epochs=4)  # 16 steps: the sparsity ramps over the first 8
     assert compressed.search_steps == 8 and compressed.search_finished()
     assert all(w.pruning_schedule.end_step == 8 for w in wrappers)
     small = th.strip(compressed)
@@ -62,7 +48,7 @@ def test_df_filters_and_sparse_stack_under_one_budget_to_int8_tflite(tmp_path):
     compressed = th.hybrid_compress(
         model, budget, [th.DF(ranks=False), th.Sparse(sparsity=0.5)], search_steps=8
     )
-    x = _fit(compressed, epochs=4)
+    x = fit_search(compressed, epochs=4)
     small = th.strip(compressed)
     scale = np.abs(compressed(x[:8]).numpy()).max()
     np.testing.assert_allclose(small(x[:8]), compressed(x[:8]), atol=1e-5 * scale)
@@ -103,7 +89,7 @@ def test_sparse_options_and_their_errors():
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
 def test_a_sparse_search_saves_loads_and_resumes(tmp_path, suffix):
     compressed = th.hybrid_compress(lenet5(), th.Budget(params=0.5), [th.Sparse()], search_steps=8)
-    x = _fit(compressed, epochs=1)
+    x = fit_search(compressed, epochs=1)
     path = str(tmp_path / f"sparse{suffix}")
     compressed.save(path)
     with th.custom_object_scope():
@@ -111,14 +97,14 @@ def test_a_sparse_search_saves_loads_and_resumes(tmp_path, suffix):
     assert [t.name for t in loaded.techniques] == ["sparse"]
     assert int(loaded.compression_step.numpy()) == 4
     np.testing.assert_allclose(loaded(x[:4]), compressed(x[:4]), rtol=1e-5, atol=1e-6)
-    _fit(loaded, epochs=1)
+    fit_search(loaded, epochs=1)
     assert loaded.search_finished()
     assert th.profile(th.strip(loaded)).ratios(th.profile(lenet5()))["params"] <= 0.5
 
 
 def test_the_logger_writes_the_budget_ratios_and_each_kernels_sparsity(tmp_path):
     compressed = th.hybrid_compress(lenet5(), th.Budget(params=0.5), [th.Sparse()], search_steps=4)
-    x, y = _data(32)
+    x, y = mnist_like(32)
     compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     callbacks = [th.CompressionScheduler(), th.CompressionLogger(str(tmp_path))]
     compressed.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=callbacks)

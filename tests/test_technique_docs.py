@@ -9,7 +9,7 @@ import pytest
 import tfhybrid as th
 from tfhybrid.techniques import base
 
-from models import lenet5
+from models import fit_search, lenet5
 
 keras = th.keras
 _DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "techniques.md"
@@ -24,16 +24,6 @@ def example() -> dict:
     return namespace
 
 
-def _fit(compressed, epochs=2):
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(32, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 32)
-    compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    compressed.fit(
-        x, y, batch_size=8, epochs=epochs, verbose=0, callbacks=[th.CompressionScheduler()]
-    )
-    return x
-
-
 def test_the_documented_technique_trains_and_strips_to_its_truncated_svd(example, tmp_path):
     model = lenet5()
     compressed = th.hybrid_compress(
@@ -44,7 +34,7 @@ def test_the_documented_technique_trains_and_strips_to_its_truncated_svd(example
     u, s, vt = np.linalg.svd(kernel, full_matrices=False)
     truncated = (u[:, :32] * s[:32]) @ vt[:32]
     np.testing.assert_allclose(fc1.u.numpy() @ fc1.v.numpy(), truncated, atol=1e-5)
-    x = _fit(compressed)
+    x = fit_search(compressed, epochs=2, n=32, batch_size=8)
     small = th.strip(compressed)
     assert [la.name for la in small.layers if la.name.startswith("fc1")] == ["fc1_u", "fc1_v"]
     assert small.get_layer("fc1_u").units == 32
@@ -60,7 +50,7 @@ def test_the_documented_technique_stacks_with_df_under_one_budget(example):
     model = lenet5()
     techniques = [th.DF(ranks=False), example["FixedRanks"]({"fc1": 32})]
     compressed = th.hybrid_compress(model, th.Budget(macs=0.5), techniques, search_steps=4)
-    x = _fit(compressed)
+    x = fit_search(compressed, epochs=2, n=32, batch_size=8)
     small = th.strip(compressed)
     scale = np.abs(compressed(x[:4]).numpy()).max()
     np.testing.assert_allclose(small(x[:4]), compressed(x[:4]), atol=1e-4 * scale)

@@ -203,3 +203,27 @@ def test_profile_measures_non_zeros_and_the_cheapest_storage_of_each_tensor():
     assert th.profile(model).bits == (240 + 64) + 40  # the zero bias: its bitmap alone
     ratios = th.profile(model).ratios(prof)
     assert ratios["params"] == 240 / 280 and ratios["bits"] == (304 + 40) / (32 * 280)
+
+
+def test_a_tucker2_chain_costs_what_the_three_convs_it_stands_for_cost():
+    from tfhybrid import channels, cost
+
+    def conv_model(*convs):
+        inputs = keras.Input((12, 12, 8))
+        x = inputs
+        for conv in convs:
+            x = conv(x)
+        return keras.Model(inputs, layers.Conv2D(4, 1, name="head")(x))
+
+    model = conv_model(layers.Conv2D(16, 3, strides=2, padding="same", name="conv"))
+    chain = conv_model(
+        layers.Conv2D(3, 1, use_bias=False, name="first"),  # at the input's 12 x 12
+        layers.Conv2D(5, 3, strides=2, padding="same", use_bias=False, name="core"),
+        layers.Conv2D(16, 1, name="last"),  # at the output's 6 x 6, with the bias
+    )
+    model_cost = cost.CostModel.from_analysis(channels.analyze(model))
+    costs = model_cost.costs(tucker={"conv": (3, 5)})
+    expected = th.profile(chain)
+    assert (costs["macs"], costs["params"]) == (expected.macs, expected.params)
+    # By hand: 144*8*3 + 36*9*3*5 + 36*5*16 MACs, then the head's 36*16*4.
+    assert costs["macs"] == 144 * 8 * 3 + 36 * 9 * 3 * 5 + 36 * 5 * 16 + 36 * 16 * 4

@@ -226,6 +226,8 @@ class LayerTerms:
         factored: for Dense/Conv2D that may be split: (area, positions) with which
             the split costs `positions*(area*cin*r + r*cout)` MACs and
             `area*cin*r + r*cout + pc*cout` params; None otherwise.
+        input_positions: for those, the positions of the layer's input (a Tucker-2
+            form's first 1 x 1 conv runs there, before any stride).
     """
 
     name: str
@@ -234,6 +236,7 @@ class LayerTerms:
     macs: tuple
     params: tuple
     factored: tuple | None = None
+    input_positions: float = 0.0
 
 
 class CostModel:
@@ -266,10 +269,11 @@ class CostModel:
             if id(layer) in counted:
                 params = (0.0, 0.0, 0.0, 0.0)
             counted.add(id(layer))
-            factored = None
+            factored, input_positions = None, 0.0
             if is_factorable(layer):
                 area = math.prod(getattr(layer, "kernel_size", (1,)))
                 factored = (float(area), float(math.prod(out_shape[1:-1])))
+                input_positions = float(math.prod(in_shape[1:-1]))
             terms.append(
                 LayerTerms(
                     layer.name,
@@ -278,6 +282,7 @@ class CostModel:
                     (float(a), float(b)),
                     params,
                     factored,
+                    input_positions,
                 )
             )
         return cls(terms, [g.size for g in analysis.groups])
@@ -310,6 +315,7 @@ class CostModel:
         ranks: dict | None = None,
         densities: dict | None = None,
         bits: dict | None = None,
+        tucker: dict | None = None,
     ) -> dict:
         """{"macs", "params", "bits"} for the decisions (see `evaluate`).
 
@@ -322,15 +328,19 @@ class CostModel:
             counts, ranks, densities: as for `evaluate`.
             bits: layer name -> (bits of each entry's index, values in its table), for
                 kernels whose weights share a few values (clustering, quantization).
+            tucker: layer name -> (r1, r2): the layer as a Tucker-2 chain, a 1 x 1
+                conv to r1 channels (at the input's positions), its k x k conv to r2
+                channels and a 1 x 1 conv back (at the output's positions), counted
+                as given.
 
         Returns:
             Floats (float64) for numbers, float32 scalar tensors if any decision is a
             tensor (then differentiable in them), (N,) arrays for (N,) arrays.
         """
-        counts, ranks, densities, bits = counts or {}, ranks or {}, densities or {}, bits or {}
-        values = (*counts.values(), *ranks.values(), *densities.values())
-        xp = _TF if any(tf.is_tensor(v) for v in values) else _NUMPY
-        return self._evaluate(counts, ranks, xp, densities, bits)
+        decided = [counts or {}, ranks or {}, densities or {}, bits or {}, tucker or {}]
+        values = [v for d in decided for v in d.values()]
+        tensors = any(tf.is_tensor(v) for v in tf.nest.flatten(values))
+        return self._evaluate(*decided[:2], _TF if tensors else _NUMPY, *decided[2:])
 
     def kernel_matrix(self, name: str, counts: dict | None = None) -> tuple[float, float, float]:
         """(rows, cols, positions) of layer `name`'s kernel as a matrix, for group counts.
@@ -355,7 +365,9 @@ class CostModel:
         positions = sum(t.factored[1] for t in calls)
         return first.factored[0] * width(first.inputs), width(first.outputs), positions
 
-    def _evaluate(self, counts: dict, ranks: dict, xp: Any, densities: dict, bits: dict) -> dict:
+    def _evaluate(
+        self, counts: dict, ranks: dict, xp: Any, densities: dict, bits: dict, tucker: dict
+    ) -> dict:
         arr = {k: xp.const(v) for k, v in self._arrays().items()}
         group_counts = xp.stack([counts.get(g, size) for g, size in enumerate(self.sizes)])
         cin = xp.matvec(arr["inputs"], group_counts)
@@ -373,6 +385,15 @@ class CostModel:
         split = xp.logical_and(ranked, split_macs < full_macs)
         macs = xp.pick(ranked, split, split_macs, full_macs)
         params = xp.pick(ranked, split, split_params, full_params)
+        if tucker:
+            chained = np.array([t.factored is not None and t.name in tucker for t in self.terms])
+            r1 = xp.stack([tucker.get(t.name, (0, 0))[0] for t in self.terms])
+            r2 = xp.stack([tucker.get(t.name, (0, 0))[1] for t in self.terms])
+            core = arr["area"] * r1 * r2
+            tucker_macs = arr["input_positions"] * cin * r1 + arr["positions"] * (core + r2 * cout)
+            tucker_params = (cin * r1 + core + r2 * cout + pc * cout) * arr["first"]
+            macs = xp.where(chained, tucker_macs, macs)
+            params = xp.where(chained, tucker_params, params)
         shared = np.array([t.name in bits for t in self.terms], float)
         index_bits = np.array([bits.get(t.name, (0, 0))[0] for t in self.terms], float)
         table = np.array([bits.get(t.name, (0, 0))[1] for t in self.terms], float)
@@ -401,6 +422,7 @@ class CostModel:
                 **{k: params[:, i] for i, k in enumerate(("p0", "pa", "pb", "pc"))},
                 "area": factored[:, 0],
                 "positions": factored[:, 1],
+                "input_positions": np.array([t.input_positions for t in self.terms], np.float64),
                 "first": np.array([float(any(t.params)) for t in self.terms]),
             }
         return self._cache
@@ -429,6 +451,7 @@ class _NUMPY:
     stack = staticmethod(lambda values: np.stack(np.broadcast_arrays(*values), -1).astype(float))
     matvec = staticmethod(lambda matrix, vectors: vectors @ matrix.T)
     logical_and = np.logical_and
+    where = staticmethod(np.where)
     sum = staticmethod(lambda values: np.sum(values, axis=-1))
 
 
@@ -456,3 +479,7 @@ class _TF:
         return tf.where(ranked, if_split + tf.stop_gradient(value - if_split), value)
 
     logical_and, sum = tf.logical_and, tf.reduce_sum
+
+    @staticmethod
+    def where(condition, yes, no):
+        return tf.where(condition, yes, no)

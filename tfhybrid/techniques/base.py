@@ -79,21 +79,23 @@ class Decisions:
         densities: layer name -> share of its kernel's weights that are non-zero.
         bits: layer name -> (bits of each kernel entry's index, values in its table),
             for kernels that share a few values (see `cost.CostModel.costs`).
+        tucker: layer name -> (r1, r2), a conv kept as a Tucker-2 chain.
     """
 
     counts: dict = dataclasses.field(default_factory=dict)
     ranks: dict = dataclasses.field(default_factory=dict)
     densities: dict = dataclasses.field(default_factory=dict)
     bits: dict = dataclasses.field(default_factory=dict)
+    tucker: dict = dataclasses.field(default_factory=dict)
 
     def merged(self, other: Decisions) -> Decisions:
         """Both techniques' decisions (their layers and groups are disjoint)."""
-        return Decisions(
-            {**self.counts, **other.counts},
-            {**self.ranks, **other.ranks},
-            {**self.densities, **other.densities},
-            {**self.bits, **other.bits},
-        )
+        fields = [f.name for f in dataclasses.fields(self)]
+        return Decisions(**{f: {**getattr(self, f), **getattr(other, f)} for f in fields})
+
+    def costed_by(self, cost_model: Any) -> dict:
+        """{"macs", "params", "bits"} of these decisions (`cost.CostModel.costs`)."""
+        return cost_model.costs(self.counts, self.ranks, self.densities, self.bits, self.tucker)
 
 
 class Technique(abc.ABC):

@@ -27,6 +27,7 @@ and states its decisions as a plan, which `surgery.strip` turns into a plain mod
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 import warnings
@@ -368,6 +369,13 @@ def factored_layer(layer: Any, rank: int, temperature: dict) -> graph.Replacemen
     return graph.with_weights(factored, factored.initial_weights(svd, (bias or [None])[0]))
 
 
+def _number(value: Any) -> Any:
+    """A tensor's value as numpy (tuples element-wise); numbers as they are."""
+    if isinstance(value, tuple):
+        return tuple(_number(v) for v in value)
+    return value.numpy() if tf.is_tensor(value) else value
+
+
 class _Projection:
     """Hard decisions from the search's scores, projected onto the budget.
 
@@ -384,8 +392,13 @@ class _Projection:
     def __init__(self, model: Any, round_to: int):
         self.model = model
         self.round_to = round_to
-        others = model.decisions(hard=True)  # e.g. the sparsity and clusters of other layers
-        self.densities, self.bits = others.densities, others.bits
+        hard = model.decisions(hard=True)  # e.g. other layers' sparsity and clusters
+        self.others = base.Decisions(
+            **{
+                field.name: {k: _number(v) for k, v in getattr(hard, field.name).items()}
+                for field in dataclasses.fields(hard)
+            }
+        )
         self.scores: dict = {}  # ("group", gid) or ("rank", name) -> scores
         gates = gates_of(model)
         if gates is not None:
@@ -434,7 +447,11 @@ class _Projection:
         (N,) arrays."""
         groups = {gid: n for (kind, gid), n in counts.items() if kind == "group"}
         ranks = {name: n for (kind, name), n in counts.items() if kind == "rank"}
-        return self.model.cost_model.costs(groups, ranks, self.densities, self.bits)
+        others = self.others
+        decided = dataclasses.replace(
+            others, counts={**others.counts, **groups}, ranks={**others.ranks, **ranks}
+        )
+        return decided.costed_by(self.model.cost_model)
 
     def trials(self, counts: dict, changed: dict) -> tuple:
         """`counts` with one key at a time set to its count in `changed`, evaluated.

@@ -11,6 +11,7 @@ make its decisions hard. `strip` merges the techniques' plans.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import types
 from typing import Any
@@ -165,9 +166,7 @@ class CompressionModel(keras.Model):
 
     def ratios_of(self, decisions: base.Decisions) -> dict:
         """MACs, params and bits of `decisions` over the original model's."""
-        costs = self.cost_model.costs(
-            decisions.counts, decisions.ranks, decisions.densities, decisions.bits
-        )
+        costs = decisions.costed_by(self.cost_model)
         return {k: costs[k] / self.original_cost[k] for k in costs}
 
     def ratios(self, hard: bool = False, straight_through: bool = False) -> dict:
@@ -183,7 +182,7 @@ class CompressionModel(keras.Model):
         soft, hard_now = self.decisions(), self.decisions(hard=True)
         counts = {k: _straight_through(hard_now.counts[k], v) for k, v in soft.counts.items()}
         ranks = {k: _straight_through(hard_now.ranks[k], v) for k, v in soft.ranks.items()}
-        return self.ratios_of(base.Decisions(counts, ranks, soft.densities, soft.bits))
+        return self.ratios_of(dataclasses.replace(soft, counts=counts, ranks=ranks))
 
     # -- training ------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -15,6 +15,7 @@ search should land in the same place under each.
 import json
 import os
 import pathlib
+import statistics
 import sys
 import time
 
@@ -47,6 +48,7 @@ flags.DEFINE_integer("fit_epochs", 4, "Epochs of the compressed fit (search + fi
 flags.DEFINE_integer("finetune_epochs", 1, "Epochs of fine-tuning after strip.")
 flags.DEFINE_integer("train_batches", 0, "Use only this many training batches (0: all).")
 flags.DEFINE_string("out", "docs/results/optimizers.json", "Result JSON.")
+flags.DEFINE_list("from_json", [], "Only print the table of these result JSONs (merged).")
 
 
 def compile_with(model, optimizer):
@@ -92,6 +94,14 @@ def run_one(name: str, seed: int, train, test) -> dict:
 
 def main(argv):
     del argv
+    if FLAGS.from_json:
+        runs = [
+            r
+            for path in FLAGS.from_json
+            for r in json.loads(pathlib.Path(path).read_text())["results"]
+        ]
+        print("\n".join(table(runs)))
+        return
     train = mnist("train", 128, shuffle_seed=0)
     if FLAGS.train_batches:
         train = train.take(FLAGS.train_batches)
@@ -119,6 +129,13 @@ def table(results: list[dict]) -> list[str]:
             f"| {100 * r['test_error_after_fit']:.2f} | {100 * r['test_error']:.2f} "
             f"| {r['mac_ratio']:.3f} | {r['param_ratio']:.3f} |"
         )
+    lines += ["", "| optimizer | seeds | mean pretrained error % | mean error % after fine-tune |"]
+    lines.append("|---|---|---|---|")
+    for name in dict.fromkeys(r["optimizer"] for r in results):
+        runs = [r for r in results if r["optimizer"] == name]
+        pretrained = statistics.mean(r["original_test_error"] for r in runs)
+        final = statistics.mean(r["test_error"] for r in runs)
+        lines.append(f"| {name} | {len(runs)} | {100 * pretrained:.2f} | {100 * final:.2f} |")
     return lines
 
 

@@ -167,6 +167,11 @@ class Technique(abc.ABC):
         gradients to its variables) or hard."""
         return Decisions()
 
+    def kept_channels(self, model: Any) -> dict:
+        """Eagerly, for a technique that removes channels: channel group id -> bool array
+        of the channels `strip` keeps now (others may fit their own decisions to it)."""
+        return {}
+
     def loss(self, model: Any) -> tf.Tensor | None:
         """A loss term of its own (beside the shared budget penalty), or None."""
         return None

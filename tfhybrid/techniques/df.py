@@ -686,6 +686,9 @@ class DF(base.Technique):
         for layer in factored_layers_of(model):
             layer.active.assign(active[layer.name].astype(np.float32))
 
+    def kept_channels(self, model: Any) -> dict:
+        return self.hard_decisions(model)[0]
+
     def hard_decisions(self, model: Any) -> tuple[dict, dict]:
         """The channels kept per group and components kept per factored layer.
 

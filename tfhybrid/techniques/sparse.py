@@ -1,8 +1,9 @@
 """Sparse: TF-MOT's magnitude pruning (`prune_low_magnitude`) as a technique.
 
 Each Dense/Conv layer TF-MOT can prune is wrapped in TF-MOT's own pruning wrapper;
-its sparsity rises along TF-MOT's `PolynomialDecay` from 0 to the target over the
-search, the mask updated every `frequency` steps. The compression scheduler drives
+its sparsity follows one of TF-MOT's schedules over the search (`PolynomialDecay` from 0
+to the target, or `ConstantSparsity` at the target), the mask updated every `frequency`
+steps. The compression scheduler drives
 the wrappers' steps (no `UpdatePruningStep` to add), the kept weights count in the
 budget as non-zeros, and `strip` gives the plain layer with the mask applied (what
 TF-MOT's `strip_pruning` keeps). Dense MACs do not fall: a runtime multiplies the
@@ -15,14 +16,20 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import tensorflow_model_optimization as tfmot
 from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
 
-from tfhybrid import graph, plan
+from tfhybrid import channels, graph, plan
 from tfhybrid._keras import CONV, DEPTHWISE_CONV, SEPARABLE_CONV, TRANSPOSED_CONV, keras
 from tfhybrid.techniques import base
 
 _sparsity = tfmot.sparsity.keras
+#: TF-MOT's schedules by name, from the target sparsity (end_step set by the search).
+_SCHEDULES = {
+    "polynomial": lambda target: _sparsity.PolynomialDecay(0.0, target, 0, 1, frequency=1),
+    "constant": lambda target: _sparsity.ConstantSparsity(target, 0, end_step=1, frequency=1),
+}
 #: The layers whose kernel Sparse prunes: the cost model counts their non-zeros.
 PRUNED = (keras.layers.Dense, *CONV)
 NOT_PRUNED = (*DEPTHWISE_CONV, *SEPARABLE_CONV, *TRANSPOSED_CONV)
@@ -48,6 +55,9 @@ class Sparse(base.Technique):
     Args:
         sparsity: share of each pruned kernel's weights set to zero at the search's end;
             None: the share that meets `Budget(params=...)` with the other layers whole.
+        schedule: TF-MOT's schedule over the search: "polynomial" (`PolynomialDecay`, 0
+            to `sparsity`, cubic) or "constant" (`ConstantSparsity`: `sparsity` from the
+            first mask update).
         block_size: TF-MOT's `block_size` (rows, cols) for block-sparse Dense kernels.
         frequency: steps between mask updates; None: a twentieth of the search.
         latency_on_xnnpack: prune only the layers TF-MOT's `PruneForLatencyOnXNNPack`
@@ -64,6 +74,7 @@ class Sparse(base.Technique):
     def __init__(
         self,
         sparsity: float | None = None,
+        schedule: str = "polynomial",
         block_size: tuple = (1, 1),
         frequency: int | None = None,
         latency_on_xnnpack: bool = False,
@@ -74,7 +85,10 @@ class Sparse(base.Technique):
             raise ValueError(
                 f"Sparse(sparsity={sparsity!r}): give the share of weights to zero, in [0, 1)."
             )
+        if schedule not in _SCHEDULES:
+            raise ValueError(f"Sparse(schedule={schedule!r}): give one of {sorted(_SCHEDULES)}.")
         self.sparsity = None if sparsity is None else float(sparsity)
+        self.schedule = schedule
         self.block_size = tuple(int(b) for b in block_size)
         self.frequency = None if frequency is None else int(frequency)
         self.latency_on_xnnpack = bool(latency_on_xnnpack)
@@ -83,6 +97,7 @@ class Sparse(base.Technique):
     def get_config(self) -> dict:
         return {
             "sparsity": self.sparsity,
+            "schedule": self.schedule,
             "block_size": list(self.block_size),
             "frequency": self.frequency,
             "latency_on_xnnpack": self.latency_on_xnnpack,
@@ -128,7 +143,7 @@ class Sparse(base.Technique):
     def replace_layer(self, op: graph.Op) -> graph.Replacement | None:
         if op.layer.name not in self._taken:
             return None
-        schedule = _sparsity.PolynomialDecay(0.0, self.sparsity, 0, 1, frequency=1)
+        schedule = _SCHEDULES[self.schedule](self.sparsity)  # end_step: set_search_steps
         inner = graph.clone_layer(op.layer)
         wrapper = SparseWrapper(inner, pruning_schedule=schedule, block_size=self.block_size)
         return _with_inner_weights(wrapper, op.layer.get_weights())
@@ -149,15 +164,29 @@ class Sparse(base.Technique):
             schedule.end_step, schedule.frequency = int(steps), frequency
 
     def decisions(self, model: Any, hard: bool = False) -> base.Decisions:
-        densities = {}
-        for wrapper in self.layers_of(model):
-            densities[wrapper.layer.name] = 1.0 - wrapper.pruning_schedule.final_sparsity
+        """The density every pruned kernel has at the search's end."""
+        densities = {w.layer.name: 1.0 - self.sparsity for w in self.layers_of(model)}
         return base.Decisions(densities=densities)
 
     def finish(self, model: Any) -> None:
-        """Applies the final masks to the weights, as `UpdatePruningStep` does at an
-        epoch's end."""
+        """Sets each mask to keep exactly the target share of the kernel entries that
+        `strip` keeps (the largest), and applies it to the weights.
+
+        TF-MOT's last mask update may fall a few steps before the search's end (every
+        `frequency` steps), and channels another technique removes take their zeros
+        with them: the kept kernel's density would differ from the one the budget
+        counted. With `block_size` other than (1, 1) TF-MOT's masks are kept as they are.
+        """
+        keep = {gid: np.flatnonzero(kept) for gid, kept in model.kept_channels().items()}
+        cost_model = model.cost_model
+        layouts = {t.name: (t.inputs, t.outputs) for t in cost_model.terms}
         for wrapper in self.layers_of(model):
+            if self.block_size == (1, 1):
+                inputs, outputs = layouts[wrapper.layer.name]
+                rows = channels.channel_indices(inputs, keep, cost_model.sizes)
+                cols = channels.channel_indices(outputs, keep, cost_model.sizes)
+                weight, mask, _ = wrapper.pruning_vars[0]
+                mask.assign(_largest(weight.numpy(), rows, cols, 1.0 - self.sparsity))
             wrapper.pruning_obj.weight_mask_op()
 
     def plan(self, model: Any) -> plan.Plan:
@@ -172,6 +201,23 @@ class Sparse(base.Technique):
             mask = wrapper.pruning_vars[0][1].numpy()
             figures[f"sparsity/{wrapper.layer.name}"] = float(1.0 - mask.mean())
         return figures
+
+
+def _largest(kernel: np.ndarray, rows, cols, density: float) -> np.ndarray:
+    """A 0/1 mask of the floor(density * n) largest of the n entries in `rows` (the
+    input axis, -2) and `cols` (the output axis, -1) of `kernel` (None: all)."""
+    kept_rows, kept_cols = np.zeros(kernel.shape[-2], bool), np.zeros(kernel.shape[-1], bool)
+    kept_rows[slice(None) if rows is None else rows] = True
+    kept_cols[slice(None) if cols is None else cols] = True
+    region = np.broadcast_to(kept_rows[:, None] & kept_cols[None, :], kernel.shape)
+    values = np.abs(kernel[region])
+    count = math.floor(density * values.size)
+    mask = np.zeros(kernel.shape, np.float32)
+    if count:
+        chosen = np.argsort(-values, kind="stable")[:count]
+        flat = np.flatnonzero(region)
+        mask.flat[flat[chosen]] = 1.0
+    return mask
 
 
 def _has_kernel(layer: Any) -> bool:

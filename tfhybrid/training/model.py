@@ -164,6 +164,14 @@ class CompressionModel(keras.Model):
             merged = merged.merged(technique.decisions(self, hard))
         return merged
 
+    def kept_channels(self) -> dict:
+        """Channel group id -> bool array of the channels `strip` keeps now, from every
+        technique that removes channels (eagerly)."""
+        kept = {}
+        for technique in self._held.techniques:
+            kept.update(technique.kept_channels(self))
+        return kept
+
     def ratios_of(self, decisions: base.Decisions) -> dict:
         """MACs, params and bits of `decisions` over the original model's."""
         costs = decisions.costed_by(self.cost_model)

@@ -826,7 +826,7 @@ class _Choice:
             warnings.warn(
                 "tfhybrid leaves these layers named in `layers` uncompressed:\n  "
                 + "\n  ".join(left_out),
-                stacklevel=4,
+                stacklevel=5,
             )
 
 

@@ -77,6 +77,12 @@ def compress(
 
     plain = graph.rebuild(analysis.model, replace)
     compressed = model_lib.CompressionModel(*nested_io(plain), settings, name=model.name)
+    if not compressed.technique_layers():
+        raise ValueError(
+            f"No technique of {[t.name for t in techniques]} made a training-time layer; "
+            "at least one must (its layers carry the search's step counters, see "
+            "techniques.base.add_search_state)."
+        )
     for technique in techniques:
         technique.initialize(compressed, model)
         if search_steps is not None:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import tfhybrid as th
+from tfhybrid import plan
 from tfhybrid.techniques import base
 
 from models import fit_search, lenet5
@@ -69,3 +70,24 @@ def test_a_technique_needs_a_name_and_unknown_names_are_refused():
         base.deserialize({"name": "nope", "config": {}})
     with pytest.raises(TypeError, match="takes tfhybrid techniques"):
         th.hybrid_compress(lenet5(), th.Budget(macs=0.5), ["df"])
+
+
+def test_a_stack_without_any_training_time_layer_is_refused():
+    @th.register_technique
+    class Idle(base.Technique):
+        name = "idle_for_tests"
+
+        def get_config(self):
+            return {}
+
+        def select(self, setup):
+            return {}
+
+        def layers_of(self, model):
+            return []
+
+        def plan(self, model):
+            return plan.Plan()
+
+    with pytest.raises(ValueError, match=r"No technique of \['idle_for_tests'\] made a training"):
+        th.hybrid_compress(lenet5(), th.Budget(macs=0.5), [Idle()])

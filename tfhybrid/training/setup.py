@@ -66,16 +66,7 @@ def compress(
         "search_steps": search_steps and int(search_steps),
         "optimizer": _optimizer_config(compression_optimizer),
     }
-
-    def replace(op: graph.Op):
-        call = next((r for t in techniques if (r := t.replace_layer(op)) is not None), None)
-        start = call or graph.copy_of(op.layer)
-        wrapped = start
-        for technique in techniques:
-            wrapped = technique.wrap_outputs(op, wrapped)
-        return wrapped if (call is not None or wrapped is not start) else None
-
-    plain = graph.rebuild(analysis.model, replace)
+    plain = graph.rebuild(analysis.model, lambda op: _training_time_call(op, techniques))
     compressed = model_lib.CompressionModel(*nested_io(plain), settings, name=model.name)
     if not compressed.technique_layers():
         raise ValueError(
@@ -88,6 +79,17 @@ def compress(
         if search_steps is not None:
             technique.set_search_steps(compressed, int(search_steps))
     return compressed
+
+
+def _training_time_call(op: graph.Op, techniques: list) -> graph.Replacement | None:
+    """What the rebuilt model calls for `op`: the first technique's stand-in for its layer
+    (or a copy of it), with every technique's ops on its outputs; None if none changes it."""
+    stand_in = next((r for t in techniques if (r := t.replace_layer(op)) is not None), None)
+    start = stand_in or graph.copy_of(op.layer)
+    wrapped = start
+    for technique in techniques:
+        wrapped = technique.wrap_outputs(op, wrapped)
+    return wrapped if (stand_in is not None or wrapped is not start) else None
 
 
 def _fresh_copies(techniques: list) -> list[base.Technique]:

@@ -39,16 +39,20 @@ OPTIMIZERS = {
 }
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("optimizers", list(OPTIMIZERS), f"Optimizers, of {list(OPTIMIZERS)}.")
-flags.DEFINE_list("seeds", ["0", "1"], "Seeds (each pretrains its own network).")
-flags.DEFINE_float("budget", 0.1, "Share of the original MACs to keep.")
-flags.DEFINE_integer("pretrain_epochs", 2, "Epochs of SGD pretraining.")
-flags.DEFINE_integer("search_epochs", 2, "Epochs of search inside the compressed fit.")
-flags.DEFINE_integer("fit_epochs", 4, "Epochs of the compressed fit (search + fine-tune).")
-flags.DEFINE_integer("finetune_epochs", 1, "Epochs of fine-tuning after strip.")
-flags.DEFINE_integer("train_batches", 0, "Use only this many training batches (0: all).")
-flags.DEFINE_string("out", "docs/results/optimizers.json", "Result JSON.")
-flags.DEFINE_list("from_json", [], "Only print the table of these result JSONs (merged).")
+
+
+def define_flags() -> None:
+    """The command line (defined only when run, so tests can import the table)."""
+    flags.DEFINE_list("optimizers", list(OPTIMIZERS), f"Optimizers, of {list(OPTIMIZERS)}.")
+    flags.DEFINE_list("seeds", ["0", "1"], "Seeds (each pretrains its own network).")
+    flags.DEFINE_float("budget", 0.1, "Share of the original MACs to keep.")
+    flags.DEFINE_integer("pretrain_epochs", 2, "Epochs of SGD pretraining.")
+    flags.DEFINE_integer("search_epochs", 2, "Epochs of search inside the compressed fit.")
+    flags.DEFINE_integer("fit_epochs", 4, "Epochs of the compressed fit (search + fine-tune).")
+    flags.DEFINE_integer("finetune_epochs", 1, "Epochs of fine-tuning after strip.")
+    flags.DEFINE_integer("train_batches", 0, "Use only this many training batches (0: all).")
+    flags.DEFINE_string("out", "docs/results/optimizers.json", "Result JSON.")
+    flags.DEFINE_list("from_json", [], "Only print the table of these result JSONs (merged).")
 
 
 def compile_with(model, optimizer):
@@ -140,4 +144,5 @@ def table(results: list[dict]) -> list[str]:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

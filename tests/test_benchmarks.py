@@ -42,3 +42,28 @@ def test_paired_compares_the_hybrid_with_each_rival_on_the_same_seeds():
     header = "| MAC budget | hybrid - filters_only | hybrid - ranks_only | hybrid - scratch |"
     assert lines[0] == header
     assert lines[2] == "| 0.1 | +0.00 (1/2) | - | +0.10 (0/1) |"
+
+
+_OPT_SPEC = importlib.util.spec_from_file_location(
+    "optimizers_bench", _PATH.parent / "optimizers.py"
+)
+optimizers_bench = importlib.util.module_from_spec(_OPT_SPEC)
+_OPT_SPEC.loader.exec_module(optimizers_bench)
+
+
+def test_the_optimizer_table_has_a_row_per_run_and_each_optimizers_means():
+    def run(name, seed, pretrained, final):
+        return {
+            "optimizer": name,
+            "seed": seed,
+            "original_test_error": pretrained,
+            "test_error_after_fit": final + 0.001,
+            "test_error": final,
+            "mac_ratio": 0.1,
+            "param_ratio": 0.2,
+        }
+
+    runs = [run("sgd", 0, 0.010, 0.008), run("sgd", 1, 0.014, 0.012), run("adam", 0, 0.01, 0.009)]
+    lines = optimizers_bench.table(runs)
+    assert lines[2] == "| sgd | 0 | 1.00 | 0.90 | 0.80 | 0.100 | 0.200 |"
+    assert "| sgd | 2 | 1.20 | 1.00 |" in lines and "| adam | 1 | 1.00 | 0.90 |" in lines

@@ -15,7 +15,8 @@ keras = th.keras
 @pytest.fixture(scope="module")
 def hooked():
     """A Sparse variant whose hooks leave traces: an L2 loss on the kernels it prunes, the
-    biases set to the step before each step and raised by 100 after it."""
+    biases set to the step before each step and raised by 100 after it, the threshold set
+    to 7 + epoch after each epoch."""
 
     class Hooked(th.Sparse):
         name = "hooked_sparse_for_tests"
@@ -33,6 +34,10 @@ def hooked():
         def after_step(self, model):
             for wrapper in self.layers_of(model):
                 wrapper.layer.bias.assign_add(tf.fill(wrapper.layer.bias.shape, 100.0))
+
+        def on_epoch_end(self, model, epoch):
+            for wrapper in self.layers_of(model):
+                wrapper.pruning_vars[0][2].assign(7.0 + epoch)  # TF-MOT's threshold
 
     return base.register_technique(Hooked)
 
@@ -54,6 +59,8 @@ def test_a_techniques_loss_and_step_hooks_run_in_the_training_step(hooked):
     np.testing.assert_allclose(fc2.kernel.numpy()[kept], 0.64 * start[kept], rtol=1e-4)
     # The last step: bias set to 1, moved a little by SGD, then raised by 100.
     assert np.all(np.abs(fc2.bias.numpy() - 101.0) < 0.1)
+    (wrapper,) = compressed.technique_layers()
+    assert float(wrapper.pruning_vars[0][2].numpy()) == 7.0  # on_epoch_end of epoch 0
 
 
 def test_the_budget_counts_every_techniques_decisions_as_the_cost_model_does():

@@ -186,6 +186,10 @@ class Technique(abc.ABC):
     def after_step(self, model: Any) -> None:  # noqa: B027
         """In the training step's graph, after the update (e.g. advance its counters)."""
 
+    def on_epoch_end(self, model: Any, epoch: int) -> None:  # noqa: B027
+        """Eagerly, after each epoch of a `fit` driven by `CompressionScheduler` (e.g. an
+        LC C step, an ADMM Z/U update)."""
+
     def finish(self, model: Any) -> None:  # noqa: B027
         """At the search's end (eagerly, between batches): make the decisions hard."""
 

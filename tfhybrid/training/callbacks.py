@@ -65,6 +65,10 @@ class CompressionScheduler(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self._decide_at(self._next_step)
 
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        for technique in self.model.techniques:
+            technique.on_epoch_end(self.model, epoch)
+
     def on_train_end(self, logs: dict | None = None) -> None:
         if not self._decided:
             warnings.warn(

@@ -67,3 +67,18 @@ def test_the_optimizer_table_has_a_row_per_run_and_each_optimizers_means():
     lines = optimizers_bench.table(runs)
     assert lines[2] == "| sgd | 0 | 1.00 | 0.90 | 0.80 | 0.100 | 0.200 |"
     assert "| sgd | 2 | 1.20 | 1.00 |" in lines and "| adam | 1 | 1.00 | 0.90 |" in lines
+
+
+_CMP_SPEC = importlib.util.spec_from_file_location(
+    "compare_hybrid", _PATH.parent / "compare_hybrid.py"
+)
+compare_hybrid = importlib.util.module_from_spec(_CMP_SPEC)
+_CMP_SPEC.loader.exec_module(compare_hybrid)
+
+
+def test_compare_pairs_the_seeds_both_runs_have():
+    before = {"0.1": {0: 0.010, 1: 0.012, 2: 0.020}}
+    after = {"0.1": {0: 0.008, 1: 0.012, 5: 0.001}, "0.05": {0: 0.02}}
+    lines = compare_hybrid.compare(before, after)
+    assert lines[2] == "| 0.1 | 0: 1.00 -> 0.80, 1: 1.20 -> 1.20 | 1.100 | 1.000 |"
+    assert len(lines) == 3  # 0.05 shares no seed

@@ -163,7 +163,7 @@ class _Factored(base.SharedWithinAStep, L.Layer):
     Like a channel mask, the gate g tends to 0/1 as T anneals, so the components
     kept are left at their size. Soft thresholding (s - tau for the kept ones) was
     the first design: it shrank every kept component by the tau that sets the rank,
-    and the fine-tuned models were less accurate (README, benchmark).
+    and the fine-tuned models were less accurate (docs/benchmarks.md).
 
     Args:
         plain: `{"class_name", "config"}` of the layer this one stands for.

@@ -14,11 +14,12 @@ setup(
     packages=find_packages(include=["tfhybrid", "tfhybrid.*"]),
     python_requires=">=3.11,<3.12",
     install_requires=[
-        "tensorflow-cpu==2.21.*",
+        "tensorflow==2.21.*",  # what tf-keras requires (tensorflow-cpu would come on top)
         "tf-keras==2.21.*",
         "tensorboard==2.21.*",
         "tensorflow-model-optimization==0.8.1",
         "tensorflow-datasets",
+        "importlib_resources",  # tensorflow-datasets imports it to download, undeclared
         "absl-py",
         "ai-edge-litert",
         "numpy",

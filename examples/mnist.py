@@ -1,9 +1,9 @@
 """MNIST data and the LeNet models shared by the example and the benchmarks."""
 
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 import tfhybrid as th
+from tfhybrid import data
 
 keras = th.keras
 layers = keras.layers
@@ -41,9 +41,12 @@ def lenet_300_100() -> keras.Model:
 
 
 def mnist(split: str, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:
-    """MNIST from TFDS (set TFDS_DATA_DIR offline), scaled to [0, 1], batched, cached."""
-    ds = tfds.load("mnist", split=split, as_supervised=True)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y)).cache()
+    """MNIST from TFDS (set TFDS_DATA_DIR offline), scaled to [0, 1], batched, cached.
+
+    Raises:
+        tfhybrid.data.DataUnavailableError: MNIST is neither prepared nor downloadable.
+    """
+    ds = data.mnist(split).cache()
     if shuffle_seed is not None:
         ds = ds.shuffle(60_000, seed=shuffle_seed, reshuffle_each_iteration=True)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

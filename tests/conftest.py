@@ -17,3 +17,13 @@ def pytest_configure(config):
 def _seed():
     np.random.seed(0)
     tf.random.set_seed(0)
+
+
+@pytest.fixture
+def offline_env(tmp_path) -> dict:
+    """This process's environment with an empty TFDS folder and every download refused
+    (a proxy on the discard port, where nothing listens)."""
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    refused = "http://127.0.0.1:9"
+    proxies = dict.fromkeys(["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"], refused)
+    return {**env, **proxies, "TFDS_DATA_DIR": str(tmp_path / "no_tfds")}

@@ -149,3 +149,15 @@ def fit_search(compressed, epochs: int, n: int = 64, batch_size: int = 16) -> np
     callbacks = [th.CompressionScheduler()]
     compressed.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, callbacks=callbacks)
     return x
+
+
+def near_tied_logits() -> keras.Model:
+    """Ten logits, nine of them within 0.01 of each other under one that spans [-10, 0]:
+    int8 rounds the near-ties together, so the top-1 class is lost (4 inputs in [0, 1])."""
+    inputs = keras.Input((4,))
+    dense = keras.layers.Dense(10)
+    model = keras.Model(inputs, dense(inputs))
+    kernel = np.zeros((4, 10), np.float32)
+    kernel[0, 0] = -10.0
+    dense.set_weights([kernel, np.linspace(0, 0.009, 10, dtype=np.float32)])
+    return model

@@ -12,7 +12,7 @@ import tfhybrid as th
 from tfhybrid import cli
 from tfhybrid.techniques import magnitude
 
-from models import lenet5
+from models import lenet5, near_tied_logits
 
 keras = th.keras
 
@@ -41,6 +41,21 @@ def test_export_int8_for_the_edgetpu(model_file, tmp_path, capsys):
     assert status == 0, err
     assert out_file.stat().st_size > 0
     assert "inputs ['int8'], outputs ['int8']" in out and "Edge TPU: all" in out
+
+
+def test_export_prints_no_converter_logs_and_warnings_in_one_line(tmp_path):
+    near_tied_logits().save(tmp_path / "ties.keras")
+    inputs = tmp_path / "inputs.npy"
+    np.save(inputs, np.random.default_rng(0).random((50, 4), np.float32))
+    done = subprocess.run(
+        [sys.executable, "-m", "tfhybrid", "export", str(tmp_path / "ties.keras"),
+         "--quantize=int8", f"--representative={inputs}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("tfhybrid: warning: export_tflite: top-1 agreement")
+    assert "top1_agreement=0" in done.stdout
 
 
 MNIST_DIR = pathlib.Path(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")) / "mnist"
@@ -113,6 +128,7 @@ def test_report_gives_a_stacked_models_shares_of_the_original(tmp_path, capsys):
     assert float(shares["macs"]) <= 0.3 and float(shares["params"]) <= 0.2
     assert float(shares["bits"]) <= 0.2 + 1 / 32  # 32 bits per non-zero, 1 per entry
     assert " non-zero), " in out
+    assert "conv1" in out and "20 → " in out  # the per-layer table, original → now
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +156,7 @@ def write_junk(tmp_path):
         (["export", "MODEL", "--representative=imagenet"], "--representative=imagenet"),
         (["export", "MODEL", "--quantize=int8"], "needs representative_data"),
         (["compress", "MODEL"], "unknown command 'compress'"),
-        ([], "unknown command none"),
+        (["MODEL"], "unknown command"),
         (["report"], "takes one MODEL path, got 0"),
     ],
 )
@@ -161,6 +177,37 @@ def test_python_dash_m_entry_point(tmp_path):
         text=True,
     )
     assert done.returncode == cli.USAGE_ERROR
-    assert done.stderr.strip().splitlines()[-1] == (
-        f"tfhybrid: error: {tmp_path / 'none.keras'}: no such file."
+    assert done.stderr == f"tfhybrid: error: {tmp_path / 'none.keras'}: no such file.\n"
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_the_usage(flag, capsys):
+    status, out, err = run(capsys, flag)
+    assert status == 0 and not err
+    assert out.startswith("usage: python -m tfhybrid COMMAND MODEL") and "--quantize" in out
+
+
+def test_no_arguments_print_the_usage_and_exit_2(capsys):
+    status, out, err = run(capsys)
+    assert status == cli.USAGE_ERROR and not out
+    assert err.startswith("usage: ") and "export MODEL" in err
+
+
+def test_the_command_line_prints_no_tensorflow_noise():
+    done = subprocess.run(
+        [sys.executable, "-m", "tfhybrid", "--help"], capture_output=True, text=True
     )
+    assert done.returncode == 0 and done.stdout.startswith("usage: ")
+    assert done.stderr == ""
+
+
+def test_mnist_unavailable_is_one_line_and_exit_2(model_file, tmp_path, offline_env):
+    """No prepared MNIST and no way to download it (a proxy that refuses)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tfhybrid", "export", str(model_file), "--quantize=int8",
+         "--representative=mnist", f"--out={tmp_path / 'm.tflite'}"],
+        capture_output=True, text=True, env=offline_env,
+    )  # fmt: skip
+    assert done.returncode == cli.USAGE_ERROR, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("tfhybrid: error: MNIST is not prepared in TFDS_DATA_DIR=")

@@ -9,7 +9,7 @@ import tfhybrid as th
 from tfhybrid.export import flatbuffer, tflite
 from tfhybrid.techniques import magnitude
 
-from models import APPLICATIONS, lenet5
+from models import APPLICATIONS, lenet5, near_tied_logits
 
 keras = th.keras
 
@@ -109,6 +109,17 @@ def test_every_quantize_mode_runs_in_litert_and_agrees(name, mode, request, tmp_
         assert report.edgetpu.ok, str(report.edgetpu)
         assert report.edgetpu.ops_on_edgetpu == report.edgetpu.ops_total == sum(report.ops.values())
         assert "Edge TPU: all" in str(report)
+
+
+def test_int8_that_loses_the_top1_class_warns(tmp_path):
+    model = near_tied_logits()
+    data = np.random.default_rng(0).random((50, 4), np.float32)
+    with pytest.warns(UserWarning, match="top-1 agreement with the Keras model is 0%"):
+        report = th.export_tflite(
+            model, tmp_path / "m.tflite", quantize="int8", representative_data=data
+        )
+    assert report.check["top1_agreement"] == 0.0
+    assert "quantize_aware" in str(report)
 
 
 def test_report_counts_the_ops_of_the_stripped_model(stripped_lenet, tmp_path):

@@ -1,8 +1,9 @@
 """tfhybrid: hybrid structured compression for Keras (tf_keras) models.
 
-The public API, re-exported; see DESIGN.md for the architecture.
+The public API, re-exported; docs/architecture.md describes the architecture.
 """
 
+from tfhybrid import _startup  # noqa: F401  (first: quiets TensorFlow for the command line)
 from tfhybrid._keras import keras
 from tfhybrid.api import custom_object_scope, hybrid_compress, strip
 from tfhybrid.budget import Budget

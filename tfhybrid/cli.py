@@ -8,8 +8,10 @@
 when `--target edgetpu` finds ops that cannot map). `report` prints the per-layer
 MACs/params table, the totals (non-zero parameters and storage bits too) and, with
 `--original`, the model's share of the original's MACs, params and bits, as a
-`Budget` counts them. Bad input (a missing or non-Keras file, an unknown command or
-flag) gives one line on stderr and exit status 2.
+`Budget` counts them. `--help` (or `-h`) prints the usage; no arguments print it to
+stderr with exit status 2. Bad input (a missing or non-Keras file, an unknown command
+or flag, `--representative mnist` without MNIST) gives one line on stderr and exit
+status 2.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import pathlib
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
 from absl import flags
 
-from tfhybrid import api, cost, tfmot
+from tfhybrid import _startup, api, cost, data, tfmot
 from tfhybrid._keras import keras
 from tfhybrid.export import tflite
 from tfhybrid.report import summary
@@ -54,14 +57,39 @@ flags.DEFINE_string(
 COMMANDS = ("export", "report")
 EDGETPU_NOT_READY = 3
 USAGE_ERROR = 2
+HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
+USAGE = """usage: python -m tfhybrid COMMAND MODEL [flags]
+
+commands:
+  export MODEL  convert MODEL (.keras, .h5 or SavedModel folder) to .tflite, run it in
+                LiteRT next to Keras and print the report
+  report MODEL  print the per-layer MACs/params table and the totals (with --original,
+                the shares of the original model)
+
+flags:
+{flags}
+
+exit status: 0 done; 2 bad input (one line on stderr); 3 `--target edgetpu` found ops
+that cannot map to the Edge TPU.
+"""
 
 
 class CommandError(Exception):
     """Bad input on the command line: reported as one line, exit status 2."""
 
 
+#: Errors of the user's input: one line and exit status 2, never a traceback.
+USER_ERRORS = (CommandError, flags.Error, ValueError, FileNotFoundError, data.DataUnavailableError)
+
+
 def run(argv: list[str]) -> int:
     """Parses `argv` (program name first), runs the command, returns the exit status."""
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print(usage())
+        return 0
+    if len(argv) < 2:
+        print(usage(), file=sys.stderr)
+        return USAGE_ERROR
     try:
         args = FLAGS(list(argv))[1:]
         if not args or args[0] not in COMMANDS:
@@ -73,12 +101,17 @@ def run(argv: list[str]) -> int:
         if args[0] == "report":
             return report(model)
         return export(model, args[1])
-    except (CommandError, flags.Error, ValueError, FileNotFoundError) as error:
+    except USER_ERRORS as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"tfhybrid: error: {message}", file=sys.stderr)
         return USAGE_ERROR
     finally:
         FLAGS.unparse_flags()
+
+
+def usage() -> str:
+    """The commands, flags and exit statuses, as `--help` prints them."""
+    return USAGE.format(flags=FLAGS.module_help(__name__).strip().split("\n", 1)[1])
 
 
 def load(path: str) -> Any:
@@ -98,18 +131,26 @@ def load(path: str) -> Any:
 
 
 def export(model: Any, model_path: str) -> int:
-    """`export`: writes the .tflite file and prints its report; returns the exit status."""
+    """`export`: writes the .tflite file and prints its report; returns the exit status.
+
+    The converter and LiteRT write their own log lines to stderr (C++, unaffected by
+    `TF_CPP_MIN_LOG_LEVEL`); they are muted, and Python warnings print as one line each.
+    """
     out = FLAGS.out or str(pathlib.Path(model_path).with_suffix(".tflite"))
     data = representative(FLAGS.representative, model, FLAGS.samples)
-    result = tflite.export_tflite(
-        model,
-        out,
-        quantize=FLAGS.quantize,
-        representative_data=data,
-        target=FLAGS.target,
-        sparse=FLAGS.sparse,
-        samples=FLAGS.samples,
-    )
+    with warnings.catch_warnings(record=True) as caught, _startup.stderr_muted():
+        warnings.simplefilter("always")
+        result = tflite.export_tflite(
+            model,
+            out,
+            quantize=FLAGS.quantize,
+            representative_data=data,
+            target=FLAGS.target,
+            sparse=FLAGS.sparse,
+            samples=FLAGS.samples,
+        )
+    for warning in caught:
+        print(f"tfhybrid: warning: {warning.message}", file=sys.stderr)
     print(result)
     if result.edgetpu is not None and not result.edgetpu.ok:
         return EDGETPU_NOT_READY
@@ -117,16 +158,17 @@ def export(model: Any, model_path: str) -> int:
 
 
 def report(model: Any) -> int:
-    """`report`: prints the per-layer MACs/params table, the totals and, with
-    `--original`, the shares of the original model."""
-    summary(model)
+    """`report`: prints the per-layer MACs/params table (with `--original`, original →
+    now per layer), the totals and, with `--original`, the shares of the original."""
+    original = load(FLAGS.original) if FLAGS.original else None
+    summary(model, original=original)
     prof = cost.profile(model)
     print(
         f"total: {prof.macs:,} MACs, {prof.params:,} params ({prof.nonzero_params:,} "
         f"non-zero), {prof.bits:,} bits"
     )
-    if FLAGS.original:
-        shares = prof.ratios(cost.profile(load(FLAGS.original)))
+    if original is not None:
+        shares = prof.ratios(cost.profile(original))
         print("share of the original: " + ", ".join(f"{k} {v:.4f}" for k, v in shares.items()))
     return 0
 
@@ -136,10 +178,8 @@ def representative(name: str | None, model: Any, samples: int) -> np.ndarray | N
     if name is None:
         return None
     if name == "mnist":
-        import tensorflow_datasets as tfds
-
-        images = tfds.load("mnist", split=f"train[:{samples}]", batch_size=-1, as_supervised=True)
-        return np.asarray(images[0], np.float32) / 255.0
+        images = data.mnist(f"train[:{samples}]").map(lambda image, label: image)
+        return np.stack(list(images.as_numpy_iterator()))
     if name == "random":
         shape = tuple(model.inputs[0].shape[1:])
         return np.random.default_rng(0).standard_normal((samples, *shape)).astype(np.float32)

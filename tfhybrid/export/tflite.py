@@ -13,6 +13,7 @@ import dataclasses
 import pathlib
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -26,6 +27,8 @@ from tfhybrid.training.model import refuse_search_model
 QUANTIZE_MODES = ("none", "dynamic", "float16", "int8")
 TARGETS = (None, "edgetpu")
 IO_DTYPES = {"int8": tf.int8, "uint8": tf.uint8}
+#: Below this share of inputs with the same top-1 class as Keras, the export warns.
+LOW_AGREEMENT = 0.9
 
 SPARSE_NOTE = (
     "sparse=True stores mostly-zero weights in the converter's sparse encoding: the file "
@@ -147,9 +150,32 @@ def export_tflite(
         check=_agreement(model, interpreter, inputs),
         notes=[note for note in (SPARSE_NOTE if sparse else None, fallback) if note],
     )
+    if report.check["top1_agreement"] < LOW_AGREEMENT:
+        note = _low_agreement(report, representative_data is not None)
+        report.notes.append(note)
+        warnings.warn(f"export_tflite: {note}", stacklevel=2)
     if target == "edgetpu":
         report.edgetpu = edgetpu.check_edgetpu(path)
     return report
+
+
+def _low_agreement(report: ExportReport, representative: bool) -> str:
+    """What a low top-1 agreement with Keras means, and what to try."""
+    agreement, samples = report.check["top1_agreement"], int(report.check["samples"])
+    found = (
+        f"top-1 agreement with the Keras model is {agreement:.0%} on {samples} inputs "
+        f"(below {LOW_AGREEMENT:.0%}): the {report.quantize} model does not predict what the "
+        "Keras model predicts."
+    )
+    if not representative:
+        return f"{found} These were random inputs: pass representative_data for a real check."
+    if report.quantize == "int8":
+        return (
+            f"{found} Check that representative_data are typical inputs, scaled as in "
+            "training; quantization-aware training (tfhybrid.quantize_aware) recovers "
+            "accuracy that int8 loses."
+        )
+    return f"{found} Compare the model's outputs on these inputs to find where they part."
 
 
 def benchmark_tflite(

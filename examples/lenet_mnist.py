@@ -16,14 +16,15 @@ prepared copy when offline); without it, says so in one line (exit status 2).
 import json
 import os
 import pathlib
-import re
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # quiet TensorFlow's start-up
+if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") >= "2":  # unless TensorFlow's logs are wanted
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # tfhybrid then quiets TensorFlow's start-up
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import tfhybrid as th  # noqa: E402, I001  (before TensorFlow: it quiets TensorFlow's start-up)
 from absl import app, flags  # noqa: E402
+from demo_results import README_BLOCK, results_table  # noqa: E402
 from mnist import compile_model, lenet5, mnist  # noqa: E402
 
 from tfhybrid import data, report  # noqa: E402
@@ -33,7 +34,6 @@ keras = th.keras
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "demo.json"
 README = ROOT / "README.md"
-README_BLOCK = re.compile(r"(<!-- demo results: begin -->\n).*?(<!-- demo results: end -->)", re.S)
 DATA_ERROR = 2
 
 FLAGS = flags.FLAGS
@@ -88,25 +88,6 @@ def run() -> dict:
     print("\n" + results_table(result))
     save(model, small, pathlib.Path(FLAGS.save_dir))
     return result
-
-
-def results_table(result: dict) -> str:
-    """The comparison as the README shows it: a Markdown table and the learned structure."""
-    (macs, small_macs), (params, small_params) = result["macs"], result["params"]
-    error, small_error = result["test_error"]
-    structure = ", ".join(f"`{name}` {done}" for name, done in result["layers"].items())
-    return "\n".join(
-        [
-            "| | original | compressed | ratio |",
-            "|---|---|---|---|",
-            f"| MACs | {macs:,} | {small_macs:,} | {small_macs / macs:.3f} "
-            f"({macs / small_macs:.1f}× fewer) |",
-            f"| params | {params:,} | {small_params:,} | {small_params / params:.3f} |",
-            f"| test error | {error:.2%} | {small_error:.2%} | |",
-            "",
-            f"The learned structure: {structure}.",
-        ]
-    )
 
 
 def save(model: keras.Model, small: keras.Model, folder: pathlib.Path) -> None:

@@ -1,8 +1,12 @@
-"""Shared test set-up: quiet TensorFlow, deterministic seeds, the slow marker."""
+"""Shared test set-up: quiet TensorFlow, examples/ importable, deterministic seeds, the
+slow marker."""
 
 import os
+import pathlib
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

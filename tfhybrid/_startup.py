@@ -3,9 +3,10 @@
 A GPU build of TensorFlow on a machine without CUDA writes "Could not find cuda
 drivers" lines to stderr while it loads, before its logging settings apply, and
 "failed call to cuInit" errors once it runs. `python -m tfhybrid` and the `tfhybrid`
-command set `TF_CPP_MIN_LOG_LEVEL=3` (unless it is set) so that only the command's
-own output is printed; any program that sets `TF_CPP_MIN_LOG_LEVEL=3` itself before
-importing tfhybrid gets the same quiet import. A library import changes nothing.
+command raise `TF_CPP_MIN_LOG_LEVEL` to 3 (unless it is set to 0 or 1: TensorFlow's
+logs asked for) so that only the command's own output is printed; any program that
+sets `TF_CPP_MIN_LOG_LEVEL=3` itself before importing tfhybrid gets the same quiet
+import. A library import changes nothing.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def stderr_muted() -> Iterator[None]:
 
 def import_tensorflow() -> None:
     """Imports TensorFlow, muted when the log level asks for quiet (see the module doc)."""
-    if is_command_line():
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_LEVEL)
+    if is_command_line() and os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2") >= "2":
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = QUIET_LEVEL
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL") != QUIET_LEVEL or "tensorflow" in sys.modules:
         return
     with stderr_muted():

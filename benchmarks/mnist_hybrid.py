@@ -66,6 +66,13 @@ flags.DEFINE_string(
     "the budget projection.",
 )
 flags.DEFINE_integer("tensorboard_every", 10, "With --tensorboard_dir: write every N batches.")
+flags.DEFINE_enum(
+    "compression_lr",
+    "default",
+    ["default", "cosine_fit"],
+    "The compression optimizer: hybrid_compress's default (Adam(1e-3), constant), or "
+    "Adam(1e-3) with the weights' cosine decay over the whole fit.",
+)
 flags.DEFINE_bool("from_json", False, "Only redraw the table and plot from --out's JSON.")
 flags.DEFINE_bool("timing_only", False, "Only measure ms/step (e.g. on a quiet machine).")
 flags.DEFINE_list(
@@ -126,6 +133,14 @@ def search_callbacks(log_dir: str) -> list:
     return callbacks
 
 
+def compression_optimizer(decay_steps: int):
+    """The `--compression_lr` choice (None: hybrid_compress's default)."""
+    if FLAGS.compression_lr == "default":
+        return None
+    schedule = keras.optimizers.schedules.CosineDecay(1e-3, decay_steps)
+    return keras.optimizers.Adam(schedule)
+
+
 def run_method(method, base, budget, train, test, steps_per_epoch, found, log_dir=""):
     after_epochs = FLAGS.search_epochs + FLAGS.finetune_epochs
     original = th.profile(base)
@@ -137,6 +152,7 @@ def run_method(method, base, budget, train, test, steps_per_epoch, found, log_di
             filters=method != "ranks_only",
             ranks=method != "filters_only",
             search_steps=FLAGS.search_epochs * steps_per_epoch,
+            compression_optimizer=compression_optimizer(decay),
         )
         compile_model(compressed, decay_steps=decay)
         callbacks = search_callbacks(log_dir)

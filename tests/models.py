@@ -72,14 +72,23 @@ APPLICATIONS = {
 }
 
 
+#: Families whose channels pass through TF ops, LayerScale and `Conv2D(groups=C)`.
+MODERN = {name: application(name) for name in ("MobileNetV3Large", "ConvNeXtTiny")}
+
+
 def randomize_batchnorm(model: keras.Model, seed: int = 0) -> keras.Model:
     """Gives every BatchNorm random statistics so that signals neither vanish nor blow up.
 
     Freshly initialised networks (zero-gamma residual branches, unit statistics)
     pass tiny signals; random affine BNs make a masked/pruned comparison sensitive.
+    ConvNeXt's LayerScales (1e-6 at start) get random scales of order 1 too.
     """
     rng = np.random.default_rng(seed)
     for layer in model.submodules:
+        if type(layer).__name__ == "LayerScale":
+            layer.set_weights(
+                [rng.uniform(0.5, 1.5, w.shape).astype(w.dtype) for w in layer.get_weights()]
+            )
         if isinstance(layer, layers.BatchNormalization):
             layer.set_weights(
                 [

@@ -11,6 +11,7 @@ from tfhybrid.techniques import df
 
 from models import (
     APPLICATIONS,
+    MODERN,
     assert_unchanged,
     lenet5,
     nested_model,
@@ -70,9 +71,15 @@ def test_lenet_path_meets_the_budget_and_logs_ratios():
     assert_unchanged(model, snapshot, config)
 
 
-@pytest.mark.parametrize("name", ["MobileNetV2", "ResNet50", "EfficientNetB0", "DenseNet121"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        *("MobileNetV2", "ResNet50", "EfficientNetB0", "DenseNet121", "MobileNetV3Large"),
+        pytest.param("ConvNeXtTiny", marks=pytest.mark.slow),  # 85 s on 2 cores
+    ],
+)
 def test_short_search_on_the_zoo_strips_exactly_within_budget(name):
-    model = randomize_batchnorm(APPLICATIONS[name]())
+    model = randomize_batchnorm({**APPLICATIONS, **MODERN}[name]())
     x, y = _data(model, 8)
     compressed = th.hybrid_compress(model, th.Budget(macs=0.5), search_steps=2)
     _fit(compressed, x, y, epochs=2, batch_size=4)

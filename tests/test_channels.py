@@ -102,6 +102,12 @@ def test_depthwise_multiplier_expands_the_group():
     [
         (lambda x: layers.Conv2D(8, 1, groups=2, name="grouped")(x), r"grouped convolution"),
         (lambda x: tf.transpose(x, [0, 2, 1, 3]), r"tf.compat.v1.transpose|tf.transpose"),
+        (lambda x: tf.math.cumsum(x, axis=-1), r"'math.cumsum' is not known to be element-wise"),
+        (
+            lambda x: tf.reduce_mean(x, axis=-1, keepdims=True) + x,
+            r"'math.reduce_mean' reduces across channels",
+        ),
+        (lambda x: x[..., :4], r"'__operators__.getitem' slices or reshapes"),
         (lambda x: layers.LayerNormalization(name="ln")(x), r"approximate"),
         (lambda x: layers.Softmax(name="sm")(x), r"'sm' \(Softmax\)"),
         (lambda x: layers.BatchNormalization(axis=1, name="bn1")(x), r"normalizes over axis"),
@@ -175,3 +181,123 @@ def test_shared_layer_couples_all_its_calls():
     groups = th.channel_groups(model)
     assert _group_of(groups, "a") is _group_of(groups, "b")
     assert len([g for g in groups if "shared" in g.layers("produces")]) == 1
+
+
+def test_elementwise_tf_ops_pass_channels_and_couple_their_operands():
+    """MobileNetV3's hard-swish written with TF ops, a per-channel constant, a spatial
+    mean and a product of two tensors: one group from `before` to `after`."""
+    inputs = keras.Input((6, 6, 3))
+    x = layers.Conv2D(8, 1, name="before")(inputs)
+    gate = layers.Conv2D(8, 1, name="gate")(inputs)
+    x = x * (tf.nn.relu6(x + 3.0) * (1.0 / 6.0))
+    x = tf.math.multiply(x, tf.constant([float(i) for i in range(8)])) * tf.sigmoid(gate)
+    x = x - tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+    model = keras.Model(inputs, layers.Conv2D(2, 1, name="after")(x))
+    groups = th.channel_groups(model)
+    group = _group_of(groups, "before")
+    assert group.prunable, group.reason
+    assert group is _group_of(groups, "gate") and "after" in group.layers("consumes")
+
+
+class ChannelScale(layers.Layer):
+    """A custom per-channel scale (a user's layer, unknown to tfhybrid)."""
+
+    def __init__(self, channels, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = channels
+
+    def build(self, input_shape):
+        self.scale = self.add_weight("scale", (self.channels,), initializer="random_normal")
+
+    def call(self, x):
+        return x * self.scale
+
+    def get_config(self):
+        return {**super().get_config(), "channels": self.channels}
+
+
+def _scaled_model(layer_class=ChannelScale):
+    inputs = keras.Input((6, 6, 3))
+    x = layers.Conv2D(8, 1, name="before")(inputs)
+    x = layer_class(8, name="scale")(x)
+    return keras.Model(inputs, layers.Conv2D(2, 1, name="after")(x))
+
+
+@pytest.fixture
+def registry():
+    """Restores the layer registry after a test that registers layers."""
+    from tfhybrid import channels
+
+    saved = dict(channels._RULES)
+    yield
+    channels._RULES.clear()
+    channels._RULES.update(saved)
+
+
+def test_an_undeclared_custom_layer_is_kept_whole_with_a_pointer_to_the_registry():
+    with pytest.warns(UserWarning, match="cannot see through them: scale"):
+        group = _group_of(th.channel_groups(_scaled_model()), "before")
+    assert not group.prunable and "tfhybrid.register_layer" in group.reason
+
+
+def test_a_registered_per_channel_layer_is_pruned_exactly(registry):
+    th.register_layer(ChannelScale, "passes", channels_config="channels")
+    model = _scaled_model()
+    group = _group_of(th.channel_groups(model), "before")
+    assert group.prunable and "scale" in group.layers("passes")
+    remove = {group.id: [1, 4, 6]}
+    pruned = th.prune_channels(model, remove)
+    masked = th.prune_channels(model, remove, masked=True)
+    x = tf.random.normal((2, 6, 6, 3))
+    assert pruned.get_layer("scale").get_config()["channels"] == 5
+    assert float(tf.reduce_max(tf.abs(pruned(x) - masked(x)))) <= 1e-5
+
+
+def test_a_registered_producer_slices_with_its_own_function(registry):
+    def slice_dense(layer, kept_in, kept_out):
+        kernel, bias = layer.get_weights()
+        if kept_in is not None:
+            kernel = kernel[kept_in]
+        if kept_out is not None:
+            kernel, bias = kernel[:, kept_out], bias[kept_out]
+        return {"units": kernel.shape[1]}, [kernel, bias]
+
+    class MyDense(layers.Dense):
+        pass
+
+    th.register_layer(MyDense, "produces", slice_weights=slice_dense)
+    inputs = keras.Input((5,))
+    x = MyDense(8, name="mine")(layers.Dense(6, name="first")(inputs))
+    model = keras.Model(inputs, layers.Dense(2, name="last")(x))
+    groups = th.channel_groups(model)
+    first, mine = _group_of(groups, "first"), _group_of(groups, "mine")
+    assert first.prunable and mine.prunable and "mine" in first.layers("consumes")
+    remove = {first.id: [0, 3], mine.id: [2, 5, 7]}
+    with keras.utils.custom_object_scope({"MyDense": MyDense}):
+        pruned = th.prune_channels(model, remove)
+        masked = th.prune_channels(model, remove, masked=True)
+    x = tf.random.normal((4, 5))
+    assert pruned.get_layer("mine").units == 5
+    assert float(tf.reduce_max(tf.abs(pruned(x) - masked(x)))) <= 1e-5
+
+
+def test_register_layer_refuses_what_it_cannot_use(registry):
+    with pytest.raises(TypeError, match="takes a Keras layer class"):
+        th.register_layer(object, "passes")
+    with pytest.raises(ValueError, match="role='mixes' is not one of"):
+        th.register_layer(ChannelScale, "mixes")
+    with pytest.raises(ValueError, match="needs slice_weights"):
+        th.register_layer(ChannelScale, "produces")
+
+
+def test_a_passes_declaration_that_contradicts_the_shapes_is_an_error(registry):
+    class Widen(layers.Layer):
+        def call(self, x):
+            return tf.concat([x, x], axis=-1)
+
+    th.register_layer(Widen, "passes")
+    inputs = keras.Input((6, 6, 3))
+    x = Widen(name="widen")(layers.Conv2D(8, 1, name="before")(inputs))
+    model = keras.Model(inputs, layers.Conv2D(2, 1, name="after")(x))
+    with pytest.raises(ValueError, match=r"'widen' \(Widen\) is registered as 'passes'.*8 input"):
+        th.channel_groups(model)

@@ -106,9 +106,10 @@ def test_sequential_and_nested_models_count_like_their_flat_version():
 def test_cost_model_matches_profile_before_and_after_pruning():
     from tfhybrid import channels, cost
 
-    from models import APPLICATIONS, random_removal
+    from models import APPLICATIONS, MODERN, random_removal
 
-    for build in (lenet5, resnet_style, APPLICATIONS["MobileNetV2"], APPLICATIONS["DenseNet121"]):
+    zoo = [APPLICATIONS["MobileNetV2"], APPLICATIONS["DenseNet121"], *MODERN.values()]
+    for build in (lenet5, resnet_style, *zoo):
         model = build()
         analysis = channels.analyze(model)
         model_cost = cost.CostModel.from_analysis(analysis)

@@ -8,6 +8,7 @@ import tfhybrid as th
 
 from models import (
     APPLICATIONS,
+    MODERN,
     assert_unchanged,
     lenet5,
     max_relative_diff,
@@ -21,7 +22,7 @@ from models import (
 keras = th.keras
 layers = keras.layers
 
-ARCHITECTURES = {"LeNet5": lenet5, "ResNetStyle": resnet_style, **APPLICATIONS}
+ARCHITECTURES = {"LeNet5": lenet5, "ResNetStyle": resnet_style, **APPLICATIONS, **MODERN}
 
 
 def _inputs(model, batch=2, seed=1):
@@ -119,6 +120,18 @@ def test_exact_on_every_supported_construct(build):
     pruned = th.prune_channels(model, remove)
     assert max_relative_diff(masked, pruned, _inputs(model)) <= 1e-4
     assert pruned.count_params() < model.count_params()
+
+
+@pytest.mark.parametrize("name, share", [("MobileNetV3Large", 1.0), ("ConvNeXtTiny", 0.8)])
+def test_modern_families_are_prunable_inside(name, share):
+    """Groups touching neither the input nor the output: prunable through TF ops,
+    LayerScale and Conv2D(groups=C); ConvNeXt's residual streams still pass LayerNorm."""
+    groups = th.channel_groups(MODERN[name]())
+    edge = ("it touches the model input", "it feeds the model output")
+    inner = [g for g in groups if not (g.reason or "").startswith(edge)]
+    assert sum(g.prunable for g in inner) >= share * len(inner)
+    blocked = {g.reason.split("'")[1] for g in inner if not g.prunable}
+    assert all("layernorm" in name for name in blocked), blocked
 
 
 def test_input_model_is_not_modified():

@@ -7,7 +7,7 @@ from tfhybrid import _startup  # noqa: F401  (first: quiets TensorFlow for the c
 from tfhybrid._keras import keras
 from tfhybrid.api import custom_object_scope, hybrid_compress, strip
 from tfhybrid.budget import Budget
-from tfhybrid.channels import ChannelGroup, Member, channel_groups
+from tfhybrid.channels import ChannelGroup, Member, channel_groups, register_layer
 from tfhybrid.cost import LayerCost, Profile, profile
 from tfhybrid.export import (
     EdgeTPUReport,
@@ -56,6 +56,7 @@ __all__ = [
     "Member",
     "Profile",
     "channel_groups",
+    "register_layer",
     "factorize",
     "keras",
     "profile",

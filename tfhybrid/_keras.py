@@ -6,8 +6,10 @@ Everything Keras-version specific (private classes included) is named here or in
 """
 
 import tf_keras as keras
+from tf_keras.src.applications.convnext import LayerScale
 from tf_keras.src.engine import functional as keras_functional
 from tf_keras.src.engine.keras_tensor import KerasTensor
+from tf_keras.src.layers.core.tf_op_layer import SlicingOpLambda, TFOpLambda
 
 # Layer families, by what they do to the channel axis.
 
@@ -50,6 +52,13 @@ SEPARABLE_CONV = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
 CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 
 
+def is_depthwise_grouped(layer, in_channels: int | None) -> bool:
+    """A `Conv(groups=C)` over C input channels: a depthwise conv written as a grouped
+    one (ConvNeXt's), each output channel reading one input channel."""
+    groups = getattr(layer, "groups", 1)
+    return isinstance(layer, CONV) and groups > 1 and groups == in_channels
+
+
 def is_factorable(layer) -> bool:
     """Whether a layer's kernel can be split in two by SVD: a Dense, or a plain
     channels-last Conv2D (not grouped, not a subclass such as a depthwise conv)."""
@@ -72,6 +81,10 @@ def steps_per_execution(model: keras.Model) -> int:
 
 __all__ = [
     "keras",
+    "is_depthwise_grouped",
+    "LayerScale",
+    "SlicingOpLambda",
+    "TFOpLambda",
     "is_factorable",
     "keras_functional",
     "nested_io",

@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
 from tfhybrid import graph
 from tfhybrid._keras import (
@@ -26,6 +28,11 @@ from tfhybrid._keras import (
     PASS_THROUGH,
     SEPARABLE_CONV,
     TRANSPOSED_CONV,
+    KerasTensor,
+    LayerScale,
+    SlicingOpLambda,
+    TFOpLambda,
+    is_depthwise_grouped,
     keras,
 )
 
@@ -33,7 +40,91 @@ L = keras.layers
 
 _CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
 
+#: TF ops (a `TFOpLambda`'s symbol) that act on each element alone: they pass every
+#: channel through, coupling the channels of tensor operands of the output's width.
+ELEMENTWISE_OPS = frozenset(
+    f"{module}.{name}"
+    for module, names in {
+        "math": "abs add ceil cos divide divide_no_nan elu erf exp expm1 floor log log1p "
+        "maximum minimum multiply multiply_no_nan negative pow reciprocal round rsqrt "
+        "sigmoid sign sin softplus softsign sqrt square squared_difference subtract tanh "
+        "truediv",
+        "nn": "bias_add elu gelu leaky_relu relu relu6 selu sigmoid silu softplus softsign "
+        "swish tanh",
+        "__operators__": "add",
+    }.items()
+    for name in names.split()
+) | {"clip_by_value", "identity", "cast"}
+#: TF ops that reduce over axes: they pass the channels through unless they reduce them.
+REDUCTION_OPS = frozenset(f"math.reduce_{n}" for n in "mean max min sum prod".split())
+
 Layout = tuple  # tuple of (group, mult) segments
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRule:
+    """How a layer class handles channels: see `register_layer`."""
+
+    role: str
+    slice_weights: Callable | None = None
+    channels_config: str | None = None
+
+
+ROLES = ("passes", "produces")
+_RULES: dict[type, LayerRule] = {}
+
+
+def register_layer(
+    layer_class: type,
+    role: str = "passes",
+    *,
+    slice_weights: Callable | None = None,
+    channels_config: str | None = None,
+) -> None:
+    """Declares how layers of `layer_class` (and its subclasses) handle channels.
+
+    Layers tfhybrid does not know are kept whole, with the channel groups around them.
+    Declared, they take part in channel groups like the built-in ones.
+
+    Args:
+        layer_class: a Keras layer class of yours.
+        role: "passes": output channel i is computed from input channel i alone (a
+            per-channel scale, an activation); the channels before and after are one
+            group. "produces": the layer reads its input channels and writes new ones
+            (like Dense); it ends the input's group and starts a new one.
+        slice_weights: `f(layer, kept_in, kept_out) -> (config_overrides, weights)`:
+            the config changes and the weights (in `get_weights()` order) of the layer
+            with only the channels `kept_in` of its input and `kept_out` of its output
+            (index arrays, or None when that side keeps all its channels). Required for
+            "produces". For "passes" the default slices, along the last axis, every
+            weight whose last axis has the layer's channel count.
+        channels_config: for "passes" with the default slicing: the config entry that
+            holds the channel count (e.g. "units"), set to the kept count.
+
+    Raises:
+        ValueError: for an unknown role, or "produces" without `slice_weights`.
+        TypeError: for a class that is not a Keras layer.
+    """
+    if not (isinstance(layer_class, type) and issubclass(layer_class, L.Layer)):
+        raise TypeError(f"register_layer takes a Keras layer class, got {layer_class!r}.")
+    if role not in ROLES:
+        raise ValueError(
+            f"register_layer({layer_class.__name__}): role={role!r} is not one of {ROLES}."
+        )
+    if role == "produces" and slice_weights is None:
+        raise ValueError(
+            f"register_layer({layer_class.__name__}, role='produces') needs slice_weights: "
+            "how to cut its weights to the kept input and output channels."
+        )
+    _RULES[layer_class] = LayerRule(role, slice_weights, channels_config)
+
+
+def registered_rule(layer: Any) -> LayerRule | None:
+    """The rule declared for `layer`'s class (or its nearest registered base class)."""
+    for cls in type(layer).__mro__:
+        if cls in _RULES:
+            return _RULES[cls]
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,10 +367,17 @@ class _Analyzer:
 
     def _rule(self, op: graph.Op, ins: list[Layout]) -> list[Layout]:
         layer = op.layer
+        rule = registered_rule(layer)
+        if rule is not None:
+            return self._registered(op, ins, rule)
         if not _channels_last(layer):
             return self._opaque(op, ins, "it is not channels-last")
         if isinstance(layer, DEPTHWISE_CONV):
-            return self._depthwise(op, ins[0])
+            return self._depthwise(op, ins[0], layer.depth_multiplier)
+        if is_depthwise_grouped(layer, op.inputs[0].shape[-1]):
+            return self._depthwise(op, ins[0], layer.filters // layer.groups)
+        if isinstance(layer, TFOpLambda) and not isinstance(layer, SlicingOpLambda):
+            return self._tf_op(op, ins)
         if isinstance(layer, (*SEPARABLE_CONV, *TRANSPOSED_CONV, *CONV, L.Dense)):
             return self._producer(op, ins[0])
         if isinstance(layer, L.BatchNormalization):
@@ -296,9 +394,55 @@ class _Analyzer:
             return self._flatten(op, ins[0])
         if isinstance(layer, L.Reshape):
             return self._reshape(op, ins[0])
-        if isinstance(layer, PASS_THROUGH) and not _mixes_channels(layer):
+        if isinstance(layer, (*PASS_THROUGH, LayerScale)) and not _mixes_channels(layer):
             return self._pass(op, ins[0])
+        if isinstance(layer, TFOpLambda):
+            return self._opaque(op, ins, f"the TF op '{layer.symbol}' slices or reshapes")
+        if not type(layer).__module__.startswith(("tf_keras.", "keras.")):
+            return self._opaque(
+                op, ins, "it is a custom layer: declare how it handles channels with "
+                "tfhybrid.register_layer"
+            )  # fmt: skip
         return self._opaque(op, ins, "tfhybrid cannot see through it")
+
+    def _registered(self, op: graph.Op, ins: list[Layout], rule: LayerRule) -> list[Layout]:
+        if rule.role == "produces":
+            return self._producer(op, ins[0])
+        if op.outputs[0].shape[-1] != op.inputs[0].shape[-1]:
+            layer = op.layer
+            raise ValueError(
+                f"Layer '{layer.name}' ({type(layer).__name__}) is registered as 'passes' "
+                f"(tfhybrid.register_layer), but it turns {op.inputs[0].shape[-1]} input "
+                f"channels into {op.outputs[0].shape[-1]}: register it as 'produces' with "
+                "a slice_weights function."
+            )
+        return self._pass(op, ins[0])
+
+    def _tf_op(self, op: graph.Op, ins: list[Layout]) -> list[Layout]:
+        """An element-wise TF op couples its full-width tensor operands, like `Add`;
+        operands of one channel broadcast and constants are sliced (see surgery)."""
+        symbol, channels = op.layer.symbol, op.outputs[0].shape[-1]
+        if symbol in REDUCTION_OPS:
+            return self._reduction(op, ins)
+        if symbol not in ELEMENTWISE_OPS:
+            return self._opaque(op, ins, f"the TF op '{symbol}' is not known to be element-wise")
+        for constant in constant_operands(op):
+            if np.ndim(constant) and np.shape(constant)[-1] not in (1, channels):
+                return self._opaque(
+                    op, ins, f"'{symbol}' has a constant operand of shape {np.shape(constant)}"
+                )
+        widths = [kt.shape[-1] for kt in op.inputs]
+        if any(w not in (1, channels) for w in widths) or channels not in widths:
+            return self._opaque(op, ins, f"'{symbol}' broadcasts across channels")
+        return self._merge(op, ins)
+
+    def _reduction(self, op: graph.Op, ins: list[Layout]) -> list[Layout]:
+        args = {**dict(zip(("input_tensor", "axis"), op.call_args)), **op.call_kwargs}
+        rank = op.inputs[0].shape.rank
+        axes = np.atleast_1d(args.get("axis")) if args.get("axis") is not None else range(rank)
+        if rank - 1 in {int(a) % rank for a in axes} or op.outputs[0].shape.rank != rank:
+            return self._opaque(op, ins, f"'{op.layer.symbol}' reduces across channels")
+        return self._pass(op, ins[0])
 
     def _pass(self, op: graph.Op, layout: Layout) -> list[Layout]:
         if op.outputs[0].shape[-1] != op.inputs[0].shape[-1]:
@@ -321,9 +465,9 @@ class _Analyzer:
             self._block(out, f"'{layer.name}' applies a softmax across its channels")
         return [out]
 
-    def _depthwise(self, op: graph.Op, layout: Layout) -> list[Layout]:
+    def _depthwise(self, op: graph.Op, layout: Layout, multiplier: int) -> list[Layout]:
         self._record(layout, op.layer, "passes")
-        return [tuple((g, mult * op.layer.depth_multiplier) for g, mult in layout)]
+        return [tuple((g, mult * multiplier) for g, mult in layout)]
 
     def _batch_norm(self, op: graph.Op, layout: Layout) -> list[Layout]:
         axis = op.layer.axis if isinstance(op.layer.axis, (list, tuple)) else [op.layer.axis]
@@ -408,6 +552,12 @@ class _Analyzer:
             for key, layout in self.layouts.items()
         }
         return ChannelAnalysis(model, groups, layouts, self.unsupported)
+
+
+def constant_operands(op: graph.Op) -> list:
+    """The arguments of a TF op call that are values, not tensors of the graph."""
+    values = tf.nest.flatten((op.call_args, op.call_kwargs))
+    return [v for v in values if not isinstance(v, (KerasTensor, str, bool, type(None)))]
 
 
 def _channels_last(layer: Any) -> bool:

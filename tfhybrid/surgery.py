@@ -19,6 +19,10 @@ from tfhybrid._keras import (
     DEPTHWISE_CONV,
     SEPARABLE_CONV,
     TRANSPOSED_CONV,
+    KerasTensor,
+    LayerScale,
+    TFOpLambda,
+    is_depthwise_grouped,
     is_factorable,
     keras,
 )
@@ -142,10 +146,12 @@ def _pruned_op(op: graph.Op, analysis: channels.ChannelAnalysis, keep: dict):
     if kept_in is None and kept_out is None:
         return None
     layer = op.layer
-    for family, slicer in _SLICERS:
-        if isinstance(layer, family):
-            config, weights = slicer(layer, kept_in, kept_out)
-            return graph.with_weights(graph.clone_layer(layer, **config), weights)
+    if isinstance(layer, TFOpLambda):
+        return _sliced_constants(op, kept_out)
+    slicer = _slicer_of(layer, op)
+    if slicer is not None:
+        config, weights = slicer(layer, kept_in, kept_out)
+        return graph.with_weights(graph.clone_layer(layer, **config), weights)
     if layer.weights:  # channels.py let a weighted layer into a group it cannot slice
         raise NotImplementedError(
             f"tfhybrid cannot slice the weights of layer '{layer.name}' "
@@ -216,6 +222,20 @@ def _slice_reshape(layer: Any, kept_in, kept_out) -> tuple[dict, list]:
     return {"target_shape": tuple(target)}, []
 
 
+def _slice_depthwise_grouped(layer: Any, kept_in, kept_out) -> tuple[dict, list]:
+    """Conv(groups=C) over C channels: kernel (..., 1, C * m), bias (C * m)."""
+    weights = [_take(w, kept_out, -1) for w in layer.get_weights()]
+    groups = _size(kept_in, layer, "groups")
+    return {"filters": _size(kept_out, layer, "filters"), "groups": groups}, weights
+
+
+def _slice_layer_scale(layer: Any, kept_in, kept_out) -> tuple[dict, list]:
+    """ConvNeXt's LayerScale: one gamma per channel."""
+    return {"projection_dim": _size(kept_in, layer, "projection_dim")}, [
+        _take(layer.get_weights()[0], kept_in, 0)
+    ]
+
+
 _SLICERS = (
     (TRANSPOSED_CONV, _slice_transposed),
     (DEPTHWISE_CONV, _slice_depthwise),
@@ -223,7 +243,54 @@ _SLICERS = (
     ((*CONV, L.Dense), _slice_conv),
     ((L.BatchNormalization, L.PReLU), _slice_per_channel),
     (L.Reshape, _slice_reshape),
+    (LayerScale, _slice_layer_scale),
 )
+
+
+def _slicer_of(layer: Any, op: graph.Op) -> Any:
+    """The function that slices `layer`'s config and weights (None: it has none)."""
+    rule = channels.registered_rule(layer)
+    if rule is not None:
+        return rule.slice_weights or _registered_per_channel(rule, op.inputs[0].shape[-1])
+    if is_depthwise_grouped(layer, op.inputs[0].shape[-1]):
+        return _slice_depthwise_grouped
+    return next((slicer for family, slicer in _SLICERS if isinstance(layer, family)), None)
+
+
+def _registered_per_channel(rule: channels.LayerRule, width: int):
+    """The default slicing of a registered "passes" layer of `width` channels: every
+    weight whose last axis has that length, along that axis (and its `channels_config`)."""
+
+    def slicer(layer: Any, kept_in, kept_out) -> tuple[dict, list]:
+        weights = [
+            _take(w, kept_in, -1) if w.ndim and w.shape[-1] == width else w
+            for w in layer.get_weights()
+        ]
+        config = {rule.channels_config: len(kept_in)} if rule.channels_config else {}
+        return config, weights
+
+    return slicer
+
+
+def _sliced_constants(op: graph.Op, kept_out) -> graph.Replacement | None:
+    """A TF op whose constant operands along the channel axis keep `kept_out` only."""
+    if kept_out is None:
+        return None
+    width = op.outputs[0].shape[-1]
+    call = graph.copy_of(op.layer)
+
+    def sliced(value: Any) -> Any:
+        if isinstance(value, (KerasTensor, str, bool, type(None))):
+            return value
+        if width > 1 and np.ndim(value) and np.shape(value)[-1] == width:
+            return np.take(np.asarray(value), kept_out, axis=-1)
+        return value
+
+    def replacement(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = tf.nest.map_structure(sliced, (args, kwargs))
+        return call(*args, **kwargs)
+
+    return replacement
 
 
 def factorize(model: Any, ranks: Mapping[str, int], *, force: bool = False):

@@ -1,0 +1,100 @@
+"""Which channel groups of modern architectures tfhybrid can prune, and why not the rest.
+
+    python benchmarks/architectures.py --out=docs/results/architectures.json
+
+For tf_keras.applications models (weights=None, 32 x 32 inputs) and a small ViT written
+with tf_keras layers, counts the channel groups, those that touch neither the model's
+input nor its output ("inner"), the inner ones that are prunable, and the reasons the
+others are kept whole (by the kind of layer named, with one example each). Prints a
+Markdown table and writes the JSON.
+"""
+
+import collections
+import json
+import os
+import re
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags  # noqa: E402
+
+import tfhybrid as th  # noqa: E402
+
+keras = th.keras
+layers = keras.layers
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "docs/results/architectures.json", "Where to write the JSON.")
+flags.DEFINE_list(
+    "models",
+    "EfficientNetB0,MobileNetV3Large,RegNetX004,RegNetY004,ConvNeXtTiny,ConvNeXtSmall,SmallViT",
+    "Models to analyse.",
+)
+
+EDGE = ("it touches the model input", "it feeds the model output")
+
+
+def small_vit(size: int = 32, patch: int = 4, width: int = 64, depth: int = 2) -> keras.Model:
+    """A ViT: patch embedding, pre-norm attention and MLP blocks, mean-pooled head."""
+    inputs = keras.Input((size, size, 3))
+    x = layers.Conv2D(width, patch, strides=patch, name="patches")(inputs)
+    x = layers.Reshape(((size // patch) ** 2, width), name="tokens")(x)
+    for i in range(depth):
+        y = layers.LayerNormalization(name=f"block{i}_ln1")(x)
+        y = layers.MultiHeadAttention(4, width // 4, name=f"block{i}_attention")(y, y)
+        x = layers.Add(name=f"block{i}_add1")([x, y])
+        y = layers.LayerNormalization(name=f"block{i}_ln2")(x)
+        y = layers.Dense(2 * width, activation="gelu", name=f"block{i}_mlp1")(y)
+        x = layers.Add(name=f"block{i}_add2")([x, layers.Dense(width, name=f"block{i}_mlp2")(y)])
+    x = layers.GlobalAveragePooling1D(name="pool")(layers.LayerNormalization(name="ln")(x))
+    return keras.Model(inputs, layers.Dense(10, name="head")(x), name="small_vit")
+
+
+def build(name: str) -> keras.Model:
+    if name == "SmallViT":
+        return small_vit()
+    return getattr(keras.applications, name)(
+        weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None
+    )
+
+
+def reason_kind(reason: str) -> str:
+    """A reason with layer names and numbers taken out, to count alike reasons together."""
+    return re.sub(r"\d+", "N", re.sub(r"'[^']*'", "'…'", reason))
+
+
+def analyse(name: str) -> dict:
+    groups = th.channel_groups(build(name))
+    inner = [g for g in groups if not (g.reason or "").startswith(EDGE)]
+    kinds = collections.Counter(reason_kind(g.reason) for g in inner if not g.prunable)
+    examples = {}
+    for g in inner:
+        if not g.prunable:
+            examples.setdefault(reason_kind(g.reason), g.reason)
+    return {
+        "groups": len(groups),
+        "inner": len(inner),
+        "inner_prunable": sum(g.prunable for g in inner),
+        "kept_whole": [{"count": n, "example": examples[k]} for k, n in kinds.most_common()],
+    }
+
+
+def main(argv):
+    del argv
+    results = {}
+    for name in FLAGS.models:
+        results[name] = analyse(name)
+    print("| model | groups | inner | inner prunable | kept whole (count: an example's reason) |")
+    print("|---|---|---|---|---|")
+    for name, r in results.items():
+        why = "; ".join(f"{k['count']}: {k['example']}" for k in r["kept_whole"]) or "-"
+        share = r["inner_prunable"] / max(r["inner"], 1)
+        print(
+            f"| {name} | {r['groups']} | {r['inner']} | {r['inner_prunable']} ({share:.0%}) | {why} |"
+        )
+    with open(FLAGS.out, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -88,10 +88,8 @@ def main(argv):
     print("|---|---|---|---|---|")
     for name, r in results.items():
         why = "; ".join(f"{k['count']}: {k['example']}" for k in r["kept_whole"]) or "-"
-        share = r["inner_prunable"] / max(r["inner"], 1)
-        print(
-            f"| {name} | {r['groups']} | {r['inner']} | {r['inner_prunable']} ({share:.0%}) | {why} |"
-        )
+        prunable = f"{r['inner_prunable']} ({r['inner_prunable'] / max(r['inner'], 1):.0%})"
+        print(f"| {name} | {r['groups']} | {r['inner']} | {prunable} | {why} |")
     with open(FLAGS.out, "w") as f:
         json.dump(results, f, indent=1)
 

@@ -72,8 +72,11 @@ APPLICATIONS = {
 }
 
 
-#: Families whose channels pass through TF ops, LayerScale and `Conv2D(groups=C)`.
-MODERN = {name: application(name) for name in ("MobileNetV3Large", "ConvNeXtTiny")}
+#: Families whose channels pass through TF ops, LayerScale and grouped convolutions.
+MODERN = {
+    name: application(name)
+    for name in ("MobileNetV3Large", "RegNetX004", "RegNetY004", "ConvNeXtTiny")
+}
 
 
 def randomize_batchnorm(model: keras.Model, seed: int = 0) -> keras.Model:

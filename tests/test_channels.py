@@ -100,7 +100,12 @@ def test_depthwise_multiplier_expands_the_group():
 @pytest.mark.parametrize(
     "make_block,reason",
     [
-        (lambda x: layers.Conv2D(8, 1, groups=2, name="grouped")(x), r"grouped convolution"),
+        (
+            lambda x: layers.Conv2D(8, 1, groups=2, name="grouped")(
+                layers.Concatenate()([x[..., :4], x[..., 4:]])
+            ),
+            r"'__operators__.getitem' slices",
+        ),
         (lambda x: tf.transpose(x, [0, 2, 1, 3]), r"tf.compat.v1.transpose|tf.transpose"),
         (lambda x: tf.math.cumsum(x, axis=-1), r"'math.cumsum' is not known to be element-wise"),
         (
@@ -301,3 +306,24 @@ def test_a_passes_declaration_that_contradicts_the_shapes_is_an_error(registry):
     model = keras.Model(inputs, layers.Conv2D(2, 1, name="after")(x))
     with pytest.raises(ValueError, match=r"'widen' \(Widen\) is registered as 'passes'.*8 input"):
         th.channel_groups(model)
+
+
+def test_a_grouped_convolution_prunes_whole_groups_with_their_inputs():
+    """RegNet's 3 x 3 conv with a squeeze-excite gate: units of 4 input / 6 output channels."""
+    inputs = keras.Input((6, 6, 3))
+    x = layers.Conv2D(8, 1, name="before")(inputs)
+    x = layers.Conv2D(12, 3, padding="same", groups=2, name="grouped")(x)
+    gate = layers.Conv2D(12, 1, activation="sigmoid", name="excite")(inputs)
+    x = layers.Multiply(name="gated")([x, gate])
+    model = keras.Model(inputs, layers.Conv2D(2, 1, name="after")(x))
+    groups = th.channel_groups(model)
+    units = _group_of(groups, "before")
+    assert units.prunable and units.size == 2
+    member = {m.layer: m for m in units.members}
+    assert member["before"].mult == 4 and member["excite"].mult == 6
+    assert "after" in units.layers("consumes")
+    pruned = th.prune_channels(model, {units.id: [0]})
+    masked = th.prune_channels(model, {units.id: [0]}, masked=True)
+    assert pruned.get_layer("grouped").groups == 1 and pruned.get_layer("grouped").filters == 6
+    x = tf.random.normal((2, 6, 6, 3))
+    assert float(tf.reduce_max(tf.abs(pruned(x) - masked(x)))) <= 1e-5

@@ -122,10 +122,13 @@ def test_exact_on_every_supported_construct(build):
     assert pruned.count_params() < model.count_params()
 
 
-@pytest.mark.parametrize("name, share", [("MobileNetV3Large", 1.0), ("ConvNeXtTiny", 0.8)])
+@pytest.mark.parametrize(
+    "name, share",
+    [("MobileNetV3Large", 1.0), ("RegNetX004", 1.0), ("RegNetY004", 1.0), ("ConvNeXtTiny", 0.8)],
+)
 def test_modern_families_are_prunable_inside(name, share):
     """Groups touching neither the input nor the output: prunable through TF ops,
-    LayerScale and Conv2D(groups=C); ConvNeXt's residual streams still pass LayerNorm."""
+    LayerScale and grouped convs; ConvNeXt's residual streams still pass LayerNorm."""
     groups = th.channel_groups(MODERN[name]())
     edge = ("it touches the model input", "it feeds the model output")
     inner = [g for g in groups if not (g.reason or "").startswith(edge)]

@@ -52,11 +52,10 @@ SEPARABLE_CONV = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
 CONV = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 
 
-def is_depthwise_grouped(layer, in_channels: int | None) -> bool:
-    """A `Conv(groups=C)` over C input channels: a depthwise conv written as a grouped
-    one (ConvNeXt's), each output channel reading one input channel."""
-    groups = getattr(layer, "groups", 1)
-    return isinstance(layer, CONV) and groups > 1 and groups == in_channels
+def is_grouped(layer) -> bool:
+    """A grouped convolution (`Conv(groups=G)`, G > 1). With G equal to its input
+    channels it is a depthwise conv written as a grouped one (ConvNeXt's)."""
+    return isinstance(layer, CONV) and getattr(layer, "groups", 1) > 1
 
 
 def is_factorable(layer) -> bool:
@@ -81,7 +80,7 @@ def steps_per_execution(model: keras.Model) -> int:
 
 __all__ = [
     "keras",
-    "is_depthwise_grouped",
+    "is_grouped",
     "LayerScale",
     "SlicingOpLambda",
     "TFOpLambda",

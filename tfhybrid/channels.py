@@ -32,7 +32,7 @@ from tfhybrid._keras import (
     LayerScale,
     SlicingOpLambda,
     TFOpLambda,
-    is_depthwise_grouped,
+    is_grouped,
     keras,
 )
 
@@ -304,6 +304,7 @@ class _Analyzer:
         self.first_inputs: dict[int, list[Layout]] = {}
         self.produced: dict[int, int] = {}
         self.unsupported: list[str] = []
+        self.retired: set[int] = set()  # groups replaced by groups of their blocks
 
     def run(self, model: Any) -> ChannelAnalysis:
         for kt, name in zip(model.inputs, model.input_names):
@@ -346,12 +347,29 @@ class _Analyzer:
             for (ga, _), (gb, _) in zip(a, b):
                 self.uf.union(ga, gb)
             return
+        if self._unify_in_blocks(a, b) or self._unify_in_blocks(b, a):
+            return
         reason = (
             f"'{layer.name}' ({type(layer).__name__}) joins tensors whose channels are "
             "laid out differently"
         )
         self._block(a, reason)
         self._block(b, reason)
+
+    def _unify_in_blocks(self, coarse: Layout, fine: Layout) -> bool:
+        """Couples a tensor of whole blocks (a grouped conv's groups) with a tensor of
+        single channels of the same width (RegNetY's squeeze-excite gate), by making
+        the latter's group one of blocks too. False where that does not apply."""
+        if len(coarse) != 1 or len(fine) != 1:
+            return False
+        (gc, width), (gf, mult) = coarse[0], fine[0]
+        fine_root = self.uf.find(gf)
+        if mult != 1 or width <= 1 or fine_root in self.uf.reasons:
+            return False
+        if self._seg_size(coarse[0]) != self._seg_size(fine[0]):
+            return False
+        self.uf.union(gc, self._coarsen(fine_root, width))
+        return True
 
     # -- the rules ---------------------------------------------------------------
     def _visit(self, op: graph.Op) -> None:
@@ -374,8 +392,8 @@ class _Analyzer:
             return self._opaque(op, ins, "it is not channels-last")
         if isinstance(layer, DEPTHWISE_CONV):
             return self._depthwise(op, ins[0], layer.depth_multiplier)
-        if is_depthwise_grouped(layer, op.inputs[0].shape[-1]):
-            return self._depthwise(op, ins[0], layer.filters // layer.groups)
+        if is_grouped(layer):
+            return self._grouped(op, ins[0])
         if isinstance(layer, TFOpLambda) and not isinstance(layer, SlicingOpLambda):
             return self._tf_op(op, ins)
         if isinstance(layer, (*SEPARABLE_CONV, *TRANSPOSED_CONV, *CONV, L.Dense)):
@@ -457,13 +475,50 @@ class _Analyzer:
             self.produced[id(layer)] = self._fresh(op.outputs[0])[0][0]
         out = ((self.produced[id(layer)], 1),)
         self._record(out, layer, "produces")
-        if getattr(layer, "groups", 1) > 1:
-            reason = f"grouped convolution '{layer.name}' (groups={layer.groups}) is kept whole"
-            self._block(layout, reason)
-            self._block(out, reason)
         if _mixes_channels(layer):
             self._block(out, f"'{layer.name}' applies a softmax across its channels")
         return [out]
+
+    def _grouped(self, op: graph.Op, layout: Layout) -> list[Layout]:
+        """A grouped conv: its groups are the units that go, each with all its input
+        and output channels. Its input's group becomes a group of those units."""
+        layer, width = op.layer, op.inputs[0].shape[-1]
+        per_in, per_out = width // layer.groups, layer.filters // layer.groups
+        if per_in == 1:  # a depthwise conv written as a grouped one
+            return self._depthwise(op, layout, per_out)
+        g = self.uf.find(layout[0][0])
+        if layout != ((layout[0][0], 1),) or g in self.uf.reasons:
+            reason = (
+                f"grouped convolution '{layer.name}' (groups={layer.groups}) is kept whole: "
+                "its input's channels are kept whole or laid out in several parts"
+            )
+            self._block(layout, reason)
+            return [self._fresh(op.outputs[0], reason)]
+        units = self._coarsen(g, per_in)
+        self._record(((units, per_in),), layer, "passes")
+        return [((units, per_out),)]
+
+    def _coarsen(self, root: int, width: int) -> int:
+        """Replaces group `root` by a group of its blocks of `width` channels, everywhere."""
+        units = self.uf.new(self.uf.size[root] // width)
+
+        def coarse(layout: Layout) -> Layout:
+            return tuple(
+                (units, m * width) if self.uf.find(g) == root else (g, m) for g, m in layout
+            )
+
+        self.layouts = {key: coarse(layout) for key, layout in self.layouts.items()}
+        self.first_inputs = {k: [coarse(lay) for lay in v] for k, v in self.first_inputs.items()}
+        self.members = [
+            (units, dataclasses.replace(m, mult=m.mult * width)) if self.uf.find(g) == root
+            else (g, m)
+            for g, m in self.members
+        ]  # fmt: skip
+        self.produced = {
+            k: units if self.uf.find(g) == root else g for k, g in self.produced.items()
+        }
+        self.retired.add(root)
+        return units
 
     def _depthwise(self, op: graph.Op, layout: Layout, multiplier: int) -> list[Layout]:
         self._record(layout, op.layer, "passes")
@@ -495,6 +550,7 @@ class _Analyzer:
             return self._opaque(op, ins, "no input has the output's channel count")
         for layout in full[1:]:
             self._unify(full[0], layout, op.layer)
+        full = [self.layouts[id(kt)] for kt in op.inputs if kt.shape[-1] == channels]
         for layout in full:
             self._record(layout, op.layer, "passes")
         return [full[0]]
@@ -532,7 +588,8 @@ class _Analyzer:
     def _result(self, model: Any) -> ChannelAnalysis:
         ids: dict[int, int] = {}
         for g in range(len(self.uf.parent)):
-            ids.setdefault(self.uf.find(g), len(ids))
+            if self.uf.find(g) not in self.retired:
+                ids.setdefault(self.uf.find(g), len(ids))
         groups = [
             ChannelGroup(
                 id=gid,

@@ -27,8 +27,8 @@ from tfhybrid._keras import (
     DEPTHWISE_CONV,
     SEPARABLE_CONV,
     TRANSPOSED_CONV,
-    is_depthwise_grouped,
     is_factorable,
+    is_grouped,
     keras,
 )
 
@@ -115,9 +115,9 @@ def mac_terms(layer: Any, in_shape: tuple, out_shape: tuple) -> tuple[Fraction, 
     if isinstance(layer, TRANSPOSED_CONV):
         in_positions = math.prod(in_shape[1:-1])
         return Fraction(0), Fraction(in_positions * math.prod(layer.kernel_size))
-    if is_depthwise_grouped(layer, in_shape[-1]):
-        mult = layer.filters // layer.groups
-        return Fraction(out_positions * math.prod(layer.kernel_size) * mult), Fraction(0)
+    if is_grouped(layer):  # groups go whole: each input channel meets filters/groups outputs
+        area = math.prod(layer.kernel_size)
+        return Fraction(out_positions * area * layer.filters, layer.groups), Fraction(0)
     if isinstance(layer, CONV):
         area = math.prod(layer.kernel_size)
         return Fraction(0), Fraction(out_positions * area, layer.groups)
@@ -205,9 +205,9 @@ def param_terms(layer: Any, channels_in: int) -> tuple[float, float, float, floa
     if isinstance(layer, SEPARABLE_CONV):
         mult = layer.depth_multiplier
         return 0.0, math.prod(layer.kernel_size) * mult, float(mult), bias
-    if is_depthwise_grouped(layer, channels_in):
-        mult = layer.filters // layer.groups
-        return 0.0, math.prod(layer.kernel_size) * mult + bias * mult, 0.0, 0.0
+    if is_grouped(layer):
+        per_input = math.prod(layer.kernel_size) * layer.filters / layer.groups
+        return 0.0, per_input + bias * layer.filters / channels_in, 0.0, 0.0
     if isinstance(layer, (*TRANSPOSED_CONV, *CONV)):
         return 0.0, 0.0, math.prod(layer.kernel_size) / layer.groups, bias
     if isinstance(layer, L.Dense):

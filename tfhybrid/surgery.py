@@ -22,8 +22,8 @@ from tfhybrid._keras import (
     KerasTensor,
     LayerScale,
     TFOpLambda,
-    is_depthwise_grouped,
     is_factorable,
+    is_grouped,
     keras,
 )
 
@@ -222,10 +222,13 @@ def _slice_reshape(layer: Any, kept_in, kept_out) -> tuple[dict, list]:
     return {"target_shape": tuple(target)}, []
 
 
-def _slice_depthwise_grouped(layer: Any, kept_in, kept_out) -> tuple[dict, list]:
-    """Conv(groups=C) over C channels: kernel (..., 1, C * m), bias (C * m)."""
-    weights = [_take(w, kept_out, -1) for w in layer.get_weights()]
-    groups = _size(kept_in, layer, "groups")
+def _slice_grouped(layer: Any, kept_in, kept_out) -> tuple[dict, list]:
+    """Grouped conv whose groups go whole: kernel (..., in / groups, out) and bias (out)
+    keep the kept groups' outputs; each kept group keeps all its inputs."""
+    weights = layer.get_weights()
+    per_group = weights[0].shape[-2]
+    groups = layer.groups if kept_in is None else len(kept_in) // per_group
+    weights = [_take(w, kept_out, -1) for w in weights]
     return {"filters": _size(kept_out, layer, "filters"), "groups": groups}, weights
 
 
@@ -252,8 +255,8 @@ def _slicer_of(layer: Any, op: graph.Op) -> Any:
     rule = channels.registered_rule(layer)
     if rule is not None:
         return rule.slice_weights or _registered_per_channel(rule, op.inputs[0].shape[-1])
-    if is_depthwise_grouped(layer, op.inputs[0].shape[-1]):
-        return _slice_depthwise_grouped
+    if is_grouped(layer):
+        return _slice_grouped
     return next((slicer for family, slicer in _SLICERS if isinstance(layer, family)), None)
 
 

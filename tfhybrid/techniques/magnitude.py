@@ -19,7 +19,8 @@ def channel_l1_norms(
     """L1 norm of every channel of every prunable group.
 
     A channel's norm sums the L1 norms of the kernel slices that produce it, over
-    all producers of its group (e.g. both branches feeding a residual Add).
+    all producers of its group (e.g. both branches feeding a residual Add); a unit of
+    several channels (a grouped conv's group) sums those of its channels.
 
     Args:
         model: a functional or built Sequential tf_keras model.
@@ -36,9 +37,13 @@ def channel_l1_norms(
         if not group.prunable:
             continue
         total = np.zeros(group.size)
-        for name in group.layers("produces"):
-            kernel = layers[name].get_weights()[0]
-            total += np.abs(kernel.reshape(-1, kernel.shape[-1])).sum(axis=0)
+        for member in group.members:
+            if member.role != "produces":
+                continue
+            kernel = layers[member.layer].get_weights()[0]
+            per_output = np.abs(kernel.reshape(-1, kernel.shape[-1])).sum(axis=0)
+            span = per_output[member.offset : member.offset + group.size * member.mult]
+            total += span.reshape(group.size, member.mult).sum(axis=1)  # a block: its sum
         if total.any():
             norms[group.id] = total
     return norms

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import pathlib
+import sys
+
 import numpy as np
-from mnist import lenet5 as lenet5  # (the README's LeNets from examples/, re-exported)
-from mnist import lenet_300_100 as lenet_300_100
 
 import tfhybrid as th
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+from mnist import lenet5 as lenet5  # noqa: E402  (the README's LeNets, re-exported)
+from mnist import lenet_300_100 as lenet_300_100  # noqa: E402
 
 keras = th.keras
 layers = keras.layers

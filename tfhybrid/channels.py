@@ -119,6 +119,10 @@ def register_layer(
     _RULES[layer_class] = LayerRule(role, slice_weights, channels_config)
 
 
+#: ConvNeXt's per-channel scale, declared as a user would declare theirs.
+register_layer(LayerScale, "passes", channels_config="projection_dim")
+
+
 def registered_rule(layer: Any) -> LayerRule | None:
     """The rule declared for `layer`'s class (or its nearest registered base class)."""
     for cls in type(layer).__mro__:
@@ -412,7 +416,7 @@ class _Analyzer:
             return self._flatten(op, ins[0])
         if isinstance(layer, L.Reshape):
             return self._reshape(op, ins[0])
-        if isinstance(layer, (*PASS_THROUGH, LayerScale)) and not _mixes_channels(layer):
+        if isinstance(layer, PASS_THROUGH) and not _mixes_channels(layer):
             return self._pass(op, ins[0])
         if isinstance(layer, TFOpLambda):
             return self._opaque(op, ins, f"the TF op '{layer.symbol}' slices or reshapes")
@@ -611,10 +615,15 @@ class _Analyzer:
         return ChannelAnalysis(model, groups, layouts, self.unsupported)
 
 
+def is_constant_operand(value: Any) -> bool:
+    """Whether an argument of a TF op call is a value (a number, an array), not a tensor
+    of the graph or an option (a name, a flag)."""
+    return not isinstance(value, (KerasTensor, str, bool, type(None)))
+
+
 def constant_operands(op: graph.Op) -> list:
     """The arguments of a TF op call that are values, not tensors of the graph."""
-    values = tf.nest.flatten((op.call_args, op.call_kwargs))
-    return [v for v in values if not isinstance(v, (KerasTensor, str, bool, type(None)))]
+    return [v for v in tf.nest.flatten((op.call_args, op.call_kwargs)) if is_constant_operand(v)]
 
 
 def _channels_last(layer: Any) -> bool:

@@ -67,9 +67,9 @@ def _download(builder) -> None:
         f"MNIST is not prepared in TFDS_DATA_DIR={folder} and {{why}}. Go online (tfds "
         "downloads it, 11 MB) or set TFDS_DATA_DIR to a folder holding a prepared copy."
     )
-    try:
-        import requests
+    import requests  # a dependency of tensorflow-datasets
 
+    try:
         requests.head(MNIST_URL, timeout=PROBE_TIMEOUT_S)
     except requests.RequestException as error:
         raise DataUnavailableError(

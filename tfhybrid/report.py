@@ -56,10 +56,10 @@ def _plain_table(model: Any) -> str:
 
 
 def _comparison_table(model: Any, original: Any) -> str:
-    now, before = _by_layer(cost.profile(model)), _by_layer(cost.profile(original))
-
+    old, new = cost.profile(original), cost.profile(model)
+    now = _by_layer(new)
     rows = []
-    for name, item in before.items():
+    for name, item in _by_layer(old).items():
         parts = _parts(name, now)
         shape = parts[-1].output_shape if parts else None
         rows.append(
@@ -72,7 +72,6 @@ def _comparison_table(model: Any, original: Any) -> str:
                 _what_was_done(item, parts, costed=True),
             )
         )
-    old, new = cost.profile(original), cost.profile(model)
     total = (f"{old.macs:,} → {new.macs:,}", f"{old.params:,} → {new.params:,}")
     return _format(("done",), rows, total)
 
@@ -89,8 +88,8 @@ def changes(model: Any, original: Any) -> dict[str, str]:
 
 
 def _search_table(model: CompressionModel) -> str:
-    small = surgery.strip(model, model.plan())
-    now = _by_layer(cost.profile(small))
+    stripped = cost.profile(surgery.strip(model, model.plan()))
+    now = _by_layer(stripped)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it counts training-time layers as 0 MACs
         searching = _by_layer(cost.profile(model))
@@ -107,8 +106,7 @@ def _search_table(model: CompressionModel) -> str:
                 _what_was_done(item, parts, costed=False),
             )
         )
-    prof = cost.profile(small)
-    return _format(("strip will (now)",), rows, (prof.macs, prof.params))
+    return _format(("strip will (now)",), rows, (stripped.macs, stripped.params))
 
 
 def _by_layer(prof: cost.Profile) -> dict[str, cost.LayerCost]:

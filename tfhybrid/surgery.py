@@ -19,8 +19,6 @@ from tfhybrid._keras import (
     DEPTHWISE_CONV,
     SEPARABLE_CONV,
     TRANSPOSED_CONV,
-    KerasTensor,
-    LayerScale,
     TFOpLambda,
     is_factorable,
     is_grouped,
@@ -232,13 +230,6 @@ def _slice_grouped(layer: Any, kept_in, kept_out) -> tuple[dict, list]:
     return {"filters": _size(kept_out, layer, "filters"), "groups": groups}, weights
 
 
-def _slice_layer_scale(layer: Any, kept_in, kept_out) -> tuple[dict, list]:
-    """ConvNeXt's LayerScale: one gamma per channel."""
-    return {"projection_dim": _size(kept_in, layer, "projection_dim")}, [
-        _take(layer.get_weights()[0], kept_in, 0)
-    ]
-
-
 _SLICERS = (
     (TRANSPOSED_CONV, _slice_transposed),
     (DEPTHWISE_CONV, _slice_depthwise),
@@ -246,7 +237,6 @@ _SLICERS = (
     ((*CONV, L.Dense), _slice_conv),
     ((L.BatchNormalization, L.PReLU), _slice_per_channel),
     (L.Reshape, _slice_reshape),
-    (LayerScale, _slice_layer_scale),
 )
 
 
@@ -283,11 +273,10 @@ def _sliced_constants(op: graph.Op, kept_out) -> graph.Replacement | None:
     call = graph.copy_of(op.layer)
 
     def sliced(value: Any) -> Any:
-        if isinstance(value, (KerasTensor, str, bool, type(None))):
+        if not channels.is_constant_operand(value) or not np.ndim(value):
             return value
-        if width > 1 and np.ndim(value) and np.shape(value)[-1] == width:
-            return np.take(np.asarray(value), kept_out, axis=-1)
-        return value
+        along_channels = np.shape(value)[-1] == width > 1
+        return np.take(np.asarray(value), kept_out, axis=-1) if along_channels else value
 
     def replacement(*args: Any, **kwargs: Any) -> Any:
         args, kwargs = tf.nest.map_structure(sliced, (args, kwargs))

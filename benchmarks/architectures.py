@@ -12,11 +12,15 @@ Markdown table and writes the JSON.
 import collections
 import json
 import os
+import pathlib
 import re
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 from absl import app, flags  # noqa: E402
+from vit import small_vit  # noqa: E402
 
 import tfhybrid as th  # noqa: E402
 
@@ -32,22 +36,6 @@ flags.DEFINE_list(
 )
 
 EDGE = ("it touches the model input", "it feeds the model output")
-
-
-def small_vit(size: int = 32, patch: int = 4, width: int = 64, depth: int = 2) -> keras.Model:
-    """A ViT: patch embedding, pre-norm attention and MLP blocks, mean-pooled head."""
-    inputs = keras.Input((size, size, 3))
-    x = layers.Conv2D(width, patch, strides=patch, name="patches")(inputs)
-    x = layers.Reshape(((size // patch) ** 2, width), name="tokens")(x)
-    for i in range(depth):
-        y = layers.LayerNormalization(name=f"block{i}_ln1")(x)
-        y = layers.MultiHeadAttention(4, width // 4, name=f"block{i}_attention")(y, y)
-        x = layers.Add(name=f"block{i}_add1")([x, y])
-        y = layers.LayerNormalization(name=f"block{i}_ln2")(x)
-        y = layers.Dense(2 * width, activation="gelu", name=f"block{i}_mlp1")(y)
-        x = layers.Add(name=f"block{i}_add2")([x, layers.Dense(width, name=f"block{i}_mlp2")(y)])
-    x = layers.GlobalAveragePooling1D(name="pool")(layers.LayerNormalization(name="ln")(x))
-    return keras.Model(inputs, layers.Dense(10, name="head")(x), name="small_vit")
 
 
 def build(name: str) -> keras.Model:

@@ -12,6 +12,7 @@ import tfhybrid as th
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 from mnist import lenet5 as lenet5  # noqa: E402  (the README's LeNets, re-exported)
 from mnist import lenet_300_100 as lenet_300_100  # noqa: E402
+from vit import small_vit  # noqa: E402
 
 keras = th.keras
 layers = keras.layers
@@ -77,10 +78,14 @@ APPLICATIONS = {
 }
 
 
-#: Families whose channels pass through TF ops, LayerScale and grouped convolutions.
+#: Families whose channels pass through TF ops, LayerScale, grouped convolutions,
+#: LayerNormalization and self-attention.
 MODERN = {
-    name: application(name)
-    for name in ("MobileNetV3Large", "RegNetX004", "RegNetY004", "ConvNeXtTiny")
+    **{
+        name: application(name)
+        for name in ("MobileNetV3Large", "RegNetX004", "RegNetY004", "ConvNeXtTiny")
+    },
+    "SmallViT": small_vit,
 }
 
 
@@ -89,10 +94,20 @@ def randomize_batchnorm(model: keras.Model, seed: int = 0) -> keras.Model:
 
     Freshly initialised networks (zero-gamma residual branches, unit statistics)
     pass tiny signals; random affine BNs make a masked/pruned comparison sensitive.
-    ConvNeXt's LayerScales (1e-6 at start) get random scales of order 1 too.
+    ConvNeXt's LayerScales (1e-6 at start) get random scales of order 1 too, and
+    LayerNormalizations random scales and offsets.
     """
     rng = np.random.default_rng(seed)
     for layer in model.submodules:
+        if isinstance(layer, layers.LayerNormalization):
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, w.shape)
+                    if "gamma" in v.name
+                    else rng.normal(0, 0.3, w.shape)
+                    for v, w in zip(layer.weights, layer.get_weights())
+                ]
+            )
         if type(layer).__name__ == "LayerScale":
             layer.set_weights(
                 [rng.uniform(0.5, 1.5, w.shape).astype(w.dtype) for w in layer.get_weights()]

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 import tfhybrid as th
+from tfhybrid import surgery
 from tfhybrid.techniques import df
 
 from models import (
@@ -16,6 +17,7 @@ from models import (
     lenet5,
     nested_model,
     randomize_batchnorm,
+    small_vit,
     weights_snapshot,
 )
 
@@ -201,6 +203,32 @@ def test_dense_layers_on_sequences_are_searched_and_stripped_exactly():
     _fit(compressed, x, y, epochs=2, batch_size=8)
     small = th.strip(compressed)
     assert th.profile(small).macs <= 0.3 * th.profile(model).macs
+    _assert_strip_is_exact(compressed, small, x[:8])
+
+
+def test_a_transformer_residual_stream_is_searched_through_layer_norm_and_attention(tmp_path):
+    """LayerNormalization counts each channel by its gate and attention scales each head
+    by its gate, so the hard-gated search model computes what the stripped one does."""
+    model = randomize_batchnorm(small_vit(size=16, width=32, depth=1))
+    x, y = _data(model, 32)
+    compressed = th.hybrid_compress(model, th.Budget(macs=0.4), search_steps=6)
+    stream = ["block0_attention", "block0_mlp2", "patches"]  # the residual stream's producers
+    assert stream in df.gates_of(compressed).group_keys
+    assert ["block0_attention/heads"] in df.gates_of(compressed).group_keys
+    norms = [la for la in compressed.layers if isinstance(la, surgery.MaskedLayerNormalization)]
+    assert len(norms) == 3
+    _fit(compressed, x, y, epochs=2, batch_size=8)
+    path = str(tmp_path / "vit.keras")
+    compressed.save(path)
+    with th.custom_object_scope():
+        loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded(x[:4]), compressed(x[:4]), rtol=1e-5, atol=1e-6)
+    small = th.strip(loaded)
+    assert th.profile(small).macs <= 0.4 * th.profile(model).macs
+    stream = small.get_layer("patches").filters
+    assert stream < 32 and small.get_layer("ln").gamma.shape == (stream,)
+    assert small.get_layer("block0_attention").get_config()["output_shape"] == stream
+    assert type(small.get_layer("ln")) is layers.LayerNormalization
     _assert_strip_is_exact(compressed, small, x[:8])
 
 

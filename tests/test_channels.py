@@ -113,7 +113,14 @@ def test_depthwise_multiplier_expands_the_group():
             r"'math.reduce_mean' reduces across channels",
         ),
         (lambda x: x[..., :4], r"'__operators__.getitem' slices or reshapes"),
-        (lambda x: layers.LayerNormalization(name="ln")(x), r"approximate"),
+        (
+            lambda x: layers.LayerNormalization(axis=[1, 2, 3], name="ln")(x),
+            r"'ln' \(LayerNormalization\): it normalizes over axis",
+        ),
+        (
+            lambda x: layers.MultiHeadAttention(2, 4, name="mha")(x, layers.ReLU()(x) * 2.0),
+            r"MultiHeadAttention 'mha': it attends from one tensor to another",
+        ),
         (lambda x: layers.Softmax(name="sm")(x), r"'sm' \(Softmax\)"),
         (lambda x: layers.BatchNormalization(axis=1, name="bn1")(x), r"normalizes over axis"),
         (lambda x: layers.Reshape((6, 3, 16), name="rs")(x), r"'rs' \(Reshape\).*channel axis"),

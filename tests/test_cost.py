@@ -109,7 +109,8 @@ def test_cost_model_matches_profile_before_and_after_pruning():
     from models import APPLICATIONS, MODERN, random_removal
 
     zoo = [APPLICATIONS[name] for name in ("MobileNetV2", "DenseNet121")]
-    zoo += [MODERN[name] for name in ("RegNetY004", "ConvNeXtTiny")]  # grouped convs
+    # grouped convs, LayerScale, LayerNormalization, self-attention
+    zoo += [MODERN[name] for name in ("RegNetY004", "ConvNeXtTiny", "SmallViT")]
     for build in (lenet5, resnet_style, *zoo):
         model = build()
         analysis = channels.analyze(model)
@@ -122,6 +123,20 @@ def test_cost_model_matches_profile_before_and_after_pruning():
         assert model_cost.evaluate(counts) == (pruned.macs, pruned.params)
         again = cost.CostModel.from_config(model_cost.get_config())
         assert again.evaluate(counts) == (pruned.macs, pruned.params)
+
+
+def test_self_attention_costs_match_hand_count():
+    tokens, width, heads, key_dim, value_dim, out = 10, 12, 3, 4, 5, 7
+    inputs = keras.Input((tokens, width))
+    attention = layers.MultiHeadAttention(heads, key_dim, value_dim, output_shape=out)
+    model = keras.Model(inputs, attention(inputs, inputs))
+    projections = tokens * width * heads * (2 * key_dim + value_dim)
+    scores_and_sum = tokens * tokens * heads * (key_dim + value_dim)
+    output = tokens * heads * value_dim * out
+    assert th.profile(model).macs == projections + scores_and_sum + output
+    biases = heads * (2 * key_dim + value_dim) + out
+    kernels = width * heads * (2 * key_dim + value_dim) + heads * value_dim * out
+    assert th.profile(model).params == kernels + biases
 
 
 def test_cost_model_counts_a_split_only_where_it_is_cheaper():

@@ -5,6 +5,7 @@ Everything Keras-version specific (private classes included) is named here or in
 `graph.py`, so a later Keras 3 port touches few files.
 """
 
+import tensorflow as tf
 import tf_keras as keras
 from tf_keras.src.applications.convnext import LayerScale
 from tf_keras.src.engine import functional as keras_functional
@@ -67,6 +68,44 @@ def is_factorable(layer) -> bool:
     return conv and layer.groups == 1 and layer.data_format == "channels_last"
 
 
+@keras.utils.register_keras_serializable(package="tfhybrid")
+class HeadWeightedAttention(keras.layers.MultiHeadAttention):
+    """A MultiHeadAttention that scales each head's output by `head_weights` (one value
+    per head) before the output projection: with 0/1 weights, the layer without the
+    heads weighted 0. (It overrides the private `_compute_attention`, hence here.)"""
+
+    def call(
+        self,
+        query,
+        value,
+        key=None,
+        attention_mask=None,
+        return_attention_scores=False,
+        training=None,
+        use_causal_mask=False,
+        head_weights=None,
+    ):
+        self._head_weights = head_weights
+        try:
+            return super().call(
+                query,
+                value,
+                key=key,
+                attention_mask=attention_mask,
+                return_attention_scores=return_attention_scores,
+                training=training,
+                use_causal_mask=use_causal_mask,
+            )
+        finally:
+            self._head_weights = None
+
+    def _compute_attention(self, *args, **kwargs):
+        output, scores = super()._compute_attention(*args, **kwargs)
+        if getattr(self, "_head_weights", None) is not None:  # output: (..., heads, dim)
+            output = output * tf.cast(self._head_weights, output.dtype)[:, None]
+        return output, scores
+
+
 def nested_io(model: keras.Model) -> tuple:
     """A functional model's inputs and outputs in the structure it was built with."""
     return model._nested_inputs, model._nested_outputs  # noqa: SLF001 - no public getter
@@ -80,6 +119,7 @@ def steps_per_execution(model: keras.Model) -> int:
 
 __all__ = [
     "keras",
+    "HeadWeightedAttention",
     "is_grouped",
     "LayerScale",
     "SlicingOpLambda",

@@ -12,6 +12,7 @@ touches non-prunable, with the layer named in the reason: never guessed.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import warnings
 from collections.abc import Callable
@@ -138,8 +139,9 @@ class Member:
     Attributes:
         layer: layer name.
         role: "produces" (creates the channels), "passes" (carries them through,
-            its weights sliced if it has any) or "consumes" (reads them on its
-            input axis, e.g. the input channels of a Conv kernel).
+            its weights sliced if it has any), "consumes" (reads them on its
+            input axis, e.g. the input channels of a Conv kernel) or "heads" (an
+            attention layer's heads: the group is its heads, not channels of a tensor).
         offset: where the group's first channel sits on the layer's channel axis
             (non-zero after a Concatenate).
         mult: channels per group channel on that axis (a depthwise multiplier).
@@ -175,6 +177,12 @@ class ChannelGroup:
         """Names of member layers, optionally only those with `role`."""
         return list(dict.fromkeys(m.layer for m in self.members if role in (None, m.role)))
 
+    def key(self) -> tuple[str, ...]:
+        """A name of the group that survives rebuilding the model: its producers' names,
+        sorted ("<layer>/heads" for an attention layer's heads)."""
+        heads = self.layers("heads")
+        return tuple(f"{name}/heads" for name in heads) or tuple(sorted(self.layers("produces")))
+
     def __repr__(self) -> str:
         state = "prunable" if self.prunable else f"kept whole: {self.reason}"
         return f"ChannelGroup(id={self.id}, size={self.size}, {state}, layers={self.layers()})"
@@ -201,6 +209,13 @@ class ChannelAnalysis:
     def layout(self, tensor: Any) -> Layout:
         """The layout of one of `model`'s Keras tensors."""
         return self.layouts[id(tensor)]
+
+    def heads_group(self, layer_name: str) -> ChannelGroup | None:
+        """The group of attention layer `layer_name`'s heads (None for other layers)."""
+        for group in self.groups:
+            if any(m.role == "heads" and m.layer == layer_name for m in group.members):
+                return group
+        return None
 
     def indices(self, tensor: Any, keep: dict) -> np.ndarray | None:
         """Channel indices of `tensor` that survive when groups keep `keep[gid]`.
@@ -307,6 +322,7 @@ class _Analyzer:
         self.members: list[tuple[int, Member]] = []
         self.first_inputs: dict[int, list[Layout]] = {}
         self.produced: dict[int, int] = {}
+        self.heads: dict[int, int] = {}
         self.unsupported: list[str] = []
         self.retired: set[int] = set()  # groups replaced by groups of their blocks
 
@@ -402,10 +418,10 @@ class _Analyzer:
             return self._tf_op(op, ins)
         if isinstance(layer, (*SEPARABLE_CONV, *TRANSPOSED_CONV, *CONV, L.Dense)):
             return self._producer(op, ins[0])
-        if isinstance(layer, L.BatchNormalization):
-            return self._batch_norm(op, ins[0])
-        if isinstance(layer, L.LayerNormalization):
-            return self._layer_norm(op, ins[0])
+        if isinstance(layer, L.MultiHeadAttention):
+            return self._attention(op, ins)
+        if isinstance(layer, (L.BatchNormalization, L.LayerNormalization)):
+            return self._normalization(op, ins[0])
         if isinstance(layer, (L.Normalization, L.Rescaling)):
             return self._preprocessing(op, ins[0])
         if isinstance(layer, MERGE):
@@ -483,6 +499,31 @@ class _Analyzer:
             self._block(out, f"'{layer.name}' applies a softmax across its channels")
         return [out]
 
+    def _attention(self, op: graph.Op, ins: list[Layout]) -> list[Layout]:
+        """Self-attention reads its input's channels through the query, key and value
+        projections and writes new ones through its output projection, like a Dense;
+        its heads are a group of their own (a head goes with its slices of all four)."""
+        layer, args = op.layer, attention_arguments(op)
+        query = args["query"]
+        rank = query.shape.rank
+        why = None
+        others = [args.get(name) for name in ("value", "key")]
+        if any(t is not None and t is not query for t in others):
+            why = "it attends from one tensor to another (only self-attention is supported)"
+        elif rank - 1 in {a % rank for a in layer.get_config()["attention_axes"] or ()}:
+            why = "it attends across the channel axis"
+        elif np.ndim(layer.get_config()["output_shape"] or 0) or len(op.outputs) > 1:
+            why = "its output is not one channel axis (output_shape, or attention scores)"
+        if why:
+            return self._opaque(op, ins, f"MultiHeadAttention '{layer.name}': {why}")
+        if args.get("attention_mask") is not None:
+            mask = self.layouts[id(args["attention_mask"])]
+            self._block(mask, f"it is the attention mask of '{layer.name}'")
+        if id(layer) not in self.heads:
+            self.heads[id(layer)] = self.uf.new(layer.get_config()["num_heads"])
+        self._record(((self.heads[id(layer)], 1),), layer, "heads")
+        return self._producer(op, self.layouts[id(query)])
+
     def _grouped(self, op: graph.Op, layout: Layout) -> list[Layout]:
         """A grouped conv: its groups are the units that go, each with all its input
         and output channels. Its input's group becomes a group of those units."""
@@ -528,19 +569,14 @@ class _Analyzer:
         self._record(layout, op.layer, "passes")
         return [tuple((g, mult * multiplier) for g, mult in layout)]
 
-    def _batch_norm(self, op: graph.Op, layout: Layout) -> list[Layout]:
+    def _normalization(self, op: graph.Op, layout: Layout) -> list[Layout]:
+        """BatchNorm keeps statistics per channel; a LayerNormalization over the channel
+        axis computes them across the channels, and is exact under masks only as
+        `surgery.MaskedLayerNormalization` (the masked reference and the search use it)."""
         axis = op.layer.axis if isinstance(op.layer.axis, (list, tuple)) else [op.layer.axis]
         rank = op.inputs[0].shape.rank
-        if [a % rank for a in axis] != [rank - 1]:
+        if sorted(a % rank for a in axis) != [rank - 1]:
             return self._opaque(op, [layout], f"it normalizes over axis {op.layer.axis}")
-        return self._pass(op, layout)
-
-    def _layer_norm(self, op: graph.Op, layout: Layout) -> list[Layout]:
-        self._block(
-            layout,
-            f"LayerNormalization '{op.layer.name}' computes its statistics across the "
-            "channels, so removing channels would change them (approximate only)",
-        )
         return self._pass(op, layout)
 
     def _preprocessing(self, op: graph.Op, layout: Layout) -> list[Layout]:
@@ -624,6 +660,12 @@ def is_constant_operand(value: Any) -> bool:
 def constant_operands(op: graph.Op) -> list:
     """The arguments of a TF op call that are values, not tensors of the graph."""
     return [v for v in tf.nest.flatten((op.call_args, op.call_kwargs)) if is_constant_operand(v)]
+
+
+def attention_arguments(op: graph.Op) -> dict:
+    """A MultiHeadAttention call's arguments by name (query, value, key, attention_mask...)."""
+    signature = inspect.signature(op.layer.call)
+    return dict(signature.bind_partial(*op.call_args, **op.call_kwargs).arguments)
 
 
 def _channels_last(layer: Any) -> bool:

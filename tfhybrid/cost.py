@@ -5,8 +5,8 @@ multiply by weights (Conv, DepthwiseConv, SeparableConv, ConvTranspose, Dense), 
 convention behind figures such as "MobileNetV2: 300M MACs". Element-wise layers
 (BatchNorm, activations, Add, pooling) count 0 MACs; their parameters count.
 
-Every formula has the form `MACs = a * cin + b * cin * cout`, with `cin`/`cout`
-the layer's input/output channel counts, so the same terms serve exact counts
+Every formula has the form `MACs = m0 + a * cin + b * cin * cout + c * cout`, with
+`cin`/`cout` the layer's input/output channel counts, so the same terms serve exact counts
 (ints) and a differentiable budget (soft channel counts as tensors).
 """
 
@@ -94,8 +94,8 @@ class Profile:
         raise KeyError(f"No layer named '{name}' in this profile.")
 
 
-def mac_terms(layer: Any, in_shape: tuple, out_shape: tuple) -> tuple[Fraction, Fraction]:
-    """The terms (a, b) of `MACs = a * cin + b * cin * cout` for one layer call.
+def mac_terms(layer: Any, in_shape: tuple, out_shape: tuple) -> tuple[Fraction, ...]:
+    """The terms (m0, a, b, c) of `MACs = m0 + a*cin + b*cin*cout + c*cout` for one call.
 
     Args:
         layer: the layer.
@@ -103,34 +103,72 @@ def mac_terms(layer: Any, in_shape: tuple, out_shape: tuple) -> tuple[Fraction, 
         out_shape: its output shape, batch axis first.
 
     Returns:
-        (a, b), both zero for layers that do not multiply by weights.
+        (m0, a, b, c), all zero for layers that do not multiply by weights.
     """
+    zero = Fraction(0)
     out_positions = math.prod(out_shape[1:-1])
     if isinstance(layer, DEPTHWISE_CONV):
         area = math.prod(layer.kernel_size)
-        return Fraction(out_positions * area * layer.depth_multiplier), Fraction(0)
+        return zero, Fraction(out_positions * area * layer.depth_multiplier), zero, zero
     if isinstance(layer, SEPARABLE_CONV):
         area, mult = math.prod(layer.kernel_size), layer.depth_multiplier
-        return Fraction(out_positions * area * mult), Fraction(out_positions * mult)
+        return zero, Fraction(out_positions * area * mult), Fraction(out_positions * mult), zero
     if isinstance(layer, TRANSPOSED_CONV):
         in_positions = math.prod(in_shape[1:-1])
-        return Fraction(0), Fraction(in_positions * math.prod(layer.kernel_size))
+        return zero, zero, Fraction(in_positions * math.prod(layer.kernel_size)), zero
     if is_grouped(layer):  # groups go whole: each input channel meets filters/groups outputs
         area = math.prod(layer.kernel_size)
-        return Fraction(out_positions * area * layer.filters, layer.groups), Fraction(0)
+        return zero, Fraction(out_positions * area * layer.filters, layer.groups), zero, zero
     if isinstance(layer, CONV):
         area = math.prod(layer.kernel_size)
-        return Fraction(0), Fraction(out_positions * area, layer.groups)
+        return zero, zero, Fraction(out_positions * area, layer.groups), zero
     if isinstance(layer, L.Dense):
-        return Fraction(0), Fraction(math.prod(in_shape[1:-1]))
-    return Fraction(0), Fraction(0)
+        return zero, zero, Fraction(math.prod(in_shape[1:-1])), zero
+    if isinstance(layer, L.MultiHeadAttention):
+        return _attention_mac_terms(layer, in_shape)
+    return zero, zero, zero, zero
+
+
+def _attention_mac_terms(layer: Any, in_shape: tuple) -> tuple[Fraction, ...]:
+    """Self-attention with all its heads (see `_attention_parts`)."""
+    part = _attention_parts(layer, in_shape)
+    heads = part["heads"]
+    return (
+        Fraction(heads * part["scores"]),
+        Fraction(heads * part["per_input"]),
+        Fraction(0),
+        Fraction(heads * part["per_output"]),
+    )
+
+
+def _attention_parts(layer: Any, in_shape: tuple) -> dict:
+    """Self-attention's costs per head: MACs per input channel (the query, key and value
+    projections), MACs of the scores and of their weighted sum over the attended
+    positions, MACs per output channel (the output projection); params likewise."""
+    config = layer.get_config()
+    key_dim = config["key_dim"]
+    value_dim = config["value_dim"] or key_dim
+    positions = math.prod(in_shape[1:-1])
+    axes = config["attention_axes"] or range(1, len(in_shape) - 1)
+    attended = math.prod(in_shape[a] for a in axes)
+    bias, projected = float(config["use_bias"]), 2 * key_dim + value_dim
+    return {
+        "heads": config["num_heads"],
+        "per_input": positions * projected,
+        "scores": positions * attended * (key_dim + value_dim),
+        "per_output": positions * value_dim,
+        "params_per_input": float(projected),
+        "bias_per_head": bias * projected,
+        "params_per_output": float(value_dim),
+        "bias": bias,
+    }
 
 
 def layer_macs(layer: Any, in_shape: tuple, out_shape: tuple) -> int:
     """Exact MACs of one call of `layer` (batch size 1)."""
-    a, b = mac_terms(layer, in_shape, out_shape)
+    m0, a, b, c = mac_terms(layer, in_shape, out_shape)
     cin, cout = in_shape[-1], out_shape[-1]
-    return int(a * cin + b * cin * cout)
+    return int(m0 + a * cin + b * cin * cout + c * cout)
 
 
 def profile(model: Any) -> Profile:
@@ -212,6 +250,15 @@ def param_terms(layer: Any, channels_in: int) -> tuple[float, float, float, floa
         return 0.0, 0.0, math.prod(layer.kernel_size) / layer.groups, bias
     if isinstance(layer, L.Dense):
         return 0.0, 0.0, 1.0, bias
+    if isinstance(layer, L.MultiHeadAttention):
+        part = _attention_parts(layer, (None, channels_in))
+        heads = part["heads"]
+        return (
+            heads * part["bias_per_head"],
+            heads * part["params_per_input"],
+            0.0,
+            heads * part["params_per_output"] + part["bias"],
+        )
     per_channel = sum(
         w.shape.num_elements() / channels_in
         for w in layer.weights
@@ -228,7 +275,7 @@ class LayerTerms:
         name: layer name.
         inputs: layout ((group id, mult), ...) of the layer's (first) input.
         outputs: layout of its output.
-        macs: (a, b) of `MACs = a*cin + b*cin*cout`.
+        macs: (m0, a, b, c) of `MACs = m0 + a*cin + b*cin*cout + c*cout`.
         params: (p0, pa, pb, pc) of `params = p0 + pa*cin + pb*cin*cout + pc*cout`.
         factored: for Dense/Conv2D that may be split: (area, positions) with which
             the split costs `positions*(area*cin*r + r*cout)` MACs and
@@ -271,11 +318,18 @@ class CostModel:
                 continue
             layer = op.layer
             in_shape, out_shape = tuple(op.inputs[0].shape), tuple(op.outputs[0].shape)
-            a, b = mac_terms(layer, in_shape, out_shape)
-            params = param_terms(layer, in_shape[-1] or 1)
-            if id(layer) in counted:
-                params = (0.0, 0.0, 0.0, 0.0)
+            first = id(layer) not in counted
             counted.add(id(layer))
+            heads = (
+                analysis.heads_group(layer.name)
+                if isinstance(layer, L.MultiHeadAttention)
+                else None
+            )
+            if heads is not None:
+                terms += _attention_terms(layer, analysis, op, heads.id, first)
+                continue
+            macs = tuple(float(t) for t in mac_terms(layer, in_shape, out_shape))
+            params = param_terms(layer, in_shape[-1] or 1) if first else (0.0, 0.0, 0.0, 0.0)
             factored, input_positions = None, 0.0
             if is_factorable(layer):
                 area = math.prod(getattr(layer, "kernel_size", (1,)))
@@ -286,7 +340,7 @@ class CostModel:
                     layer.name,
                     analysis.layout(op.inputs[0]),
                     analysis.layout(op.outputs[0]),
-                    (float(a), float(b)),
+                    macs,
                     params,
                     factored,
                     input_positions,
@@ -380,8 +434,10 @@ class CostModel:
         cin = xp.matvec(arr["inputs"], group_counts)
         cout = xp.matvec(arr["outputs"], group_counts)
         rank = xp.stack([ranks.get(t.name, 0) for t in self.terms])
-        a, b, p0, pa, pb, pc = (arr[k] for k in ("a", "b", "p0", "pa", "pb", "pc"))
-        full_macs = a * cin + b * cin * cout
+        m0, a, b, c, p0, pa, pb, pc = (
+            arr[k] for k in ("m0", "a", "b", "c", "p0", "pa", "pb", "pc")
+        )
+        full_macs = m0 + a * cin + b * cin * cout + c * cout
         density = xp.stack([densities.get(t.name, 1.0) for t in self.terms])
         entries = pb * cin * cout
         full_params = p0 + pa * cin + entries * density + pc * cout
@@ -419,13 +475,13 @@ class CostModel:
                     inputs[i, gid] += mult
                 for gid, mult in t.outputs:
                     outputs[i, gid] += mult
+            macs = np.array([t.macs for t in self.terms], np.float64).reshape(-1, 4)
             params = np.array([t.params for t in self.terms], np.float64).reshape(-1, 4)
             factored = np.array([t.factored or (0.0, 0.0) for t in self.terms], np.float64)
             self._cache = {
                 "inputs": inputs,
                 "outputs": outputs,
-                "a": np.array([t.macs[0] for t in self.terms], np.float64),
-                "b": np.array([t.macs[1] for t in self.terms], np.float64),
+                **{k: macs[:, i] for i, k in enumerate(("m0", "a", "b", "c"))},
                 **{k: params[:, i] for i, k in enumerate(("p0", "pa", "pb", "pc"))},
                 "area": factored[:, 0],
                 "positions": factored[:, 1],
@@ -444,10 +500,40 @@ class CostModel:
             t = dict(t)
             t["inputs"] = tuple(tuple(seg) for seg in t["inputs"])
             t["outputs"] = tuple(tuple(seg) for seg in t["outputs"])
-            t["macs"], t["params"] = tuple(t["macs"]), tuple(t["params"])
+            macs = tuple(t["macs"])
+            t["macs"] = (0.0, *macs, 0.0) if len(macs) == 2 else macs  # saved as (a, b) before
+            t["params"] = tuple(t["params"])
             t["factored"] = tuple(t["factored"]) if t["factored"] is not None else None
             terms.append(LayerTerms(**t))
         return cls(terms, config["sizes"])
+
+
+def _attention_terms(layer: Any, analysis: Any, op: Any, heads: int, first: bool) -> list:
+    """Self-attention as three terms in its heads' count h: the projections (cin * h),
+    the scores and their weighted sum (h), the output projection (h * cout)."""
+    part = _attention_parts(layer, tuple(op.inputs[0].shape))
+    h = ((heads, 1),)
+    zero = (0.0, 0.0, 0.0, 0.0)
+
+    def params(*terms: float) -> tuple:
+        return terms if first else zero
+
+    name, inputs, outputs = (
+        layer.name,
+        analysis.layout(op.inputs[0]),
+        analysis.layout(op.outputs[0]),
+    )
+    return [
+        LayerTerms(
+            name, inputs, h, (0.0, 0.0, float(part["per_input"]), 0.0),
+            params(0.0, 0.0, part["params_per_input"], part["bias_per_head"]),
+        ),
+        LayerTerms(name, h, (), (0.0, float(part["scores"]), 0.0, 0.0), zero),
+        LayerTerms(
+            name, h, outputs, (0.0, 0.0, float(part["per_output"]), 0.0),
+            params(0.0, 0.0, part["params_per_output"], part["bias"]),
+        ),
+    ]  # fmt: skip
 
 
 class _NUMPY:

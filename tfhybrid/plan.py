@@ -10,6 +10,7 @@ decide the same layer or the same channel group.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,9 +37,19 @@ class PlainLayer:
         )
 
     def call(self) -> graph.Replacement:
-        """A replacement that calls a new layer of this class with these weights."""
+        """A replacement that calls a new layer of this class with these weights.
+
+        Keyword arguments its `call` does not take (a training-time layer's extra
+        inputs, such as a mask) are left out.
+        """
         layer = keras.layers.deserialize({"class_name": self.class_name, "config": self.config})
-        return graph.with_weights(layer, [np.asarray(w) for w in self.weights])
+        call = graph.with_weights(layer, [np.asarray(w) for w in self.weights])
+        parameters = inspect.signature(layer.call).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            return call
+        return lambda *args, **kwargs: call(
+            *args, **{k: v for k, v in kwargs.items() if k in parameters or k == "training"}
+        )
 
 
 #: Replace a layer by its first input (a gate that `strip` removes).

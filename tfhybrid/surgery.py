@@ -51,6 +51,56 @@ class ChannelMask(L.Layer):
         return f"kept {int(sum(self.mask))}/{len(self.mask)} channels"
 
 
+@keras.utils.register_keras_serializable(package="tfhybrid")
+class MaskedLayerNormalization(L.LayerNormalization):
+    """A LayerNormalization over the channel axis whose statistics count each channel
+    by its mask: with a 0/1 mask, the layer the pruned model has on the kept channels.
+
+    Zeroing a channel does not remove it from a LayerNormalization's mean and variance,
+    so a channel mask alone would not compute what the pruned model computes. Here
+    mean = sum(m * x) / sum(m) and var = sum(m * (x - mean)^2) / sum(m) over the channel
+    axis; a search's soft masks weigh the channels in between.
+
+    Args:
+        mask: one value per channel, fixed (the masked reference model); or None, and
+            each call passes `channel_weights`.
+        **kwargs: LayerNormalization's arguments; `axis` must be the last axis.
+    """
+
+    def __init__(self, mask: Iterable[float] | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.mask = None if mask is None else [float(v) for v in mask]
+
+    @classmethod
+    def of(cls, layer: Any, mask: Iterable[float] | None = None) -> graph.Replacement:
+        """A replacement for LayerNormalization `layer`: this class, same config and weights."""
+        config = {**layer.get_config(), "mask": mask}
+        return graph.with_weights(cls.from_config(config), layer.get_weights())
+
+    def call(self, inputs: tf.Tensor, channel_weights: tf.Tensor | None = None) -> tf.Tensor:
+        if channel_weights is None:
+            channel_weights = tf.constant(self.mask)
+        weights = tf.cast(channel_weights, inputs.dtype)
+        count = tf.reduce_sum(weights)
+        mean = tf.reduce_sum(inputs * weights, -1, keepdims=True) / count
+        centered = inputs - mean
+        variance = tf.reduce_sum(weights * tf.square(centered), -1, keepdims=True) / count
+        outputs = centered * tf.math.rsqrt(variance + self.epsilon)
+        if self.scale:
+            outputs = outputs * tf.cast(self.gamma, inputs.dtype)
+        if self.center:
+            outputs = outputs + tf.cast(self.beta, inputs.dtype)
+        return outputs
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "mask": self.mask}
+
+    def plain(self) -> plan.PlainLayer:
+        """The plain LayerNormalization that `strip` puts in its place."""
+        config = {k: v for k, v in self.get_config().items() if k != "mask"}
+        return plan.PlainLayer("LayerNormalization", config, self.get_weights())
+
+
 def prune_channels(model: Any, remove: Mapping[int, Iterable[int]], *, masked: bool = False):
     """Removes channels from channel groups.
 
@@ -125,9 +175,14 @@ def _masked_op(op: graph.Op, analysis: channels.ChannelAnalysis, keep: dict):
         mask = np.zeros(kt.shape[-1], np.float32)
         mask[kept] = 1.0
         masks.append(ChannelMask(mask, name=f"{op.layer.name}_channel_mask"))
-    if not any(m is not None for m in masks):
+    kept_heads = _kept_heads(op, analysis, keep)
+    if not any(m is not None for m in masks) and kept_heads is None:
         return None
     layer_call = graph.copy_of(op.layer)
+    if isinstance(op.layer, L.LayerNormalization):  # its input carries the same mask
+        layer_call = MaskedLayerNormalization.of(op.layer, masks[0].mask)
+    if kept_heads is not None:
+        layer_call = _without_heads(op.layer, kept_heads)
 
     def call(*args: Any, **kwargs: Any) -> Any:
         outputs = tf.nest.flatten(layer_call(*args, **kwargs))
@@ -141,11 +196,15 @@ def _pruned_op(op: graph.Op, analysis: channels.ChannelAnalysis, keep: dict):
     """A smaller copy of the op's layer, or None when its channels are untouched."""
     kept_in = analysis.indices(op.inputs[0], keep) if op.inputs else None
     kept_out = analysis.indices(op.outputs[0], keep)
-    if kept_in is None and kept_out is None:
+    kept_heads = _kept_heads(op, analysis, keep)
+    if kept_in is None and kept_out is None and kept_heads is None:
         return None
     layer = op.layer
     if isinstance(layer, TFOpLambda):
         return _sliced_constants(op, kept_out)
+    if isinstance(layer, L.MultiHeadAttention):
+        config, weights = _slice_attention(layer, kept_in, kept_out, kept_heads)
+        return graph.with_weights(graph.clone_layer(layer, **config), weights)
     slicer = _slicer_of(layer, op)
     if slicer is not None:
         config, weights = slicer(layer, kept_in, kept_out)
@@ -207,7 +266,8 @@ def _slice_separable(layer: Any, kept_in, kept_out) -> tuple[dict, list]:
 
 
 def _slice_per_channel(layer: Any, kept_in, kept_out) -> tuple[dict, list]:
-    """BatchNorm, PReLU: weights along the channel axis (a PReLU's shared axis stays 1)."""
+    """BatchNorm, LayerNorm, PReLU: weights along the channel axis (a PReLU's shared
+    axis stays 1)."""
     weights = [w if w.shape[-1] == 1 else _take(w, kept_in, -1) for w in layer.get_weights()]
     return {}, weights
 
@@ -230,12 +290,57 @@ def _slice_grouped(layer: Any, kept_in, kept_out) -> tuple[dict, list]:
     return {"filters": _size(kept_out, layer, "filters"), "groups": groups}, weights
 
 
+def _slice_attention(layer: Any, kept_in, kept_out, kept_heads) -> tuple[dict, list]:
+    """Self-attention: the query, key and value kernels (in, heads, dim) keep the kept
+    input channels and heads, their biases (heads, dim) the kept heads, the output
+    projection (heads, dim, out) the kept heads and outputs, its bias the kept outputs.
+    The output width becomes explicit, as it no longer follows the query's."""
+    config, weights = layer.get_config(), layer.get_weights()
+    for i, weight in enumerate(layer.weights):
+        if "/attention_output/kernel" in weight.name:
+            weights[i] = _take(_take(weights[i], kept_heads, 0), kept_out, -1)
+        elif "/attention_output/" in weight.name:
+            weights[i] = _take(weights[i], kept_out, -1)
+        elif weight.shape.rank == 3:
+            weights[i] = _take(_take(weights[i], kept_in, 0), kept_heads, 1)
+        else:
+            weights[i] = _take(weights[i], kept_heads, 0)
+    if kept_in is not None:
+        for key in ("query_shape", "key_shape", "value_shape"):
+            if config.get(key):
+                config[key] = [*config[key][:-1], len(kept_in)]
+    config["output_shape"] = weights[-1].shape[-1]  # the output kernel's or bias's last axis
+    if kept_heads is not None:
+        config["num_heads"] = len(kept_heads)
+    return config, weights
+
+
+def _kept_heads(op: graph.Op, analysis: channels.ChannelAnalysis, keep: dict):
+    """The heads an attention layer keeps (None: all, or not an attention layer)."""
+    if not isinstance(op.layer, L.MultiHeadAttention):
+        return None
+    group = analysis.heads_group(op.layer.name)
+    return None if group is None else keep.get(group.id)
+
+
+def _without_heads(layer: Any, kept_heads) -> graph.Replacement:
+    """A copy of attention `layer` whose removed heads write nothing (their rows of
+    the output projection zeroed): the masked reference of removing them."""
+    weights = layer.get_weights()
+    for i, weight in enumerate(layer.weights):
+        if "/attention_output/kernel" in weight.name:
+            removed = np.setdiff1d(np.arange(weights[i].shape[0]), kept_heads)
+            weights[i] = weights[i].copy()
+            weights[i][removed] = 0.0
+    return graph.with_weights(graph.clone_layer(layer), weights)
+
+
 _SLICERS = (
     (TRANSPOSED_CONV, _slice_transposed),
     (DEPTHWISE_CONV, _slice_depthwise),
     (SEPARABLE_CONV, _slice_separable),
     ((*CONV, L.Dense), _slice_conv),
-    ((L.BatchNormalization, L.PReLU), _slice_per_channel),
+    ((L.BatchNormalization, L.LayerNormalization, L.PReLU), _slice_per_channel),
     (L.Reshape, _slice_reshape),
 )
 
@@ -404,10 +509,8 @@ def strip(model: Any, decided: plan.Plan):
         A plain functional `keras.Model`.
     """
     plain = graph.rebuild(model, lambda op: decided.replacement(op.layer.name))
-    by_producers = {
-        tuple(sorted(g.layers("produces"))): g.id for g in channels.channel_groups(plain)
-    }
-    pruned = prune_channels(plain, {by_producers[tuple(k)]: v for k, v in decided.remove.items()})
+    by_key = {g.key(): g.id for g in channels.channel_groups(plain)}
+    pruned = prune_channels(plain, {by_key[tuple(k)]: v for k, v in decided.remove.items()})
     calls = {op.layer.name: op for op in graph.ops(pruned)}
     cheaper = {}
     for name, rank in decided.ranks.items():

@@ -37,9 +37,9 @@ import numpy as np
 import tensorflow as tf
 
 from tfhybrid import budget as budget_lib
-from tfhybrid import cost, graph, schedules
+from tfhybrid import cost, graph, schedules, surgery
 from tfhybrid import plan as plan_lib
-from tfhybrid._keras import SCALE_COMMUTING, is_factorable, keras
+from tfhybrid._keras import SCALE_COMMUTING, HeadWeightedAttention, is_factorable, keras
 from tfhybrid.techniques import base, magnitude
 
 L = keras.layers
@@ -79,7 +79,7 @@ class ChannelGates(base.SharedWithinAStep, L.Layer):
 
     Args:
         group_ids: ids (in `channel_groups` of the original model) of the gated groups.
-        group_keys: producer layer names of each gated group (stable across rebuilds).
+        group_keys: each gated group's `ChannelGroup.key()` (stable across rebuilds).
         sizes: channels per gated group.
         temperature: schedule config of T (see `schedules`).
     """
@@ -138,10 +138,12 @@ class ChannelGates(base.SharedWithinAStep, L.Layer):
         return tf.concat(parts, 0)
 
     @tf.autograph.experimental.do_not_convert
-    def call(self, inputs, layout=(), training=None):  # noqa: ARG002 - Keras passes training
+    def call(self, inputs, layout=(), mask_only=False, training=None):  # noqa: ARG002
+        """`inputs` times the mask of its `layout`; with `mask_only`, that mask alone
+        (one value per channel), for a layer that weighs its channels by it."""
         key = ("layout", tuple(tuple(segment) for segment in layout))
-        vector = self._memo(key, lambda: self._mask_vector(layout))
-        return inputs * tf.cast(vector, inputs.dtype)
+        vector = tf.cast(self._memo(key, lambda: self._mask_vector(layout)), inputs.dtype)
+        return vector if mask_only else inputs * vector
 
     def get_config(self) -> dict:
         return {
@@ -598,7 +600,7 @@ class DF(base.Technique):
         if groups:
             held.gates = ChannelGates(
                 [g.id for g in groups],
-                [sorted(g.layers("produces")) for g in groups],
+                [list(g.key()) for g in groups],
                 [g.size for g in groups],
                 temperature,
                 name="channel_gates",
@@ -607,8 +609,50 @@ class DF(base.Technique):
         held.deferred = _masks_deferred(held.analysis.model)
 
     def replace_layer(self, op: graph.Op) -> graph.Replacement | None:
+        if isinstance(op.layer, L.LayerNormalization):
+            return self._normalized_over_gates(op)
+        if isinstance(op.layer, L.MultiHeadAttention):
+            return self._heads_gated(op)
         rank = self._setup.chosen.ranks.get(op.layer.name)
         return None if rank is None else factored_layer(op.layer, rank, self._setup.temperature)
+
+    def _normalized_over_gates(self, op: graph.Op) -> graph.Replacement | None:
+        """A LayerNormalization of gated channels counts each channel by its gate in its
+        statistics, so hard gates compute what the pruned layer computes."""
+        layout = self._gate_layout(self._setup.analysis.layout(op.inputs[0]))
+        if all(index < 0 for index, _, _ in layout):
+            return None
+        norm, gates = surgery.MaskedLayerNormalization.of(op.layer), self._setup.gates
+
+        def call(inputs, *args, **kwargs):
+            weights = gates(inputs, layout=layout, mask_only=True)
+            return norm(inputs, *args, channel_weights=weights, **kwargs)
+
+        return call
+
+    def _heads_gated(self, op: graph.Op) -> graph.Replacement | None:
+        """An attention layer whose heads are searched scales each head's output by its
+        gate, so a hard gate of 0 computes what the layer without that head computes."""
+        group = self._setup.analysis.heads_group(op.layer.name)
+        if group is None or group.id not in self._setup.gate_index:
+            return None
+        layout = self._gate_layout(((group.id, 1),))
+        attention, gates = (
+            HeadWeightedAttention.from_config(op.layer.get_config()),
+            self._setup.gates,
+        )
+        weighted = graph.with_weights(attention, op.layer.get_weights())
+
+        def call(query, *args, **kwargs):
+            weights = gates(query, layout=layout, mask_only=True)
+            return weighted(query, *args, head_weights=weights, **kwargs)
+
+        return call
+
+    def _gate_layout(self, layout) -> list:
+        """A tensor's layout as `ChannelGates` reads it (see there)."""
+        held = self._setup
+        return [[held.gate_index.get(g, -1), held.analysis.groups[g].size, m] for g, m in layout]
 
     def wrap_outputs(self, op: graph.Op, call: graph.Replacement) -> graph.Replacement:
         held = self._setup
@@ -622,11 +666,8 @@ class DF(base.Technique):
         passed_on = all(id(kt) in held.deferred for kt in op.outputs)
         if not gated_groups or applied or passed_on:
             return call
-        sizes = [g.size for g in held.analysis.groups]
         gate_layouts = [
-            None
-            if id(kt) in held.deferred
-            else [[held.gate_index.get(g, -1), sizes[g], m] for g, m in lay]
+            None if id(kt) in held.deferred else self._gate_layout(lay)
             for kt, lay in zip(op.outputs, layouts)
         ]
         gates = held.gates
@@ -710,10 +751,17 @@ class DF(base.Technique):
         return _Projection(model, self.round_to).run()
 
     def plan(self, model: Any) -> plan_lib.Plan:
-        """The gates go, masked channels are removed, factored layers become plain ones
-        kept at their rank (split where that needs fewer MACs)."""
+        """The gates go, masked channels and heads are removed, factored layers become
+        plain ones kept at their rank (split where that needs fewer MACs), and the layer
+        norms and attention layers that read the gates become plain ones again."""
         keep, active = self.hard_decisions(model)
         replace = {la.name: la.to_plain(active[la.name]) for la in factored_layers_of(model)}
+        for layer in model.layers:
+            if isinstance(layer, surgery.MaskedLayerNormalization):
+                replace[layer.name] = layer.plain()
+            if isinstance(layer, HeadWeightedAttention):
+                config, weights = layer.get_config(), layer.get_weights()
+                replace[layer.name] = plan_lib.PlainLayer("MultiHeadAttention", config, weights)
         remove, gates = {}, gates_of(model)
         if gates is not None:
             replace[gates.name] = plan_lib.IDENTITY
@@ -775,7 +823,7 @@ class _Choice:
         self._why_no_channels, self._why_no_rank = {}, {}  # for the layers in `named`
         for group in analysis.groups:
             names = set(group.layers())
-            producers = set(group.layers("produces"))
+            producers = set(group.layers("produces") + group.layers("heads"))
             if not filters:
                 reason = "filters=False"
             elif not group.prunable:

@@ -20,7 +20,8 @@ def channel_l1_norms(
 
     A channel's norm sums the L1 norms of the kernel slices that produce it, over
     all producers of its group (e.g. both branches feeding a residual Add); a unit of
-    several channels (a grouped conv's group) sums those of its channels.
+    several channels (a grouped conv's group) sums those of its channels; an attention
+    head's is that of its slice of the output projection.
 
     Args:
         model: a functional or built Sequential tf_keras model.
@@ -38,15 +39,27 @@ def channel_l1_norms(
             continue
         total = np.zeros(group.size)
         for member in group.members:
+            if member.role == "heads":
+                kernel = _output_kernel(layers[member.layer])  # (heads, dim, out)
+                total += np.abs(kernel.reshape(group.size, -1)).sum(axis=1)
             if member.role != "produces":
                 continue
-            kernel = layers[member.layer].get_weights()[0]
+            kernel = _output_kernel(layers[member.layer])
             per_output = np.abs(kernel.reshape(-1, kernel.shape[-1])).sum(axis=0)
             span = per_output[member.offset : member.offset + group.size * member.mult]
             total += span.reshape(group.size, member.mult).sum(axis=1)  # a block: its sum
         if total.any():
             norms[group.id] = total
     return norms
+
+
+def _output_kernel(layer: Any) -> np.ndarray:
+    """The kernel whose last axis holds the layer's output channels (an attention
+    layer's output projection; the first weight of any other producer)."""
+    for weight in layer.weights:
+        if "/attention_output/kernel" in weight.name:
+            return weight.numpy()
+    return layer.get_weights()[0]
 
 
 def l1_removal(model: Any, fraction: float, round_to: int = 1) -> dict[int, np.ndarray]:

@@ -125,6 +125,18 @@ def test_cost_model_matches_profile_before_and_after_pruning():
         assert again.evaluate(counts) == (pruned.macs, pruned.params)
 
 
+def test_a_cost_model_saved_with_two_mac_terms_still_loads():
+    from tfhybrid import channels, cost
+
+    model_cost = cost.CostModel.from_analysis(channels.analyze(lenet5()))
+    config = model_cost.get_config()
+    for term in config["terms"]:
+        assert term["macs"][0] == term["macs"][3] == 0.0  # no constant, no cout-only term
+        term["macs"] = term["macs"][1:3]  # the (a, b) form saved before
+    counts = {1: 7, 2: 30}  # conv1 and conv2 keep 7 and 30 filters
+    assert cost.CostModel.from_config(config).evaluate(counts) == model_cost.evaluate(counts)
+
+
 def test_self_attention_costs_match_hand_count():
     tokens, width, heads, key_dim, value_dim, out = 10, 12, 3, 4, 5, 7
     inputs = keras.Input((tokens, width))

@@ -6,7 +6,7 @@ import pytest
 import tfhybrid as th
 from tfhybrid.techniques import magnitude
 
-from models import lenet5, resnet_style
+from models import lenet5, resnet_style, small_vit
 
 keras = th.keras
 
@@ -56,3 +56,12 @@ def test_l1_removal_keeps_multiples_of_round_to():
     }
     with pytest.raises(ValueError, match="round_to must be >= 1"):
         magnitude.l1_removal(model, 0.5, round_to=0)
+
+
+def test_an_attention_head_is_scored_by_its_slice_of_the_output_projection():
+    model = small_vit(size=16, width=32, depth=1)
+    attention = model.get_layer("block0_attention")
+    heads = next(g for g in th.channel_groups(model) if g.key() == ("block0_attention/heads",))
+    output_kernel = attention.get_weights()[6]  # (heads, value_dim, out)
+    expected = np.abs(output_kernel).sum(axis=(1, 2))
+    np.testing.assert_allclose(magnitude.channel_l1_norms(model)[heads.id], expected, rtol=1e-6)

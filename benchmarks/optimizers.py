@@ -10,6 +10,12 @@ with `CompressionScheduler()`; `strip`; fine-tune 1 epoch with the same optimize
 report test error, MACs and params of the stripped model. The mask logits and rank
 thresholds are updated by tfhybrid's own optimizer whatever the user compiles, so the
 search should land in the same place under each.
+
+Side by side, the control: the same pretrained network, uncompressed, trained as many
+epochs (fit + fine-tune) with the same optimizer, which tells what the optimizer at a
+constant rate gives without compression. The seed sets the weights' initialisation and
+the order of the training batches, so one seed pretrains the same network for every
+optimizer.
 """
 
 import json
@@ -64,13 +70,31 @@ def compile_with(model, optimizer):
     return model
 
 
-def run_one(name: str, seed: int, train, test) -> dict:
+def training_batches(seed: int):
+    """MNIST's training set in batches of 128, shuffled by `seed` (reshuffled each epoch)."""
+    train = mnist("train", 128, shuffle_seed=seed)
+    return train.take(FLAGS.train_batches) if FLAGS.train_batches else train
+
+
+def uncompressed_error(model, name: str, seed: int, train, test) -> float:
+    """Test error of `model` trained on, uncompressed, for the compressed run's epochs."""
     keras.utils.set_random_seed(seed)
+    control = compile_with(keras.models.clone_model(model), OPTIMIZERS[name]())
+    control.set_weights(model.get_weights())
+    control.fit(train, epochs=FLAGS.fit_epochs + FLAGS.finetune_epochs, verbose=0)
+    return 1 - control.evaluate(test, verbose=0)[1]
+
+
+def run_one(name: str, seed: int, test) -> dict:
+    keras.utils.set_random_seed(seed)
+    train = training_batches(seed)
     steps = int(train.cardinality())
     model = compile_with(lenet5(), keras.optimizers.SGD(0.05, momentum=0.9, nesterov=True))
     model.fit(train, epochs=FLAGS.pretrain_epochs, verbose=0)
     original = th.profile(model)
     original_error = 1 - model.evaluate(test, verbose=0)[1]
+    control_error = uncompressed_error(model, name, seed, train, test)
+    keras.utils.set_random_seed(seed)
     compressed = th.hybrid_compress(
         model, th.Budget(macs=FLAGS.budget), search_steps=FLAGS.search_epochs * steps
     )
@@ -86,6 +110,7 @@ def run_one(name: str, seed: int, train, test) -> dict:
         "optimizer": name,
         "seed": seed,
         "original_test_error": original_error,
+        "uncompressed_test_error": control_error,
         "test_error_after_fit": before,
         "test_error": 1 - small.evaluate(test, verbose=0)[1],
         "mac_ratio": prof.macs / original.macs,
@@ -106,13 +131,8 @@ def main(argv):
         ]
         print("\n".join(table(runs)))
         return
-    train = mnist("train", 128, shuffle_seed=0)
-    if FLAGS.train_batches:
-        train = train.take(FLAGS.train_batches)
     test = mnist("test", 1000)
-    results = [
-        run_one(name, int(seed), train, test) for name in FLAGS.optimizers for seed in FLAGS.seeds
-    ]
+    results = [run_one(name, int(seed), test) for name in FLAGS.optimizers for seed in FLAGS.seeds]
     out = pathlib.Path(FLAGS.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/optimizers.py " + " ".join(sys.argv[1:])
@@ -121,26 +141,42 @@ def main(argv):
 
 
 def table(results: list[dict]) -> list[str]:
-    """Markdown rows: per optimizer and seed, the test errors (%) and the kept shares."""
+    """Markdown rows: per optimizer and seed, the test errors (%) and the kept shares;
+    then per optimizer the means, with the uncompressed control's where runs have it."""
     lines = [
-        "| optimizer | seed | pretrained error % | error % after fit | error % after fine-tune "
-        "| MACs | params |",
-        "|---|---|---|---|---|---|---|",
+        "| optimizer | seed | pretrained error % | uncompressed error % | error % after fit "
+        "| error % after fine-tune | MACs | params |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['optimizer']} | {r['seed']} | {100 * r['original_test_error']:.2f} "
+            f"| {_percent(r.get('uncompressed_test_error'))} "
             f"| {100 * r['test_error_after_fit']:.2f} | {100 * r['test_error']:.2f} "
             f"| {r['mac_ratio']:.3f} | {r['param_ratio']:.3f} |"
         )
-    lines += ["", "| optimizer | seeds | mean pretrained error % | mean error % after fine-tune |"]
-    lines.append("|---|---|---|---|")
+    lines += [
+        "",
+        "| optimizer | seeds | mean pretrained error % | mean uncompressed error % "
+        "| mean error % after fine-tune |",
+        "|---|---|---|---|---|",
+    ]
     for name in dict.fromkeys(r["optimizer"] for r in results):
         runs = [r for r in results if r["optimizer"] == name]
+        controls = [r["uncompressed_test_error"] for r in runs if "uncompressed_test_error" in r]
         pretrained = statistics.mean(r["original_test_error"] for r in runs)
+        control = statistics.mean(controls) if len(controls) == len(runs) else None
         final = statistics.mean(r["test_error"] for r in runs)
-        lines.append(f"| {name} | {len(runs)} | {100 * pretrained:.2f} | {100 * final:.2f} |")
+        lines.append(
+            f"| {name} | {len(runs)} | {_percent(pretrained)} | {_percent(control)} "
+            f"| {_percent(final)} |"
+        )
     return lines
+
+
+def _percent(share: float | None) -> str:
+    """A share as a percentage with two decimals; '-' where there is none."""
+    return "-" if share is None else f"{100 * share:.2f}"
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from tfhybrid.techniques.base import Technique, register_technique
 from tfhybrid.techniques.cluster import Cluster
 from tfhybrid.techniques.df import DF
 from tfhybrid.techniques.sparse import Sparse
+from tfhybrid.techniques.unify import Unify
 from tfhybrid.tfmot import quantize_aware
 from tfhybrid.training.callbacks import CompressionLogger, CompressionScheduler
 from tfhybrid.training.model import CompressionModel
@@ -37,6 +38,7 @@ __all__ = [
     "Cluster",
     "DF",
     "Sparse",
+    "Unify",
     "Technique",
     "register_technique",
     "custom_object_scope",

@@ -211,6 +211,15 @@ def profile(model: Any) -> Profile:
     )
 
 
+def block_bits(n: int, unified: float, pruned: float) -> float:
+    """Bits per kernel entry of a kernel in blocks of `n` weights (see `CostModel.costs`):
+    32 for a free weight, a sign bit and a 32nd of the magnitude for a unified one,
+    nothing for a pruned one, and each block's code (which kind it is) shared out."""
+    kinds = (unified + pruned < 1) + (unified > 0) + (pruned > 0)
+    code = math.ceil(math.log2(max(kinds, 1)))
+    return 32.0 * (1.0 - unified - pruned) + unified * (1.0 + 32.0 / n) + code / n
+
+
 def _stored_bits(weight: np.ndarray, nonzero: int) -> int:
     """Bits of `weight` in the cheapest of the encodings `Profile.bits` names."""
     options = [32 * weight.size, 32 * nonzero + weight.size]
@@ -377,6 +386,7 @@ class CostModel:
         densities: dict | None = None,
         bits: dict | None = None,
         tucker: dict | None = None,
+        blocks: dict | None = None,
     ) -> dict:
         """{"macs", "params", "bits"} for the decisions (see `evaluate`).
 
@@ -393,12 +403,19 @@ class CostModel:
                 conv to r1 channels (at the input's positions), its k x k conv to r2
                 channels and a 1 x 1 conv back (at the output's positions), counted
                 as given.
+            blocks: layer name -> (n, unified, pruned): its kernel cut into blocks of n
+                weights, the share `unified` of them holding one float32 magnitude and
+                a sign bit per weight, the share `pruned` all zero (nothing stored), the
+                rest float32; plus a code per block saying which (1 bit for two kinds,
+                2 for three). The pruned weights do not count as parameters; MACs stay
+                dense (see `tfhybrid.techniques.unify`).
 
         Returns:
             Floats (float64) for numbers, float32 scalar tensors if any decision is a
             tensor (then differentiable in them), (N,) arrays for (N,) arrays.
         """
         decided = [counts or {}, ranks or {}, densities or {}, bits or {}, tucker or {}]
+        decided.append(blocks or {})
         values = [v for d in decided for v in d.values()]
         tensors = any(tf.is_tensor(v) for v in tf.nest.flatten(values))
         return self._evaluate(*decided[:2], _TF if tensors else _NUMPY, *decided[2:])
@@ -427,7 +444,14 @@ class CostModel:
         return first.factored[0] * width(first.inputs), width(first.outputs), positions
 
     def _evaluate(
-        self, counts: dict, ranks: dict, xp: Any, densities: dict, bits: dict, tucker: dict
+        self,
+        counts: dict,
+        ranks: dict,
+        xp: Any,
+        densities: dict,
+        bits: dict,
+        tucker: dict,
+        blocks: dict,
     ) -> dict:
         arr = {k: xp.const(v) for k, v in self._arrays().items()}
         group_counts = xp.stack([counts.get(g, size) for g, size in enumerate(self.sizes)])
@@ -438,7 +462,8 @@ class CostModel:
             arr[k] for k in ("m0", "a", "b", "c", "p0", "pa", "pb", "pc")
         )
         full_macs = m0 + a * cin + b * cin * cout + c * cout
-        density = xp.stack([densities.get(t.name, 1.0) for t in self.terms])
+        unpruned = {name: 1.0 - pruned for name, (_, _, pruned) in blocks.items()}
+        density = xp.stack([densities.get(t.name, unpruned.get(t.name, 1.0)) for t in self.terms])
         entries = pb * cin * cout
         full_params = p0 + pa * cin + entries * density + pc * cout
         sparse = np.array([t.name in densities for t in self.terms], float)
@@ -463,6 +488,11 @@ class CostModel:
         # A shared-value kernel's entries store an index each instead of 32 bits.
         stored = 32.0 * params + sparse * entries + shared * (entries * (index_bits - 32.0))
         stored = stored + 32.0 * table
+        if blocks:
+            blocked = np.array([t.name in blocks for t in self.terms], float)
+            per_entry = np.array([block_bits(*blocks.get(t.name, (1, 0, 0))) for t in self.terms])
+            # Its kernel's entries store `per_entry` bits each instead of 32 per non-zero.
+            stored = stored + blocked * entries * (per_entry - 32.0 * density)
         return {"macs": xp.sum(macs), "params": xp.sum(params), "bits": xp.sum(stored)}
 
     def _arrays(self) -> dict:

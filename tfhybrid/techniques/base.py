@@ -80,6 +80,8 @@ class Decisions:
         bits: layer name -> (bits of each kernel entry's index, values in its table),
             for kernels that share a few values (see `cost.CostModel.costs`).
         tucker: layer name -> (r1, r2), a conv kept as a Tucker-2 chain.
+        blocks: layer name -> (weights per block, share of blocks unified, share pruned),
+            for kernels cut into blocks of one magnitude (see `cost.CostModel.costs`).
     """
 
     counts: dict = dataclasses.field(default_factory=dict)
@@ -87,6 +89,7 @@ class Decisions:
     densities: dict = dataclasses.field(default_factory=dict)
     bits: dict = dataclasses.field(default_factory=dict)
     tucker: dict = dataclasses.field(default_factory=dict)
+    blocks: dict = dataclasses.field(default_factory=dict)
 
     def merged(self, other: Decisions) -> Decisions:
         """Both techniques' decisions (their layers and groups are disjoint)."""
@@ -95,7 +98,9 @@ class Decisions:
 
     def costed_by(self, cost_model: Any) -> dict:
         """{"macs", "params", "bits"} of these decisions (`cost.CostModel.costs`)."""
-        return cost_model.costs(self.counts, self.ranks, self.densities, self.bits, self.tucker)
+        return cost_model.costs(
+            self.counts, self.ranks, self.densities, self.bits, self.tucker, self.blocks
+        )
 
 
 class Technique(abc.ABC):

@@ -1,0 +1,217 @@
+"""techniques.unify and constraints: blocks of one magnitude (or zero), trained by ADMM."""
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfhybrid as th
+from tfhybrid import constraints, cost
+from tfhybrid.techniques import unify
+
+from models import fit_search, lenet5, mnist_like
+
+keras = th.keras
+
+
+@pytest.mark.parametrize(
+    "shape,block",
+    [((6, 8), (1, 4)), ((5, 7), (2, 2)), ((3, 3, 5, 6), (4, 1)), ((3, 3, 2, 3), "kernel")],
+)
+def test_blocks_cut_a_kernel_and_put_it_back_shorter_at_the_edges(shape, block):
+    kernel = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    layout = unify.BlockLayout(shape, block)
+    blocks = layout.blocks(kernel).numpy()
+    assert blocks.shape == (layout.count, layout.size)
+    np.testing.assert_array_equal(layout.kernel(blocks).numpy(), kernel)
+    # Padding is zero and never a real weight: the valid entries hold the whole kernel.
+    valid = layout.valid.numpy()
+    assert valid.sum() == kernel.size and np.all(blocks[valid == 0] == 0)
+
+
+def test_a_1x4_block_spans_four_outputs_of_one_input():
+    kernel = np.arange(16, dtype=np.float32).reshape(2, 8)
+    blocks = unify.BlockLayout(kernel.shape, (1, 4)).blocks(kernel).numpy()
+    np.testing.assert_array_equal(blocks[0], [0, 1, 2, 3])
+    np.testing.assert_array_equal(blocks[1], [4, 5, 6, 7])
+    np.testing.assert_array_equal(blocks[2], [8, 9, 10, 11])
+
+
+def test_the_projection_unifies_and_prunes_the_blocks_it_costs_least_to():
+    kernel = np.array(
+        [[0.1, -0.1, 0.1, 0.1], [1.0, -3.0, 0.5, 2.0], [0.01, 0.02, -0.01, 0.0]], np.float32
+    ).reshape(3, 4)
+    layout = unify.BlockLayout(kernel.shape, (1, 4))
+    projected, kinds = unify.project(kernel, layout, unify=1 / 3, prune=1 / 3)
+    np.testing.assert_array_equal(kinds, [unify.UNIFIED, unify.FREE, unify.PRUNED])
+    # The closest unified block: each weight's sign times the block's mean magnitude.
+    np.testing.assert_allclose(projected[0], [0.1, -0.1, 0.1, 0.1], rtol=1e-6)
+    np.testing.assert_array_equal(projected[1], kernel[1])
+    np.testing.assert_array_equal(projected[2], 0.0)
+
+
+def test_unifying_alone_is_the_exact_projection():
+    kernel = np.random.default_rng(1).normal(size=(6, 4)).astype(np.float32)
+    layout = unify.BlockLayout(kernel.shape, (1, 4))
+    projected, _ = unify.project(kernel, layout, unify=0.5, prune=0.0)
+    best = np.inf
+    for chosen in itertools.combinations(range(6), 3):
+        candidate = kernel.copy()
+        for row in chosen:
+            candidate[row] = np.where(kernel[row] >= 0, 1, -1) * np.abs(kernel[row]).mean()
+        best = min(best, np.sum((candidate - kernel) ** 2))
+    np.testing.assert_allclose(np.sum((projected.numpy() - kernel) ** 2), best, rtol=1e-5)
+
+
+def test_admm_updates_z_to_the_projection_and_gathers_the_gap_in_u():
+    w = tf.constant([1.0, -2.0, 3.0])
+    z, u = tf.Variable(tf.zeros(3)), tf.Variable([0.5, 0.0, -1.0])
+    constraints.admm_update(w, z, u, lambda t: tf.clip_by_value(t, -1.0, 1.0))
+    np.testing.assert_allclose(z, [1.0, -1.0, 1.0])
+    np.testing.assert_allclose(u, [0.5, -1.0, 1.0])  # u + w - z
+    penalty = constraints.admm_penalty(w, z, u, tf.constant(2.0))
+    np.testing.assert_allclose(penalty, 0.5 * 2.0 * np.sum((w - z + u) ** 2))
+
+
+def test_block_storage_counts_a_magnitude_and_signs_per_unified_block():
+    # Blocks of 4: half unified (1 + 32/4 bits per weight), a quarter pruned (0), a quarter
+    # float32, and 2 bits per block to say which.
+    assert cost.block_bits(4, 0.5, 0.25) == 32 * 0.25 + 0.5 * (1 + 8) + 2 / 4
+    assert cost.block_bits(4, 1.0, 0.0) == 1 + 8  # one kind: no code
+    model = lenet5()
+    compressed = th.hybrid_compress(model, th.Budget(bits=0.5), [th.Unify(unify=0.5, prune=0.25)])
+    kernels = sum(
+        model.get_layer(n).kernel.shape.num_elements() for n in ("conv1", "conv2", "fc1", "fc2")
+    )
+    others = model.count_params() - kernels
+    expected = 32 * others + kernels * cost.block_bits(4, 0.5, 0.25)
+    assert float(compressed.ratios(hard=True)["bits"]) == pytest.approx(
+        expected / (32 * model.count_params())
+    )
+    pruned = 0.25 * kernels
+    assert float(compressed.ratios(hard=True)["params"]) == pytest.approx(
+        1 - pruned / model.count_params()
+    )
+
+
+def test_a_unified_model_strips_to_the_same_function_with_unified_and_pruned_blocks():
+    model = lenet5()
+    compressed = th.hybrid_compress(
+        model, th.Budget(bits=0.5), [th.Unify(block=(1, 4), unify=0.5, prune=0.25)]
+    )
+    x = fit_search(compressed, epochs=2)
+    small = th.strip(compressed)
+    np.testing.assert_allclose(small(x[:8]), compressed(x[:8]), rtol=1e-5, atol=1e-6)
+    for name in ("conv1", "conv2", "fc1", "fc2"):
+        kernel = small.get_layer(name).kernel.numpy()
+        layout = unify.BlockLayout(kernel.shape, (1, 4))
+        blocks = layout.blocks(kernel).numpy()
+        # conv2's 50 outputs end in a block of 2 (padded with zeros that are not weights).
+        magnitudes = np.where(layout.valid.numpy() > 0, np.abs(blocks), np.abs(blocks[:, :1]))
+        pruned = np.all(blocks == 0, 1)
+        unified = np.all(np.isclose(magnitudes, magnitudes[:, :1], rtol=1e-5), 1) & ~pruned
+        want_unified, want_pruned = layout.block_counts(0.5, 0.25)
+        assert pruned.sum() >= want_pruned
+        assert unified.sum() + pruned.sum() >= want_unified + want_pruned
+    assert model.get_layer("fc1").kernel.numpy().std() > 0  # the input model is untouched
+    ratios = th.profile(small).ratios(th.profile(model))
+    assert ratios["macs"] == 1.0 and ratios["params"] <= 0.76
+
+
+def test_fine_tuning_trains_one_magnitude_per_unified_block():
+    compressed = th.hybrid_compress(
+        lenet5(), th.Budget(bits=0.5), [th.Unify(unify=0.75, prune=0.0)], search_steps=4
+    )
+    fit_search(compressed, epochs=4)  # 4 steps of search, 12 of fine-tuning
+    wrapper = compressed.get_layer("unify_fc1")
+    kernel = wrapper.effective_kernel().numpy()
+    blocks = wrapper.layout.blocks(kernel).numpy()[wrapper.kinds.numpy() == unify.UNIFIED]
+    np.testing.assert_allclose(np.abs(blocks), np.abs(blocks[:, :1]) * np.ones(4), rtol=1e-5)
+
+
+def test_the_unified_share_follows_a_bits_budget():
+    model = lenet5()
+    compressed = th.hybrid_compress(model, th.Budget(bits=0.3), [th.Unify(unify=None)])
+    technique = compressed.technique("unify")
+    assert 0 < technique.unify < 1
+    assert float(compressed.ratios(hard=True)["bits"]) == pytest.approx(0.3, abs=1e-6)
+
+
+def test_a_model_saved_mid_admm_resumes_with_its_z_and_u(tmp_path):
+    compressed = th.hybrid_compress(
+        lenet5(), th.Budget(bits=0.5), [th.Unify(unify=0.5, update_every=1)], search_steps=20
+    )
+    fit_search(compressed, epochs=1)  # 4 of 20 steps
+    wrapper = compressed.get_layer("unify_fc2")
+    z, u = wrapper.z.numpy(), wrapper.u.numpy()
+    assert np.abs(u).max() > 0
+    path = str(tmp_path / "mid.keras")
+    compressed.save(path)
+    with th.custom_object_scope():
+        loaded = keras.models.load_model(path)
+    restored = loaded.get_layer("unify_fc2")
+    np.testing.assert_array_equal(restored.z.numpy(), z)
+    np.testing.assert_array_equal(restored.u.numpy(), u)
+    assert int(restored.step.numpy()) == 4 and not loaded.search_finished()
+    x, y = mnist_like(64)
+    loaded.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    loaded.fit(x, y, batch_size=16, epochs=5, verbose=0, callbacks=[th.CompressionScheduler()])
+    assert loaded.search_finished()
+    np.testing.assert_allclose(th.strip(loaded)(x[:4]), loaded(x[:4]), rtol=1e-5, atol=1e-6)
+
+
+def test_df_channels_and_unify_stack_under_macs_and_bits():
+    model = lenet5()
+    compressed = th.hybrid_compress(
+        model,
+        th.Budget(macs=0.3, bits=0.2),
+        [th.DF(ranks=False), th.Unify(unify=0.9, prune=0.05)],
+        search_steps=4,
+    )
+    x = fit_search(compressed, epochs=2)
+    small = th.strip(compressed)
+    scale = np.abs(compressed(x[:8]).numpy()).max()
+    np.testing.assert_allclose(small(x[:8]), compressed(x[:8]), atol=1e-5 * scale)
+    assert th.profile(small).ratios(th.profile(model))["macs"] <= 0.3
+    assert float(compressed.ratios(hard=True)["bits"]) <= 0.2
+
+
+def test_layers_unify_cannot_take_are_named():
+    inputs = keras.Input((8, 8, 3))
+    hidden = keras.layers.DepthwiseConv2D(3, name="depthwise")(inputs)
+    outputs = keras.layers.Dense(4, name="head")(keras.layers.Flatten()(hidden))
+    model = keras.Model(inputs, outputs)
+    with pytest.warns(UserWarning, match="depthwise: Unify takes Dense and Conv2D"):
+        compressed = th.hybrid_compress(model, th.Budget(bits=0.9), [th.Unify()])
+    assert [w.layer.name for w in compressed.technique("unify").layers_of(compressed)] == ["head"]
+    with pytest.raises(ValueError, match="Unify finds no layer"):
+        th.hybrid_compress(model, th.Budget(bits=0.9), [th.Unify(layers=["depthwise"])])
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"block": (1, 1)}, "at least two weights"),
+        ({"block": (0, 4)}, "at least two weights"),
+        ({"block": "row"}, "at least two weights"),
+        ({"unify": 1.5}, r"unify=1.5\): give a share"),
+        ({"prune": -0.1}, r"prune=-0.1\): give a share"),
+        ({"unify": 0.8, "prune": 0.4}, "add up to at most 1"),
+        ({"rho": (0.0, 1.0)}, "both > 0"),
+    ],
+)
+def test_bad_unify_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        th.Unify(**options)
+
+
+def test_budgets_unify_cannot_derive_or_reach_are_refused():
+    with pytest.raises(ValueError, match="needs a bits budget"):
+        th.hybrid_compress(lenet5(), th.Budget(macs=0.5), [th.Unify(unify=None)])
+    with pytest.raises(ValueError, match="cannot be met by Unify alone"):
+        th.hybrid_compress(lenet5(), th.Budget(bits=0.01), [th.Unify(unify=None)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        th.Unify(block="kernel")  # a valid block

@@ -1,0 +1,468 @@
+"""Unify: micro-structured weight unification and pruning, trained by ADMM.
+
+After Lin, Jiang, Wang, Xu, Wang, Liu and Li (2021), arXiv 2106.08301. Each kernel is
+cut into small blocks of weights. In a *unified* block every weight has the same
+magnitude and keeps its own sign: the block stores one float32 magnitude and a sign
+bit per weight, and a dot product over it needs one multiply. A *pruned* block is
+all zero and stores nothing. The other blocks stay float32.
+
+Training is ADMM (`tfhybrid.constraints`): during the search the weights W train with
+the penalty rho/2 ||W - Z + U||^2, every `update_every` steps Z becomes the projection
+of W + U onto the kernels with the required shares of unified and pruned blocks and U
+gathers W - Z, and rho rises geometrically. At the search's end W is projected: each
+block's kind and signs are frozen, and fine-tuning trains one magnitude per unified
+block (the mean of sign * w over the block) while pruned blocks stay zero.
+
+The projection, per block: the closest unified block is sign(w) * mean|w| (error
+sum w^2 - n mean|w|^2), the closest pruned one zero (error sum w^2). The `prune` share
+of blocks with the least error when pruned go first, then the `unify` share of the
+rest with the least error when unified. That order is exact when only one kind is
+asked for; with both, it favours pruning the smallest blocks.
+
+Blocks lie in the plane of a kernel's input and output axes, at each kernel position:
+`block=(rows, cols)` spans `rows` input channels and `cols` output channels (as
+TF-MOT's `block_size` does for a Dense kernel), `block="kernel"` is one input-output
+pair's whole k x k slice. Where the channels do not divide into blocks, the last
+block along the axis is shorter (as if padded with zeros that are never stored).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tfhybrid import constraints, graph, plan, schedules
+from tfhybrid._keras import is_grouped, keras
+from tfhybrid.techniques import base
+
+L = keras.layers
+
+FREE, UNIFIED, PRUNED = 0, 1, 2
+#: The weights' ADMM penalty rises geometrically over the search, from a pull that the
+#: task gradient outweighs to one that holds the weights near the constrained set.
+DEFAULT_RHO = (1e-3, 1.0)
+
+
+class BlockLayout:
+    """How a kernel of `shape` is cut into blocks of `block` (see the module).
+
+    Args:
+        shape: the kernel's shape, (..., inputs, outputs).
+        block: (rows, cols) over the inputs and outputs, or "kernel".
+    """
+
+    def __init__(self, shape: tuple, block: tuple | str):
+        self.shape = tuple(int(d) for d in shape)
+        *spatial, inputs, outputs = self.shape
+        self.positions = math.prod(spatial)
+        self.block = block
+        if block == "kernel":
+            self.size = self.positions
+            self.count = inputs * outputs
+        else:
+            rows, cols = block
+            self.padded = (-(-inputs // rows) * rows, -(-outputs // cols) * cols)
+            self.size = rows * cols
+            self.count = self.positions * self.padded[0] // rows * self.padded[1] // cols
+        self.valid = self.blocks(tf.ones(self.shape))
+
+    def blocks(self, kernel: tf.Tensor) -> tf.Tensor:
+        """The kernel as a (blocks, weights per block) matrix, padded with zeros."""
+        *_, inputs, outputs = self.shape
+        flat = tf.reshape(kernel, (self.positions, inputs, outputs))
+        if self.block == "kernel":
+            return tf.transpose(tf.reshape(flat, (self.positions, -1)))
+        rows, cols = self.block
+        pad = [[0, 0], [0, self.padded[0] - inputs], [0, self.padded[1] - outputs]]
+        grid = tf.reshape(
+            tf.pad(flat, pad),
+            (self.positions, self.padded[0] // rows, rows, self.padded[1] // cols, cols),
+        )
+        return tf.reshape(tf.transpose(grid, (0, 1, 3, 2, 4)), (self.count, self.size))
+
+    def kernel(self, blocks: tf.Tensor) -> tf.Tensor:
+        """The kernel that `blocks` (as `blocks` returns them) cut up."""
+        *_, inputs, outputs = self.shape
+        if self.block == "kernel":
+            return tf.reshape(tf.transpose(blocks), self.shape)
+        rows, cols = self.block
+        grid = tf.reshape(
+            blocks, (self.positions, self.padded[0] // rows, self.padded[1] // cols, rows, cols)
+        )
+        padded = tf.reshape(tf.transpose(grid, (0, 1, 3, 2, 4)), (self.positions, *self.padded))
+        return tf.reshape(padded[:, :inputs, :outputs], self.shape)
+
+    def block_counts(self, unify: float, prune: float) -> tuple[int, int]:
+        """(unified, pruned) numbers of blocks for the shares."""
+        pruned = round(prune * self.count)
+        return min(round(unify * self.count), self.count - pruned), pruned
+
+
+def signs(values: tf.Tensor) -> tf.Tensor:
+    """+1 or -1 per value (+1 for zero, so a unified block's zeros take its magnitude)."""
+    return tf.where(values >= 0, 1.0, -1.0)
+
+
+def project(
+    kernel: tf.Tensor, layout: BlockLayout, unify: float, prune: float
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The kernel with the shares of its blocks unified and pruned, nearest to `kernel`.
+
+    Returns:
+        (the projected kernel, each block's kind: FREE, UNIFIED or PRUNED).
+    """
+    blocks, valid = layout.blocks(kernel), layout.valid
+    weights = tf.reduce_sum(valid, 1)
+    squares = tf.reduce_sum(tf.square(blocks), 1)
+    magnitude = tf.reduce_sum(tf.abs(blocks), 1) / weights
+    unify_error = squares - weights * tf.square(magnitude)
+    unified, pruned = layout.block_counts(unify, prune)
+    kinds = tf.zeros((layout.count,), tf.int32)
+    if pruned:
+        chosen = tf.math.top_k(-squares, pruned).indices
+        kinds = tf.tensor_scatter_nd_update(kinds, chosen[:, None], tf.fill((pruned,), PRUNED))
+    if unified:
+        free_error = tf.where(kinds == PRUNED, np.inf, unify_error)
+        chosen = tf.math.top_k(-free_error, unified).indices
+        kinds = tf.tensor_scatter_nd_update(kinds, chosen[:, None], tf.fill((unified,), UNIFIED))
+    same = signs(blocks) * magnitude[:, None] * valid
+    return layout.kernel(_by_kind(kinds, blocks, same)), kinds
+
+
+def unified_kernel(
+    kernel: tf.Tensor, layout: BlockLayout, kinds: tf.Tensor, kernel_signs: tf.Tensor
+) -> tf.Tensor:
+    """The kernel computed with frozen block kinds and signs: a unified block's weights
+    are its signs times one magnitude, mean(sign * w) over the block; pruned ones 0."""
+    blocks, valid = layout.blocks(kernel), layout.valid
+    block_signs = layout.blocks(kernel_signs)
+    magnitude = tf.reduce_sum(blocks * block_signs, 1) / tf.reduce_sum(valid, 1)
+    return layout.kernel(_by_kind(kinds, blocks, block_signs * magnitude[:, None] * valid))
+
+
+def _by_kind(kinds: tf.Tensor, free: tf.Tensor, same: tf.Tensor) -> tf.Tensor:
+    """Per block: `free` as it is, `same` where unified, zero where pruned."""
+    kind = kinds[:, None]
+    return tf.where(kind == PRUNED, 0.0, tf.where(kind == UNIFIED, same, free))
+
+
+@keras.utils.register_keras_serializable(package="tfhybrid")
+class UnifyWrapper(L.Wrapper):
+    """A Dense/Conv2D whose kernel is trained by ADMM toward unified and pruned blocks.
+
+    During the search the layer computes with its kernel W as it is (the penalty pulls
+    it toward Z); once decided, with `unified_kernel` of W and the frozen kinds and
+    signs. Z and U, the kinds and the signs are non-trainable weights, saved with it.
+
+    Args:
+        layer: the Dense or Conv2D layer.
+        block: (rows, cols) or "kernel" (see the module).
+        unify: share of the kernel's blocks unified.
+        prune: share of its blocks pruned.
+        rho: schedule config of the ADMM penalty's weight (see `schedules`).
+        update_every: steps between two Z/U updates.
+    """
+
+    def __init__(self, layer, block, unify, prune, rho, update_every=1, **kwargs):
+        super().__init__(layer, **kwargs)
+        self.block = block if block == "kernel" else tuple(int(b) for b in block)
+        self.unify, self.prune = float(unify), float(prune)
+        self.rho = schedules.deserialize(rho)
+        self.update_every = int(update_every)
+
+    def build(self, input_shape):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        shape = tuple(self.layer.kernel.shape)
+        self.layout = BlockLayout(shape, self.block)
+        self.z = self.add_weight("z", shape=shape, initializer="zeros", trainable=False)
+        self.u = self.add_weight("u", shape=shape, initializer="zeros", trainable=False)
+        self.signs = self.add_weight("signs", shape=shape, initializer="ones", trainable=False)
+        self.kinds = self.add_weight(
+            "kinds",
+            shape=(self.layout.count,),
+            dtype=tf.int32,
+            initializer="zeros",
+            trainable=False,
+        )
+        base.add_search_state(self)
+        super().build(input_shape)
+
+    def effective_kernel(self) -> tf.Tensor:
+        """The kernel the layer computes with (see the class)."""
+        kernel = self.layer.kernel
+        unified = unified_kernel(kernel, self.layout, self.kinds, self.signs)
+        return tf.where(self.decided > 0, unified, kernel)
+
+    def call(self, inputs, training=None):  # noqa: ARG002 - Keras passes training
+        layer, kernel = self.layer, self.effective_kernel()
+        if isinstance(layer, L.Dense):
+            outputs = tf.tensordot(inputs, kernel, [[inputs.shape.rank - 1], [0]])
+        else:
+            outputs = layer.convolution_op(inputs, kernel)
+        if layer.use_bias:
+            first = getattr(layer, "data_format", None) == "channels_first"
+            outputs = tf.nn.bias_add(outputs, layer.bias, data_format="NCHW" if first else None)
+        return layer.activation(outputs)
+
+    def projected(self, kernel: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        """(`kernel` (the weights by default) projected onto the constraint, its kinds)."""
+        kernel = self.layer.kernel if kernel is None else kernel
+        return project(kernel, self.layout, self.unify, self.prune)
+
+    def penalty(self) -> tf.Tensor:
+        """The ADMM penalty at the current step; zero once decided."""
+        rho = tf.where(self.decided > 0, 0.0, self.rho(self.step))
+        return constraints.admm_penalty(self.layer.kernel, self.z, self.u, rho)
+
+    def admm_step(self) -> tf.Tensor:
+        """A Z/U update (see `constraints.admm_update`)."""
+        constraints.admm_update(self.layer.kernel, self.z, self.u, lambda t: self.projected(t)[0])
+        return tf.constant(True)
+
+    def decide(self) -> None:
+        """Projects the weights onto the constraint and freezes the kinds and signs."""
+        kernel, kinds = self.projected()
+        self.layer.kernel.assign(kernel)
+        self.kinds.assign(kinds)
+        self.signs.assign(signs(kernel))
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "block": self.block if self.block == "kernel" else list(self.block),
+            "unify": self.unify,
+            "prune": self.prune,
+            "rho": schedules.serialize(self.rho),
+            "update_every": self.update_every,
+        }
+
+    def compression_note(self) -> str:
+        return f"{self.unify:.0%} of blocks {self.block} unified, {self.prune:.0%} pruned"
+
+
+@base.register_technique
+class Unify(base.Technique):
+    """Micro-structured weight unification and pruning by ADMM (see the module).
+
+    Args:
+        block: (rows, cols) of a block over a kernel's input and output channels, or
+            "kernel" for a k x k slice.
+        unify: share of every kernel's blocks unified; None: the share that meets the
+            budget's `bits` with the other layers whole.
+        prune: share of every kernel's blocks pruned.
+        rho: (start, end) of the ADMM penalty's weight, rising geometrically over the
+            search.
+        update_every: steps between Z/U updates; None: a twentieth of the search.
+        layers: only these layers (besides `hybrid_compress`'s own `layers`/`skip`).
+        skip: never these layers.
+
+    Raises:
+        ValueError: for a bad block, shares outside [0, 1] or above 1 together, or a
+            rho that is not two positive numbers.
+    """
+
+    name = "unify"
+
+    def __init__(
+        self,
+        block: tuple | str = (1, 4),
+        unify: float | None = 0.5,
+        prune: float = 0.0,
+        rho: tuple = DEFAULT_RHO,
+        update_every: int | None = None,
+        layers: list | None = None,
+        skip: list | tuple = (),
+    ):
+        self.block = _checked_block(block)
+        for option, share in (("unify", unify), ("prune", prune)):
+            if share is not None and not 0 <= share <= 1:
+                raise ValueError(f"Unify({option}={share!r}): give a share of blocks in [0, 1].")
+        if unify is not None and unify + prune > 1:
+            raise ValueError(
+                f"Unify(unify={unify}, prune={prune}): a block is unified or pruned, not "
+                "both, so the shares add up to at most 1."
+            )
+        if len(rho) != 2 or min(rho) <= 0:
+            raise ValueError(f"Unify(rho={rho!r}): give (start, end), both > 0.")
+        self.unify = None if unify is None else float(unify)
+        self.prune = float(prune)
+        self.rho = tuple(float(r) for r in rho)
+        self.update_every = None if update_every is None else int(update_every)
+        self.layers, self.skip = list(layers or []), list(skip)
+
+    def get_config(self) -> dict:
+        return {
+            "block": self.block if self.block == "kernel" else list(self.block),
+            "unify": self.unify,
+            "prune": self.prune,
+            "rho": list(self.rho),
+            "update_every": self.update_every,
+            "layers": self.layers,
+            "skip": self.skip,
+        }
+
+    # -- set-up ------------------------------------------------------------------------
+    def select(self, setup: base.Setup) -> dict[str, str]:
+        only, skip = setup.restricted("Unify", self.layers, self.skip)
+        taken, why_not = [], []
+        for layer in setup.analysis.model.layers:
+            if not any(w.shape.rank >= 2 for w in layer.weights):
+                continue  # no kernel: biases, normalisation, pooling
+            if layer.name in skip or (only and layer.name not in only):
+                why_not.append(f"{layer.name}: left out by `layers=`/`skip=`")
+            elif reason := _why_not_unified(layer, self.block):
+                why_not.append(f"{layer.name}: {reason}")
+            else:
+                taken.append(layer.name)
+        if not taken:
+            raise ValueError("Unify finds no layer to take. Per layer:\n  " + "\n  ".join(why_not))
+        unsupported = [line for line in why_not if "left out by" not in line]
+        if unsupported:
+            warnings.warn(
+                "Unify leaves these layers whole:\n  " + "\n  ".join(unsupported), stacklevel=4
+            )
+        self._taken = taken
+        return dict.fromkeys(taken, "weights")
+
+    def prepare(self, setup: base.Setup, others: list[base.Technique]) -> None:
+        """Derives the unified share from the bits budget if none was given."""
+        if self.unify is None:
+            self.unify = _unify_for_budget(setup, self._taken, self.block, self.prune)
+
+    def replace_layer(self, op: graph.Op) -> graph.Replacement | None:
+        if op.layer.name not in self._taken:
+            return None
+        inner = graph.clone_layer(op.layer)
+        inner.build(op.inputs[0].shape)
+        inner.set_weights(op.layer.get_weights())
+        rho = schedules.ExponentialDecay(*self.rho, 1)  # set_search_steps stretches it
+        return UnifyWrapper(
+            inner,
+            self.block,
+            self.unify,
+            self.prune,
+            schedules.serialize(rho),
+            name=f"unify_{op.layer.name}",
+        )
+
+    def initialize(self, model: Any, original: Any) -> None:
+        """Z starts at the projection of the weights, U at zero."""
+        for wrapper in self.layers_of(model):
+            wrapper.z.assign(wrapper.projected()[0])
+
+    # -- training ----------------------------------------------------------------------
+    def layers_of(self, model: Any) -> list:
+        return [layer for layer in model.layers if isinstance(layer, UnifyWrapper)]
+
+    def set_search_steps(self, model: Any, steps: int) -> None:
+        """rho rises over the search; Z/U update every `update_every` steps."""
+        every = self.update_every or max(1, steps // 20)
+        for wrapper in self.layers_of(model):
+            wrapper.rho = schedules.ExponentialDecay(*self.rho, steps)
+            wrapper.update_every = every
+
+    def loss(self, model: Any) -> tf.Tensor | None:
+        return tf.add_n([w.penalty() for w in self.layers_of(model)])
+
+    def after_step(self, model: Any) -> None:
+        for wrapper in self.layers_of(model):
+            due = tf.logical_and(wrapper.decided == 0, wrapper.step % wrapper.update_every == 0)
+            tf.cond(due, wrapper.admm_step, lambda: tf.constant(False))
+
+    def decisions(self, model: Any, hard: bool = False) -> base.Decisions:
+        blocks = {
+            w.layer.name: (w.layout.size, self.unify, self.prune) for w in self.layers_of(model)
+        }
+        return base.Decisions(blocks=blocks)
+
+    def finish(self, model: Any) -> None:
+        for wrapper in self.layers_of(model):
+            wrapper.decide()
+
+    def plan(self, model: Any) -> plan.Plan:
+        """Each wrapper becomes its layer with the kernel it computes with once decided
+        (mid-search: the weights projected now)."""
+        replace = {}
+        for wrapper in self.layers_of(model):
+            decided = bool(wrapper.decided.numpy())
+            kernel = wrapper.effective_kernel() if decided else wrapper.projected()[0]
+            weights = [kernel.numpy(), *(w.numpy() for w in wrapper.layer.weights[1:])]
+            replace[wrapper.name] = plan.PlainLayer.of(wrapper.layer, weights)
+        return plan.Plan.of(self.name, replace=replace)
+
+    def scalars(self, model: Any) -> dict[str, float]:
+        """How far each kernel is from its constrained copy: ||W - Z|| / ||W||."""
+        figures = {}
+        for wrapper in self.layers_of(model):
+            kernel = wrapper.layer.kernel
+            distance = tf.norm(kernel - wrapper.z) / tf.maximum(tf.norm(kernel), 1e-12)
+            figures[f"unify/distance/{wrapper.layer.name}"] = float(distance)
+        return figures
+
+
+def _checked_block(block: Any) -> tuple | str:
+    """`block` as (rows, cols) or "kernel".
+
+    Raises:
+        ValueError: for anything else.
+    """
+    if block == "kernel":
+        return block
+    try:
+        rows, cols = (int(b) for b in block)
+    except (TypeError, ValueError):
+        rows = cols = 0
+    if rows < 1 or cols < 1 or rows * cols < 2:
+        raise ValueError(
+            f"Unify(block={block!r}): give (rows, cols) of at least two weights, e.g. "
+            "(1, 4) or (2, 2), or 'kernel' for a k x k slice."
+        )
+    return rows, cols
+
+
+def _why_not_unified(layer: Any, block: tuple | str) -> str | None:
+    """Why Unify cannot take `layer`, or None if it can."""
+    if type(layer) not in (L.Dense, L.Conv2D) or is_grouped(layer):
+        return f"Unify takes Dense and Conv2D kernels, not a {type(layer).__name__}'s"
+    if block == "kernel" and isinstance(layer, L.Dense):
+        return "block='kernel' needs a kernel with k x k positions, not a Dense one"
+    return None
+
+
+def _unify_for_budget(setup: base.Setup, taken: list[str], block: Any, prune: float) -> float:
+    """The one unified share of the `taken` kernels that meets the bits budget alone.
+
+    Raises:
+        ValueError: without a bits budget, or when unifying every unpruned block misses it.
+    """
+    target = setup.budget.targets().get("bits")
+    if target is None:
+        raise ValueError(
+            f"Unify() without a unified share needs a bits budget to derive it from, and "
+            f"{setup.budget} has none. Give Unify(unify=0.5), or Budget(bits=...)."
+        )
+    shapes = {n: setup.analysis.model.get_layer(n).kernel.shape for n in taken}
+    sizes = {n: BlockLayout(tuple(s), block).size for n, s in shapes.items()}
+
+    def bits(unify: float) -> float:
+        blocks = {n: (sizes[n], unify, prune) for n in taken}
+        return setup.cost_model.costs(blocks=blocks)["bits"] / setup.original["bits"]
+
+    most = 1.0 - prune
+    if bits(most) > target:
+        raise ValueError(
+            f"{setup.budget} cannot be met by Unify alone: with every unpruned block "
+            f"unified the model keeps {bits(most):.4f} of its float32 storage. Raise "
+            "the budget, prune more blocks (prune=...) or stack a technique that removes "
+            "channels."
+        )
+    low, high = 0.0, most  # bits fall as the unified share rises
+    for _ in range(40):
+        middle = (low + high) / 2
+        low, high = (low, middle) if bits(middle) <= target else (middle, high)
+    return float(high)

@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 
 import tfhybrid as th
-from tfhybrid import constraints, cost
+from tfhybrid import constraints
+from tfhybrid.blocks import FREE, PRUNED, UNIFIED, BlockLayout, block_bits
 from tfhybrid.techniques import unify
 
 from models import fit_search, lenet5, mnist_like
@@ -22,7 +23,7 @@ keras = th.keras
 )
 def test_blocks_cut_a_kernel_and_put_it_back_shorter_at_the_edges(shape, block):
     kernel = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-    layout = unify.BlockLayout(shape, block)
+    layout = BlockLayout(shape, block)
     blocks = layout.blocks(kernel).numpy()
     assert blocks.shape == (layout.count, layout.size)
     np.testing.assert_array_equal(layout.kernel(blocks).numpy(), kernel)
@@ -33,7 +34,7 @@ def test_blocks_cut_a_kernel_and_put_it_back_shorter_at_the_edges(shape, block):
 
 def test_a_1x4_block_spans_four_outputs_of_one_input():
     kernel = np.arange(16, dtype=np.float32).reshape(2, 8)
-    blocks = unify.BlockLayout(kernel.shape, (1, 4)).blocks(kernel).numpy()
+    blocks = BlockLayout(kernel.shape, (1, 4)).blocks(kernel).numpy()
     np.testing.assert_array_equal(blocks[0], [0, 1, 2, 3])
     np.testing.assert_array_equal(blocks[1], [4, 5, 6, 7])
     np.testing.assert_array_equal(blocks[2], [8, 9, 10, 11])
@@ -43,9 +44,9 @@ def test_the_projection_unifies_and_prunes_the_blocks_it_costs_least_to():
     kernel = np.array(
         [[0.1, -0.1, 0.1, 0.1], [1.0, -3.0, 0.5, 2.0], [0.01, 0.02, -0.01, 0.0]], np.float32
     ).reshape(3, 4)
-    layout = unify.BlockLayout(kernel.shape, (1, 4))
+    layout = BlockLayout(kernel.shape, (1, 4))
     projected, kinds = unify.project(kernel, layout, unify=1 / 3, prune=1 / 3)
-    np.testing.assert_array_equal(kinds, [unify.UNIFIED, unify.FREE, unify.PRUNED])
+    np.testing.assert_array_equal(kinds, [UNIFIED, FREE, PRUNED])
     # The closest unified block: each weight's sign times the block's mean magnitude.
     np.testing.assert_allclose(projected[0], [0.1, -0.1, 0.1, 0.1], rtol=1e-6)
     np.testing.assert_array_equal(projected[1], kernel[1])
@@ -54,7 +55,7 @@ def test_the_projection_unifies_and_prunes_the_blocks_it_costs_least_to():
 
 def test_unifying_alone_is_the_exact_projection():
     kernel = np.random.default_rng(1).normal(size=(6, 4)).astype(np.float32)
-    layout = unify.BlockLayout(kernel.shape, (1, 4))
+    layout = BlockLayout(kernel.shape, (1, 4))
     projected, _ = unify.project(kernel, layout, unify=0.5, prune=0.0)
     best = np.inf
     for chosen in itertools.combinations(range(6), 3):
@@ -78,15 +79,15 @@ def test_admm_updates_z_to_the_projection_and_gathers_the_gap_in_u():
 def test_block_storage_counts_a_magnitude_and_signs_per_unified_block():
     # Blocks of 4: half unified (1 + 32/4 bits per weight), a quarter pruned (0), a quarter
     # float32, and 2 bits per block to say which.
-    assert cost.block_bits(4, 0.5, 0.25) == 32 * 0.25 + 0.5 * (1 + 8) + 2 / 4
-    assert cost.block_bits(4, 1.0, 0.0) == 1 + 8  # one kind: no code
+    assert block_bits(4, 0.5, 0.25) == 32 * 0.25 + 0.5 * (1 + 8) + 2 / 4
+    assert block_bits(4, 1.0, 0.0) == 1 + 8  # one kind: no code
     model = lenet5()
     compressed = th.hybrid_compress(model, th.Budget(bits=0.5), [th.Unify(unify=0.5, prune=0.25)])
     kernels = sum(
         model.get_layer(n).kernel.shape.num_elements() for n in ("conv1", "conv2", "fc1", "fc2")
     )
     others = model.count_params() - kernels
-    expected = 32 * others + kernels * cost.block_bits(4, 0.5, 0.25)
+    expected = 32 * others + kernels * block_bits(4, 0.5, 0.25)
     assert float(compressed.ratios(hard=True)["bits"]) == pytest.approx(
         expected / (32 * model.count_params())
     )
@@ -106,7 +107,7 @@ def test_a_unified_model_strips_to_the_same_function_with_unified_and_pruned_blo
     np.testing.assert_allclose(small(x[:8]), compressed(x[:8]), rtol=1e-5, atol=1e-6)
     for name in ("conv1", "conv2", "fc1", "fc2"):
         kernel = small.get_layer(name).kernel.numpy()
-        layout = unify.BlockLayout(kernel.shape, (1, 4))
+        layout = BlockLayout(kernel.shape, (1, 4))
         blocks = layout.blocks(kernel).numpy()
         # conv2's 50 outputs end in a block of 2 (padded with zeros that are not weights).
         magnitudes = np.where(layout.valid.numpy() > 0, np.abs(blocks), np.abs(blocks[:, :1]))
@@ -127,7 +128,7 @@ def test_fine_tuning_trains_one_magnitude_per_unified_block():
     fit_search(compressed, epochs=4)  # 4 steps of search, 12 of fine-tuning
     wrapper = compressed.get_layer("unify_fc1")
     kernel = wrapper.effective_kernel().numpy()
-    blocks = wrapper.layout.blocks(kernel).numpy()[wrapper.kinds.numpy() == unify.UNIFIED]
+    blocks = wrapper.layout.blocks(kernel).numpy()[wrapper.kinds.numpy() == UNIFIED]
     np.testing.assert_allclose(np.abs(blocks), np.abs(blocks[:, :1]) * np.ones(4), rtol=1e-5)
 
 

@@ -31,6 +31,7 @@ from tfhybrid._keras import (
     is_grouped,
     keras,
 )
+from tfhybrid.blocks import block_bits
 
 L = keras.layers
 
@@ -209,15 +210,6 @@ def profile(model: Any) -> Profile:
         nonzero_params=sum(nonzero),
         bits=sum(_stored_bits(w, n) for w, n in zip(weights, nonzero)),
     )
-
-
-def block_bits(n: int, unified: float, pruned: float) -> float:
-    """Bits per kernel entry of a kernel in blocks of `n` weights (see `CostModel.costs`):
-    32 for a free weight, a sign bit and a 32nd of the magnitude for a unified one,
-    nothing for a pruned one, and each block's code (which kind it is) shared out."""
-    kinds = (unified + pruned < 1) + (unified > 0) + (pruned > 0)
-    code = math.ceil(math.log2(max(kinds, 1)))
-    return 32.0 * (1.0 - unified - pruned) + unified * (1.0 + 32.0 / n) + code / n
 
 
 def _stored_bits(weight: np.ndarray, nonzero: int) -> int:

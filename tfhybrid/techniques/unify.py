@@ -19,16 +19,11 @@ of blocks with the least error when pruned go first, then the `unify` share of t
 rest with the least error when unified. That order is exact when only one kind is
 asked for; with both, it favours pruning the smallest blocks.
 
-Blocks lie in the plane of a kernel's input and output axes, at each kernel position:
-`block=(rows, cols)` spans `rows` input channels and `cols` output channels (as
-TF-MOT's `block_size` does for a Dense kernel), `block="kernel"` is one input-output
-pair's whole k x k slice. Where the channels do not divide into blocks, the last
-block along the axis is shorter (as if padded with zeros that are never stored).
+Blocks and what they store: `tfhybrid.blocks`.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -37,74 +32,14 @@ import tensorflow as tf
 
 from tfhybrid import constraints, graph, plan, schedules
 from tfhybrid._keras import is_grouped, keras
+from tfhybrid.blocks import PRUNED, UNIFIED, BlockLayout, signs
 from tfhybrid.techniques import base
 
 L = keras.layers
 
-FREE, UNIFIED, PRUNED = 0, 1, 2
 #: The weights' ADMM penalty rises geometrically over the search, from a pull that the
 #: task gradient outweighs to one that holds the weights near the constrained set.
 DEFAULT_RHO = (1e-3, 1.0)
-
-
-class BlockLayout:
-    """How a kernel of `shape` is cut into blocks of `block` (see the module).
-
-    Args:
-        shape: the kernel's shape, (..., inputs, outputs).
-        block: (rows, cols) over the inputs and outputs, or "kernel".
-    """
-
-    def __init__(self, shape: tuple, block: tuple | str):
-        self.shape = tuple(int(d) for d in shape)
-        *spatial, inputs, outputs = self.shape
-        self.positions = math.prod(spatial)
-        self.block = block
-        if block == "kernel":
-            self.size = self.positions
-            self.count = inputs * outputs
-        else:
-            rows, cols = block
-            self.padded = (-(-inputs // rows) * rows, -(-outputs // cols) * cols)
-            self.size = rows * cols
-            self.count = self.positions * self.padded[0] // rows * self.padded[1] // cols
-        self.valid = self.blocks(tf.ones(self.shape))
-
-    def blocks(self, kernel: tf.Tensor) -> tf.Tensor:
-        """The kernel as a (blocks, weights per block) matrix, padded with zeros."""
-        *_, inputs, outputs = self.shape
-        flat = tf.reshape(kernel, (self.positions, inputs, outputs))
-        if self.block == "kernel":
-            return tf.transpose(tf.reshape(flat, (self.positions, -1)))
-        rows, cols = self.block
-        pad = [[0, 0], [0, self.padded[0] - inputs], [0, self.padded[1] - outputs]]
-        grid = tf.reshape(
-            tf.pad(flat, pad),
-            (self.positions, self.padded[0] // rows, rows, self.padded[1] // cols, cols),
-        )
-        return tf.reshape(tf.transpose(grid, (0, 1, 3, 2, 4)), (self.count, self.size))
-
-    def kernel(self, blocks: tf.Tensor) -> tf.Tensor:
-        """The kernel that `blocks` (as `blocks` returns them) cut up."""
-        *_, inputs, outputs = self.shape
-        if self.block == "kernel":
-            return tf.reshape(tf.transpose(blocks), self.shape)
-        rows, cols = self.block
-        grid = tf.reshape(
-            blocks, (self.positions, self.padded[0] // rows, self.padded[1] // cols, rows, cols)
-        )
-        padded = tf.reshape(tf.transpose(grid, (0, 1, 3, 2, 4)), (self.positions, *self.padded))
-        return tf.reshape(padded[:, :inputs, :outputs], self.shape)
-
-    def block_counts(self, unify: float, prune: float) -> tuple[int, int]:
-        """(unified, pruned) numbers of blocks for the shares."""
-        pruned = round(prune * self.count)
-        return min(round(unify * self.count), self.count - pruned), pruned
-
-
-def signs(values: tf.Tensor) -> tf.Tensor:
-    """+1 or -1 per value (+1 for zero, so a unified block's zeros take its magnitude)."""
-    return tf.where(values >= 0, 1.0, -1.0)
 
 
 def project(

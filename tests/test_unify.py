@@ -83,11 +83,15 @@ def test_block_storage_counts_a_magnitude_and_signs_per_unified_block():
     assert block_bits(4, 1.0, 0.0) == 1 + 8  # one kind: no code
     model = lenet5()
     compressed = th.hybrid_compress(model, th.Budget(bits=0.5), [th.Unify(unify=0.5, prune=0.25)])
-    kernels = sum(
-        model.get_layer(n).kernel.shape.num_elements() for n in ("conv1", "conv2", "fc1", "fc2")
-    )
+    layers = [model.get_layer(n) for n in ("conv1", "conv2", "fc1", "fc2")]
+    kernels = sum(la.kernel.shape.num_elements() for la in layers)
     others = model.count_params() - kernels
-    expected = 32 * others + kernels * block_bits(4, 0.5, 0.25)
+    # conv2's 50 and fc2's 10 outputs end in blocks of 2: codes and magnitudes are per block.
+    expected = 32 * others + sum(
+        la.kernel.shape.num_elements()
+        * block_bits(BlockLayout(la.kernel.shape, (1, 4)).weights_per_block, 0.5, 0.25)
+        for la in layers
+    )
     assert float(compressed.ratios(hard=True)["bits"]) == pytest.approx(
         expected / (32 * model.count_params())
     )

@@ -10,11 +10,14 @@ from tfhybrid.budget import Budget
 from tfhybrid.channels import ChannelGroup, Member, channel_groups, register_layer
 from tfhybrid.cost import LayerCost, Profile, profile
 from tfhybrid.export import (
+    CompactReport,
     EdgeTPUReport,
     ExportReport,
     benchmark_tflite,
     check_edgetpu,
     export_tflite,
+    load_compact,
+    save_compact,
 )
 from tfhybrid.report import summary
 from tfhybrid.schedules import ExponentialDecay, LinearRamp
@@ -45,11 +48,14 @@ __all__ = [
     "hybrid_compress",
     "strip",
     "ChannelGroup",
+    "CompactReport",
     "EdgeTPUReport",
     "ExportReport",
     "benchmark_tflite",
     "check_edgetpu",
     "export_tflite",
+    "load_compact",
+    "save_compact",
     "quantize_aware",
     "ChannelMask",
     "ExponentialDecay",

@@ -71,6 +71,12 @@ class BlockLayout:
         padded = tf.reshape(tf.transpose(grid, (0, 1, 3, 2, 4)), (self.positions, *self.padded))
         return tf.reshape(padded[:, :inputs, :outputs], self.shape)
 
+    @property
+    def weights_per_block(self) -> float:
+        """The kernel's weights over its blocks: less than `size` where edge blocks are
+        shorter (what the cost model counts a block's code and magnitude over)."""
+        return math.prod(self.shape) / self.count
+
     def block_counts(self, unify: float, prune: float) -> tuple[int, int]:
         """(unified, pruned) numbers of blocks for the shares."""
         pruned = round(prune * self.count)

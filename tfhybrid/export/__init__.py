@@ -1,9 +1,14 @@
-"""Deployment: verified `.tflite` files, Edge TPU readiness, LiteRT latency."""
+"""Deployment: verified `.tflite` files, Edge TPU readiness, LiteRT latency, and compact
+weight files in the counted block format."""
 
+from tfhybrid.export.compact import CompactReport, load_compact, save_compact
 from tfhybrid.export.edgetpu import EdgeTPUReport, Finding, check_edgetpu
 from tfhybrid.export.tflite import ExportReport, benchmark_tflite, export_tflite
 
 __all__ = [
+    "CompactReport",
+    "load_compact",
+    "save_compact",
     "EdgeTPUReport",
     "ExportReport",
     "Finding",

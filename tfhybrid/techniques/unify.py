@@ -311,7 +311,8 @@ class Unify(base.Technique):
 
     def decisions(self, model: Any, hard: bool = False) -> base.Decisions:
         blocks = {
-            w.layer.name: (w.layout.size, self.unify, self.prune) for w in self.layers_of(model)
+            w.layer.name: (w.layout.weights_per_block, self.unify, self.prune)
+            for w in self.layers_of(model)
         }
         return base.Decisions(blocks=blocks)
 
@@ -382,7 +383,7 @@ def _unify_for_budget(setup: base.Setup, taken: list[str], block: Any, prune: fl
             f"{setup.budget} has none. Give Unify(unify=0.5), or Budget(bits=...)."
         )
     shapes = {n: setup.analysis.model.get_layer(n).kernel.shape for n in taken}
-    sizes = {n: BlockLayout(tuple(s), block).size for n, s in shapes.items()}
+    sizes = {n: BlockLayout(tuple(s), block).weights_per_block for n, s in shapes.items()}
 
     def bits(unify: float) -> float:
         blocks = {n: (sizes[n], unify, prune) for n in taken}

@@ -1,0 +1,92 @@
+"""export.compact: the counted block format as a file, restored weight for weight."""
+
+import math
+
+import numpy as np
+import pytest
+
+import tfhybrid as th
+from tfhybrid.blocks import block_bits
+
+from models import fit_search, lenet5, mnist_like
+
+keras = th.keras
+
+
+def blocked_dense() -> keras.Model:
+    """One Dense 3 -> 8 whose 1 x 4 blocks are: 2 unified, 2 pruned, 2 free."""
+    inputs = keras.Input((3,))
+    dense = keras.layers.Dense(8, name="dense")
+    model = keras.Model(inputs, dense(inputs))
+    kernel = np.array(
+        [
+            [0.5, -0.5, 0.5, 0.5, 0, 0, 0, 0],
+            [-0.25, -0.25, 0.25, -0.25, 1, 2, 3, 4],
+            [0, 0, 0, 0, -1, 0.5, 0.25, 0.125],
+        ],
+        np.float32,
+    )
+    dense.set_weights([kernel, np.arange(8, dtype=np.float32)])
+    return model
+
+
+def test_a_blocked_kernel_stores_codes_signs_magnitudes_and_free_weights(tmp_path):
+    model = blocked_dense()
+    report = th.save_compact(model, str(tmp_path / "m.thc"), block=(1, 4))
+    assert report.kernels == {"dense": {"free": 2, "unified": 2, "pruned": 2}}
+    # 6 blocks x 2 code bits, 8 sign bits, 2 magnitudes and 8 free weights, 8 biases.
+    kernel_bits = 6 * 2 + 8 + 32 * (2 + 8)
+    assert report.counted_bits == kernel_bits + 32 * 8
+    assert report.payload_bytes == math.ceil((6 * 2 + 8) / 8) + 4 * 10 + 4 * 8
+    loaded = th.load_compact(str(tmp_path / "m.thc"))
+    for original, restored in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(restored, original)
+
+
+def test_a_kernel_the_blocks_do_not_shrink_stays_float32(tmp_path):
+    model = blocked_dense()
+    kernel, bias = model.get_weights()
+    model.get_layer("dense").set_weights([kernel + np.linspace(0, 1e-3, 24).reshape(3, 8), bias])
+    report = th.save_compact(model, str(tmp_path / "m.thc"))
+    assert report.kernels == {} and report.counted_bits == report.float32_bits
+
+
+def test_a_unified_lenet_round_trips_at_the_size_the_budget_counted(tmp_path):
+    model = lenet5()
+    compressed = th.hybrid_compress(
+        model, th.Budget(bits=0.5), [th.Unify(block=(1, 4), unify=0.6, prune=0.3)]
+    )
+    x = fit_search(compressed, epochs=2)
+    small = th.strip(compressed)
+    report = th.save_compact(small, str(tmp_path / "lenet.thc"), block=(1, 4))
+    counted = float(compressed.ratios(hard=True)["bits"]) * 32 * model.count_params()
+    # The cost model counts kernel entries / 4 blocks; the file holds the real blocks, the
+    # shorter ones at the edge of conv2's 50 outputs among them.
+    assert report.counted_bits == pytest.approx(counted, rel=2e-3)
+    tensors = len(small.get_weights())
+    assert 0 <= 8 * report.payload_bytes - report.counted_bits < 8 * tensors
+    loaded = th.load_compact(str(tmp_path / "lenet.thc"))
+    for original, restored in zip(small.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(restored, original)
+    np.testing.assert_array_equal(loaded(x[:4]), small(x[:4]))
+    fc1 = report.kernels["fc1"]
+    assert fc1["pruned"] == round(0.3 * 100_000) and fc1["unified"] == round(0.6 * 100_000)
+    assert block_bits(4, 0.6, 0.3) < 32 * report.counted_bits / report.float32_bits
+
+
+def test_a_unified_model_exports_to_tflite_and_agrees(tmp_path):
+    compressed = th.hybrid_compress(lenet5(), th.Budget(bits=0.5), [th.Unify(unify=0.7)])
+    fit_search(compressed, epochs=2)
+    small = th.strip(compressed)
+    x, _ = mnist_like(32)
+    report = th.export_tflite(small, tmp_path / "m.tflite", representative_data=x)
+    assert report.check["max_rel_diff"] <= 1e-4
+
+
+def test_compact_refuses_search_models_and_other_files(tmp_path):
+    compressed = th.hybrid_compress(lenet5(), th.Budget(bits=0.5), [th.Unify()])
+    with pytest.raises(ValueError, match="save_compact needs the plain model"):
+        th.save_compact(compressed, str(tmp_path / "m.thc"))
+    (tmp_path / "other.bin").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a tfhybrid compact weight file"):
+        th.load_compact(str(tmp_path / "other.bin"))

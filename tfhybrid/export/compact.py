@@ -1,0 +1,193 @@
+"""A compact weight file in exactly the storage the budget counts, and its loader.
+
+`save_compact(model, path, block)` writes a plain Keras model: a header (the model's
+architecture and, per weight tensor, how it is stored) and a payload. Each Dense and
+Conv2D kernel is cut into blocks (`tfhybrid.blocks`) and stored, when that is smaller
+than float32, as one bit stream and one float32 array:
+
+- per block a code saying its kind (0 bits when all blocks are of one kind, 1 for
+  two kinds, 2 for three);
+- per unified block one sign bit per weight, and its magnitude (float32);
+- per free block its weights (float32); pruned blocks store nothing.
+
+Every other tensor is float32. The payload's size is the bit count (`blocks.block_bits`
+per kernel entry, 32 per other value) rounded up to whole bytes once per tensor;
+`load_compact` restores the same model, weight for weight. The kinds are read off the
+values, so any model whose kernels are in that form (`th.Unify` after `strip`) writes
+compactly; other kernels stay float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import struct
+from typing import Any
+
+import numpy as np
+
+from tfhybrid import blocks
+from tfhybrid._keras import keras
+from tfhybrid.training.model import refuse_search_model
+
+MAGIC = b"THC1"
+_CODED = (keras.layers.Dense, keras.layers.Conv2D)
+
+
+@dataclasses.dataclass
+class CompactReport:
+    """What `save_compact` wrote.
+
+    Attributes:
+        path: the file.
+        size_bytes: the whole file (header included).
+        payload_bytes: the weights alone.
+        counted_bits: the weights' storage as counted (blocks and float32 values).
+        float32_bits: the same weights at 32 bits each.
+        kernels: per kernel stored in blocks, its counts {"free", "unified", "pruned"}.
+    """
+
+    path: str
+    size_bytes: int
+    payload_bytes: int
+    counted_bits: int
+    float32_bits: int
+    kernels: dict
+
+    def __str__(self) -> str:
+        share = self.counted_bits / self.float32_bits
+        return (
+            f"{self.path}: {self.size_bytes:,} bytes ({self.payload_bytes:,} of weights); "
+            f"counted {self.counted_bits:,} bits = {share:.4f} of float32"
+        )
+
+
+def save_compact(model: Any, path: str, block: tuple | str = (1, 4)) -> CompactReport:
+    """Writes `model`'s weights in the block format (see the module).
+
+    Args:
+        model: a plain Keras model (e.g. `strip` of a model compressed with `th.Unify`).
+        path: the file to write.
+        block: the blocks the kernels were cut into (`th.Unify`'s `block`).
+
+    Returns:
+        A `CompactReport` with the file's and the counted sizes.
+
+    Raises:
+        ValueError: for a search model (strip it first).
+    """
+    refuse_search_model(model, "save_compact")
+    entries, payload, kernels = [], bytearray(), {}
+    counted = 0
+    for layer in model.layers:
+        for index, weight in enumerate(layer.get_weights()):
+            coded = _encoded(weight, block) if isinstance(layer, _CODED) and index == 0 else None
+            entry = {"layer": layer.name, "index": index, "shape": list(weight.shape)}
+            if coded is None:
+                data, bits = np.asarray(weight, "<f4").tobytes(), 32 * weight.size
+            else:
+                data, bits, entry["blocks"] = coded
+                kernels[layer.name] = entry["blocks"]["counts"]
+            entry["bytes"] = len(data)
+            entries.append(entry)
+            payload += data
+            counted += bits
+    header = json.dumps({"model": json.loads(model.to_json()), "weights": entries}).encode()
+    content = MAGIC + struct.pack("<I", len(header)) + header + bytes(payload)
+    pathlib.Path(path).write_bytes(content)
+    float32 = 32 * sum(w.size for w in model.get_weights())
+    return CompactReport(str(path), len(content), len(payload), counted, float32, kernels)
+
+
+def load_compact(path: str, custom_objects: dict | None = None) -> Any:
+    """The Keras model that `save_compact` wrote to `path`, with the same weights.
+
+    Raises:
+        ValueError: if `path` is not a file `save_compact` wrote.
+    """
+    content = pathlib.Path(path).read_bytes()
+    if content[:4] != MAGIC:
+        raise ValueError(f"{path} is not a tfhybrid compact weight file (no {MAGIC!r} header).")
+    (length,) = struct.unpack("<I", content[4:8])
+    header = json.loads(content[8 : 8 + length])
+    model = keras.models.model_from_json(json.dumps(header["model"]), custom_objects)
+    offset, weights = 8 + length, {}
+    for entry in header["weights"]:
+        data = content[offset : offset + entry["bytes"]]
+        offset += entry["bytes"]
+        shape = tuple(entry["shape"])
+        if "blocks" in entry:
+            value = _decoded(data, shape, entry["blocks"])
+        else:
+            value = np.frombuffer(data, "<f4").reshape(shape)
+        weights[entry["layer"], entry["index"]] = value
+    for layer in model.layers:
+        count = len(layer.weights)
+        if count:
+            layer.set_weights([weights[layer.name, i] for i in range(count)])
+    return model
+
+
+def _encoded(kernel: np.ndarray, block: tuple | str) -> tuple | None:
+    """(bytes, counted bits, description) of `kernel` in blocks; None where float32 is
+    as small."""
+    layout = blocks.BlockLayout(kernel.shape, block)
+    kinds = blocks.kinds_of(kernel, layout)
+    present = sorted(set(kinds.tolist()))
+    code_bits = math.ceil(math.log2(len(present))) if len(present) > 1 else 0
+    cut = layout.blocks(kernel).numpy()
+    valid = layout.valid.numpy() > 0
+    unified, free = kinds == blocks.UNIFIED, kinds == blocks.FREE
+    sign_bits = (cut[unified] >= 0)[valid[unified]]
+    values = np.concatenate([np.abs(cut[unified][:, 0]), cut[free][valid[free]]])
+    bits = code_bits * len(kinds) + sign_bits.size + 32 * values.size
+    if bits >= 32 * kernel.size:
+        return None
+    codes = np.searchsorted(present, kinds)
+    code_stream = ((codes[:, None] >> np.arange(code_bits)) & 1).astype(bool).ravel()
+    stream = np.packbits(np.concatenate([code_stream, sign_bits]), bitorder="little")
+    data = stream.tobytes() + values.astype("<f4").tobytes()
+    counts = {
+        name: int(np.sum(kinds == kind))
+        for name, kind in (
+            ("free", blocks.FREE),
+            ("unified", blocks.UNIFIED),
+            ("pruned", blocks.PRUNED),
+        )
+    }
+    description = {
+        "block": block if block == "kernel" else list(block),
+        "kinds": present,
+        "bit_bytes": len(stream),
+        "counts": counts,
+    }
+    return data, bits, description
+
+
+def _decoded(data: bytes, shape: tuple, description: dict) -> np.ndarray:
+    """The kernel `_encoded` wrote."""
+    block = description["block"]
+    layout = blocks.BlockLayout(shape, block if block == "kernel" else tuple(block))
+    present = description["kinds"]
+    code_bits = math.ceil(math.log2(len(present))) if len(present) > 1 else 0
+    stream = np.unpackbits(
+        np.frombuffer(data[: description["bit_bytes"]], np.uint8), bitorder="little"
+    ).astype(bool)
+    values = np.frombuffer(data[description["bit_bytes"] :], "<f4")
+    count = layout.count
+    codes = stream[: code_bits * count].reshape(count, code_bits) @ (1 << np.arange(code_bits))
+    kinds = np.asarray(present)[codes.astype(int)] if code_bits else np.full(count, present[0])
+    valid = layout.valid.numpy() > 0
+    unified, free = kinds == blocks.UNIFIED, kinds == blocks.FREE
+    cut = np.zeros((count, layout.size), np.float32)
+    signs = np.where(stream[code_bits * count :][: int(valid[unified].sum())], 1.0, -1.0)
+    magnitudes = values[: int(unified.sum())]
+    unified_blocks = np.zeros((int(unified.sum()), layout.size), np.float32)
+    unified_blocks[valid[unified]] = signs
+    cut[unified] = unified_blocks * magnitudes[:, None]
+    free_blocks = np.zeros((int(free.sum()), layout.size), np.float32)
+    free_blocks[valid[free]] = values[int(unified.sum()) :]
+    cut[free] = free_blocks
+    return layout.kernel(cut).numpy()

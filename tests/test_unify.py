@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import tfhybrid as th
 from tfhybrid import constraints
-from tfhybrid.blocks import FREE, PRUNED, UNIFIED, BlockLayout, block_bits
+from tfhybrid.blocks import FREE, PRUNED, UNIFIED, BlockLayout, BlockShares
 from tfhybrid.techniques import unify
 
 from models import fit_search, lenet5, mnist_like
@@ -79,8 +79,11 @@ def test_admm_updates_z_to_the_projection_and_gathers_the_gap_in_u():
 def test_block_storage_counts_a_magnitude_and_signs_per_unified_block():
     # Blocks of 4: half unified (1 + 32/4 bits per weight), a quarter pruned (0), a quarter
     # float32, and 2 bits per block to say which.
-    assert block_bits(4, 0.5, 0.25) == 32 * 0.25 + 0.5 * (1 + 8) + 2 / 4
-    assert block_bits(4, 1.0, 0.0) == 1 + 8  # one kind: no code
+    layout = BlockLayout((8, 4), (1, 4))
+    assert BlockShares.planned(layout, 0.5, 0.25).bits_per_entry() == 32 * 0.25 + 4.5 + 2 / 4
+    assert BlockShares.planned(layout, 1.0, 0.0).bits_per_entry() == 1 + 8  # one kind: no code
+    kinds = np.array([UNIFIED, UNIFIED, PRUNED, FREE, FREE, FREE, FREE, FREE])
+    assert BlockShares.measured(layout, kinds) == BlockShares.planned(layout, 0.25, 0.125)
     model = lenet5()
     compressed = th.hybrid_compress(model, th.Budget(bits=0.5), [th.Unify(unify=0.5, prune=0.25)])
     layers = [model.get_layer(n) for n in ("conv1", "conv2", "fc1", "fc2")]
@@ -89,7 +92,7 @@ def test_block_storage_counts_a_magnitude_and_signs_per_unified_block():
     # conv2's 50 and fc2's 10 outputs end in blocks of 2: codes and magnitudes are per block.
     expected = 32 * others + sum(
         la.kernel.shape.num_elements()
-        * block_bits(BlockLayout(la.kernel.shape, (1, 4)).weights_per_block, 0.5, 0.25)
+        * BlockShares.planned(BlockLayout(la.kernel.shape, (1, 4)), 0.5, 0.25).bits_per_entry()
         for la in layers
     )
     assert float(compressed.ratios(hard=True)["bits"]) == pytest.approx(
@@ -123,6 +126,10 @@ def test_a_unified_model_strips_to_the_same_function_with_unified_and_pruned_blo
     assert model.get_layer("fc1").kernel.numpy().std() > 0  # the input model is untouched
     ratios = th.profile(small).ratios(th.profile(model))
     assert ratios["macs"] == 1.0 and ratios["params"] <= 0.76
+    # Measured in the block format, the storage is what the budget counted.
+    promised = float(compressed.ratios(hard=True)["bits"])
+    measured = th.profile(small, block=(1, 4)).ratios(th.profile(model))["bits"]
+    assert measured <= promised <= 0.5 and ratios["bits"] > 1.5 * promised
 
 
 def test_fine_tuning_trains_one_magnitude_per_unified_block():
@@ -138,10 +145,15 @@ def test_fine_tuning_trains_one_magnitude_per_unified_block():
 
 def test_the_unified_share_follows_a_bits_budget():
     model = lenet5()
-    compressed = th.hybrid_compress(model, th.Budget(bits=0.3), [th.Unify(unify=None)])
+    compressed = th.hybrid_compress(model, th.Budget(bits=0.3), [th.Unify(unify=None, prune=0.3)])
     technique = compressed.technique("unify")
     assert 0 < technique.unify < 1
     assert float(compressed.ratios(hard=True)["bits"]) == pytest.approx(0.3, abs=1e-6)
+    # The projection prunes the short blocks at the edges first, which leaves more free
+    # weights than planned; the search's end unifies more blocks until the budget holds.
+    fit_search(compressed, epochs=2)
+    measured = th.profile(th.strip(compressed), block=(1, 4)).ratios(th.profile(model))
+    assert measured["bits"] <= float(compressed.ratios(hard=True)["bits"]) <= 0.3
 
 
 def test_a_model_saved_mid_admm_resumes_with_its_z_and_u(tmp_path):

@@ -8,12 +8,13 @@ along an axis is shorter (as if padded with zeros that are never stored).
 
 A block is *free* (float32 weights), *unified* (one magnitude, each weight its own
 sign) or *pruned* (all zero). `tfhybrid.techniques.unify` trains kernels into this
-form; the cost model counts its storage (`block_bits`) and `tfhybrid.export.compact`
+form; the cost model counts its storage (`BlockShares`) and `tfhybrid.export.compact`
 writes it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -88,13 +89,47 @@ def signs(values: tf.Tensor) -> tf.Tensor:
     return tf.where(values >= 0, 1.0, -1.0)
 
 
-def block_bits(n: int, unified: float, pruned: float) -> float:
-    """Bits per kernel entry of a kernel in blocks of `n` weights (see `CostModel.costs`):
-    32 for a free weight, a sign bit and a 32nd of the magnitude for a unified one,
-    nothing for a pruned one, and each block's code (which kind it is) shared out."""
-    kinds = (unified + pruned < 1) + (unified > 0) + (pruned > 0)
-    code = math.ceil(math.log2(max(kinds, 1)))
-    return 32.0 * (1.0 - unified - pruned) + unified * (1.0 + 32.0 / n) + code / n
+@dataclasses.dataclass(frozen=True)
+class BlockShares:
+    """A kernel in blocks as the cost model counts it, per kernel entry.
+
+    Attributes:
+        blocks: blocks per entry (each stores a code saying its kind).
+        unified: share of the entries in unified blocks (a sign bit each).
+        pruned: share of the entries in pruned blocks (nothing stored).
+        magnitudes: unified blocks per entry (a float32 magnitude each).
+    """
+
+    blocks: float
+    unified: float
+    pruned: float
+    magnitudes: float
+
+    @classmethod
+    def planned(cls, layout: BlockLayout, unify: float, prune: float) -> BlockShares:
+        """The shares for `unify` and `prune` of the blocks, blocks of average size."""
+        per_entry = 1.0 / layout.weights_per_block
+        return cls(per_entry, unify, prune, unify * per_entry)
+
+    @classmethod
+    def measured(cls, layout: BlockLayout, kinds: np.ndarray) -> BlockShares:
+        """The shares of a kernel whose blocks have `kinds`."""
+        weights = layout.valid.numpy().sum(1)
+        entries = weights.sum()
+        return cls(
+            float(len(kinds) / entries),
+            float(weights[kinds == UNIFIED].sum() / entries),
+            float(weights[kinds == PRUNED].sum() / entries),
+            float(np.sum(kinds == UNIFIED) / entries),
+        )
+
+    def bits_per_entry(self) -> float:
+        """32 per free weight, a sign bit per unified one, 32 per magnitude, and each
+        block's code (1 bit for two kinds, 2 for three, none for one)."""
+        free = 1.0 - self.unified - self.pruned
+        kinds = int(free > 1e-12) + int(self.unified > 0) + int(self.pruned > 0)
+        code = math.ceil(math.log2(max(kinds, 1)))
+        return 32.0 * free + self.unified + 32.0 * self.magnitudes + code * self.blocks
 
 
 def kinds_of(kernel: np.ndarray, layout: BlockLayout) -> np.ndarray:
@@ -105,3 +140,46 @@ def kinds_of(kernel: np.ndarray, layout: BlockLayout) -> np.ndarray:
     first = magnitudes[:, :1]
     same = np.all((magnitudes == first) | ~valid, axis=1)
     return np.where(same & (first[:, 0] == 0), PRUNED, np.where(same, UNIFIED, FREE))
+
+
+@dataclasses.dataclass
+class Encoding:
+    """A kernel in the block format: what `tfhybrid.export.compact` writes.
+
+    Attributes:
+        layout: its `BlockLayout`.
+        kinds: each block's kind.
+        present: the kinds that occur, in order; a block's code is its kind's index here.
+        code_bits: bits of each block's code (0 for one kind, 1 for two, 2 for three).
+        sign_bits: the unified blocks' weights' signs (True: +), block by block.
+        values: the unified blocks' magnitudes, then the free blocks' weights (float32).
+    """
+
+    layout: BlockLayout
+    kinds: np.ndarray
+    present: list
+    code_bits: int
+    sign_bits: np.ndarray
+    values: np.ndarray
+
+    @property
+    def bits(self) -> int:
+        """The storage counted: codes, sign bits and 32 per value."""
+        return self.code_bits * len(self.kinds) + self.sign_bits.size + 32 * self.values.size
+
+
+def encode(kernel: np.ndarray, block: tuple | str) -> Encoding:
+    """`kernel` in the block format, its blocks' kinds read off the values (`kinds_of`)."""
+    layout = BlockLayout(kernel.shape, block)
+    kinds = kinds_of(kernel, layout)
+    present = sorted(set(kinds.tolist()))
+    cut, valid = layout.blocks(kernel).numpy(), layout.valid.numpy() > 0
+    unified, free = kinds == UNIFIED, kinds == FREE
+    return Encoding(
+        layout=layout,
+        kinds=kinds,
+        present=present,
+        code_bits=math.ceil(math.log2(len(present))) if len(present) > 1 else 0,
+        sign_bits=(cut[unified] >= 0)[valid[unified]],
+        values=np.concatenate([np.abs(cut[unified][:, 0]), cut[free][valid[free]]]),
+    )

@@ -31,7 +31,7 @@ from tfhybrid._keras import (
     is_grouped,
     keras,
 )
-from tfhybrid.blocks import block_bits
+from tfhybrid.blocks import encode as encode_blocks
 
 L = keras.layers
 
@@ -172,12 +172,15 @@ def layer_macs(layer: Any, in_shape: tuple, out_shape: tuple) -> int:
     return int(m0 + a * cin + b * cin * cout + c * cout)
 
 
-def profile(model: Any) -> Profile:
+def profile(model: Any, block: tuple | str | None = None) -> Profile:
     """MACs and parameters of a functional or Sequential model.
 
     Args:
         model: a functional or built Sequential tf_keras model (nested models are
             counted layer by layer).
+        block: also count Dense and Conv2D kernels in the block format
+            (`tfhybrid.blocks`, blocks of this shape) where that stores them in fewer
+            bits, e.g. `(1, 4)` for a model compressed with `th.Unify(block=(1, 4))`.
 
     Returns:
         A `Profile` with `.macs`, `.params` and the per-layer breakdown.
@@ -203,13 +206,26 @@ def profile(model: Any) -> Profile:
         )
     weights = [np.asarray(w) for w in model.weights]
     nonzero = [int(np.count_nonzero(w)) for w in weights]
+    bits = sum(_stored_bits(w, n) for w, n in zip(weights, nonzero))
+    if block is not None:
+        bits -= sum(_saved_by_blocks(layer, block) for layer in flat.layers)
     return Profile(
         macs=sum(c.macs for c in costs),
         params=model.count_params(),
         layers=costs,
         nonzero_params=sum(nonzero),
-        bits=sum(_stored_bits(w, n) for w, n in zip(weights, nonzero)),
+        bits=bits,
     )
+
+
+def _saved_by_blocks(layer: Any, block: tuple | str) -> int:
+    """Bits the block format saves on `layer`'s kernel against `_stored_bits` (0 for a
+    layer other than Dense/Conv2D, or where it saves nothing)."""
+    if type(layer) not in (L.Dense, L.Conv2D) or block == "kernel" and type(layer) is L.Dense:
+        return 0
+    kernel = layer.kernel.numpy()
+    plain = _stored_bits(kernel, int(np.count_nonzero(kernel)))
+    return max(0, plain - encode_blocks(kernel, block).bits)
 
 
 def _stored_bits(weight: np.ndarray, nonzero: int) -> int:
@@ -395,12 +411,11 @@ class CostModel:
                 conv to r1 channels (at the input's positions), its k x k conv to r2
                 channels and a 1 x 1 conv back (at the output's positions), counted
                 as given.
-            blocks: layer name -> (n, unified, pruned): its kernel cut into blocks of n
-                weights, the share `unified` of them holding one float32 magnitude and
-                a sign bit per weight, the share `pruned` all zero (nothing stored), the
-                rest float32; plus a code per block saying which (1 bit for two kinds,
-                2 for three). The pruned weights do not count as parameters; MACs stay
-                dense (see `tfhybrid.techniques.unify`).
+            blocks: layer name -> `tfhybrid.blocks.BlockShares`: its kernel in blocks,
+                unified ones storing one float32 magnitude and a sign bit per weight,
+                pruned ones nothing, the rest float32, plus a code per block saying
+                which. The pruned weights do not count as parameters; MACs stay dense
+                (see `tfhybrid.techniques.unify`).
 
         Returns:
             Floats (float64) for numbers, float32 scalar tensors if any decision is a
@@ -454,7 +469,7 @@ class CostModel:
             arr[k] for k in ("m0", "a", "b", "c", "p0", "pa", "pb", "pc")
         )
         full_macs = m0 + a * cin + b * cin * cout + c * cout
-        unpruned = {name: 1.0 - pruned for name, (_, _, pruned) in blocks.items()}
+        unpruned = {name: 1.0 - shares.pruned for name, shares in blocks.items()}
         density = xp.stack([densities.get(t.name, unpruned.get(t.name, 1.0)) for t in self.terms])
         entries = pb * cin * cout
         full_params = p0 + pa * cin + entries * density + pc * cout
@@ -482,7 +497,9 @@ class CostModel:
         stored = stored + 32.0 * table
         if blocks:
             blocked = np.array([t.name in blocks for t in self.terms], float)
-            per_entry = np.array([block_bits(*blocks.get(t.name, (1, 0, 0))) for t in self.terms])
+            per_entry = np.array(
+                [blocks[t.name].bits_per_entry() if t.name in blocks else 0.0 for t in self.terms]
+            )
             # Its kernel's entries store `per_entry` bits each instead of 32 per non-zero.
             stored = stored + blocked * entries * (per_entry - 32.0 * density)
         return {"macs": xp.sum(macs), "params": xp.sum(params), "bits": xp.sum(stored)}

@@ -133,37 +133,21 @@ def load_compact(path: str, custom_objects: dict | None = None) -> Any:
 def _encoded(kernel: np.ndarray, block: tuple | str) -> tuple | None:
     """(bytes, counted bits, description) of `kernel` in blocks; None where float32 is
     as small."""
-    layout = blocks.BlockLayout(kernel.shape, block)
-    kinds = blocks.kinds_of(kernel, layout)
-    present = sorted(set(kinds.tolist()))
-    code_bits = math.ceil(math.log2(len(present))) if len(present) > 1 else 0
-    cut = layout.blocks(kernel).numpy()
-    valid = layout.valid.numpy() > 0
-    unified, free = kinds == blocks.UNIFIED, kinds == blocks.FREE
-    sign_bits = (cut[unified] >= 0)[valid[unified]]
-    values = np.concatenate([np.abs(cut[unified][:, 0]), cut[free][valid[free]]])
-    bits = code_bits * len(kinds) + sign_bits.size + 32 * values.size
-    if bits >= 32 * kernel.size:
+    encoding = blocks.encode(kernel, block)
+    if encoding.bits >= 32 * kernel.size:
         return None
-    codes = np.searchsorted(present, kinds)
-    code_stream = ((codes[:, None] >> np.arange(code_bits)) & 1).astype(bool).ravel()
-    stream = np.packbits(np.concatenate([code_stream, sign_bits]), bitorder="little")
-    data = stream.tobytes() + values.astype("<f4").tobytes()
-    counts = {
-        name: int(np.sum(kinds == kind))
-        for name, kind in (
-            ("free", blocks.FREE),
-            ("unified", blocks.UNIFIED),
-            ("pruned", blocks.PRUNED),
-        )
-    }
+    codes = np.searchsorted(encoding.present, encoding.kinds)
+    code_stream = ((codes[:, None] >> np.arange(encoding.code_bits)) & 1).astype(bool).ravel()
+    stream = np.packbits(np.concatenate([code_stream, encoding.sign_bits]), bitorder="little")
+    data = stream.tobytes() + encoding.values.astype("<f4").tobytes()
+    names = (("free", blocks.FREE), ("unified", blocks.UNIFIED), ("pruned", blocks.PRUNED))
     description = {
         "block": block if block == "kernel" else list(block),
-        "kinds": present,
+        "kinds": encoding.present,
         "bit_bytes": len(stream),
-        "counts": counts,
+        "counts": {name: int(np.sum(encoding.kinds == kind)) for name, kind in names},
     }
-    return data, bits, description
+    return data, encoding.bits, description
 
 
 def _decoded(data: bytes, shape: tuple, description: dict) -> np.ndarray:

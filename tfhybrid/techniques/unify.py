@@ -24,6 +24,7 @@ Blocks and what they store: `tfhybrid.blocks`.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -32,7 +33,7 @@ import tensorflow as tf
 
 from tfhybrid import constraints, graph, plan, schedules
 from tfhybrid._keras import is_grouped, keras
-from tfhybrid.blocks import PRUNED, UNIFIED, BlockLayout, signs
+from tfhybrid.blocks import FREE, PRUNED, UNIFIED, BlockLayout, BlockShares, signs
 from tfhybrid.techniques import base
 
 L = keras.layers
@@ -165,6 +166,34 @@ class UnifyWrapper(L.Wrapper):
         self.layer.kernel.assign(kernel)
         self.kinds.assign(kinds)
         self.signs.assign(signs(kernel))
+
+    def unify_more(self, count: int) -> bool:
+        """Unifies up to `count` more free blocks, those that cost least to unify;
+        False if none was free."""
+        kinds = self.kinds.numpy()
+        free = np.flatnonzero(kinds == FREE)
+        if not free.size:
+            return False
+        cut = self.layout.blocks(self.layer.kernel).numpy()
+        valid = self.layout.valid.numpy()
+        magnitude = np.abs(cut).sum(1) / valid.sum(1)
+        error = np.square(cut).sum(1) - valid.sum(1) * magnitude**2
+        chosen = free[np.argsort(error[free], kind="stable")[:count]]
+        kinds[chosen] = UNIFIED
+        cut[chosen] = np.where(cut[chosen] >= 0, 1.0, -1.0) * magnitude[chosen, None]
+        kernel = self.layout.kernel(cut * valid)
+        self.layer.kernel.assign(kernel)
+        self.kinds.assign(kinds)
+        self.signs.assign(signs(kernel))
+        return True
+
+    def shares(self) -> BlockShares:
+        """The kernel's blocks as the cost model counts them: planned during the search,
+        measured from the kinds once decided (eagerly; a training step's logged ratios
+        keep the planned ones, which differ only by the short blocks at the edges)."""
+        if tf.executing_eagerly() and bool(self.decided.numpy()):
+            return BlockShares.measured(self.layout, self.kinds.numpy())
+        return BlockShares.planned(self.layout, self.unify, self.prune)
 
     def get_config(self) -> dict:
         return {
@@ -310,15 +339,22 @@ class Unify(base.Technique):
             tf.cond(due, wrapper.admm_step, lambda: tf.constant(False))
 
     def decisions(self, model: Any, hard: bool = False) -> base.Decisions:
-        blocks = {
-            w.layer.name: (w.layout.weights_per_block, self.unify, self.prune)
-            for w in self.layers_of(model)
-        }
-        return base.Decisions(blocks=blocks)
+        """The planned shares of blocks; once decided, the blocks' kinds as they are."""
+        shares = {w.layer.name: w.shares() for w in self.layers_of(model)}
+        return base.Decisions(blocks=shares)
 
     def finish(self, model: Any) -> None:
-        for wrapper in self.layers_of(model):
+        """Projects every kernel, then unifies more of the free blocks while the kernels
+        store more bits than the budget allows (the planned shares count blocks of
+        average size; the projection may prune the short ones at the edges)."""
+        wrappers = self.layers_of(model)
+        for wrapper in wrappers:
             wrapper.decide()
+        target = model.budget.targets().get("bits")
+        while target is not None and _measured_bits(model, wrappers) > target:
+            widest = max(wrappers, key=lambda w: int(np.sum(w.kinds.numpy() == FREE)))
+            if not widest.unify_more(max(1, widest.layout.count // 200)):
+                break  # nothing free is left: the budget was out of Unify's reach
 
     def plan(self, model: Any) -> plan.Plan:
         """Each wrapper becomes its layer with the kernel it computes with once decided
@@ -339,6 +375,14 @@ class Unify(base.Technique):
             distance = tf.norm(kernel - wrapper.z) / tf.maximum(tf.norm(kernel), 1e-12)
             figures[f"unify/distance/{wrapper.layer.name}"] = float(distance)
         return figures
+
+
+def _measured_bits(model: Any, wrappers: list) -> float:
+    """The model's bits ratio with the wrappers' kernels counted by their blocks' kinds."""
+    decisions = model.decisions(hard=True)
+    measured = {w.layer.name: BlockShares.measured(w.layout, w.kinds.numpy()) for w in wrappers}
+    decisions = dataclasses.replace(decisions, blocks={**decisions.blocks, **measured})
+    return float(model.ratios_of(decisions)["bits"])
 
 
 def _checked_block(block: Any) -> tuple | str:
@@ -383,11 +427,11 @@ def _unify_for_budget(setup: base.Setup, taken: list[str], block: Any, prune: fl
             f"{setup.budget} has none. Give Unify(unify=0.5), or Budget(bits=...)."
         )
     shapes = {n: setup.analysis.model.get_layer(n).kernel.shape for n in taken}
-    sizes = {n: BlockLayout(tuple(s), block).weights_per_block for n, s in shapes.items()}
+    layouts = {n: BlockLayout(tuple(s), block) for n, s in shapes.items()}
 
     def bits(unify: float) -> float:
-        blocks = {n: (sizes[n], unify, prune) for n in taken}
-        return setup.cost_model.costs(blocks=blocks)["bits"] / setup.original["bits"]
+        shares = {n: BlockShares.planned(layouts[n], unify, prune) for n in taken}
+        return setup.cost_model.costs(blocks=shares)["bits"] / setup.original["bits"]
 
     most = 1.0 - prune
     if bits(most) > target:

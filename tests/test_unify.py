@@ -156,6 +156,23 @@ def test_the_unified_share_follows_a_bits_budget():
     assert measured["bits"] <= float(compressed.ratios(hard=True)["bits"]) <= 0.3
 
 
+@pytest.mark.parametrize(
+    "unify,prune", [(None, 0.5), (0.2, None), (None, None)], ids=["unify", "prune", "both"]
+)
+def test_the_share_left_none_follows_the_bits_budget(unify, prune):
+    compressed = th.hybrid_compress(
+        lenet5(), th.Budget(bits=0.1), [th.Unify(block=(1, 8), unify=unify, prune=prune)]
+    )
+    technique = compressed.technique("unify")
+    assert float(compressed.ratios(hard=True)["bits"]) == pytest.approx(0.1, abs=1e-6)
+    given = {"unify": unify, "prune": prune}
+    for option, share in given.items():
+        if share is not None:
+            assert getattr(technique, option) == share  # the given share stays
+    if unify is None and prune is None:  # no free block left
+        assert technique.unify + technique.prune == pytest.approx(1.0)
+
+
 def test_a_model_saved_mid_admm_resumes_with_its_z_and_u(tmp_path):
     compressed = th.hybrid_compress(
         lenet5(), th.Budget(bits=0.5), [th.Unify(unify=0.5, update_every=1)], search_steps=20
@@ -225,10 +242,12 @@ def test_bad_unify_options_are_refused(options, message):
 
 
 def test_budgets_unify_cannot_derive_or_reach_are_refused():
-    with pytest.raises(ValueError, match="needs a bits budget"):
+    with pytest.raises(ValueError, match="derives the shares left None from a bits budget"):
         th.hybrid_compress(lenet5(), th.Budget(macs=0.5), [th.Unify(unify=None)])
-    with pytest.raises(ValueError, match="cannot be met by Unify alone"):
+    with pytest.raises(ValueError, match=r"cannot be met by Unify\(block=\(1, 4\)\) alone"):
         th.hybrid_compress(lenet5(), th.Budget(bits=0.01), [th.Unify(unify=None)])
+    with pytest.raises(ValueError, match="with every block that may be unified so"):
+        th.hybrid_compress(lenet5(), th.Budget(bits=0.2), [th.Unify(unify=None, prune=0.0)])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         th.Unify(block="kernel")  # a valid block

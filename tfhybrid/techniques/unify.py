@@ -218,7 +218,9 @@ class Unify(base.Technique):
             "kernel" for a k x k slice.
         unify: share of every kernel's blocks unified; None: the share that meets the
             budget's `bits` with the other layers whole.
-        prune: share of every kernel's blocks pruned.
+        prune: share of every kernel's blocks pruned; None: the share that meets the
+            budget's `bits`. Both None: every block is unified or pruned, the pruned
+            share the one that meets the budget.
         rho: (start, end) of the ADMM penalty's weight, rising geometrically over the
             search.
         update_every: steps between Z/U updates; None: a twentieth of the search.
@@ -236,7 +238,7 @@ class Unify(base.Technique):
         self,
         block: tuple | str = (1, 4),
         unify: float | None = 0.5,
-        prune: float = 0.0,
+        prune: float | None = 0.0,
         rho: tuple = DEFAULT_RHO,
         update_every: int | None = None,
         layers: list | None = None,
@@ -246,7 +248,7 @@ class Unify(base.Technique):
         for option, share in (("unify", unify), ("prune", prune)):
             if share is not None and not 0 <= share <= 1:
                 raise ValueError(f"Unify({option}={share!r}): give a share of blocks in [0, 1].")
-        if unify is not None and unify + prune > 1:
+        if unify is not None and prune is not None and unify + prune > 1:
             raise ValueError(
                 f"Unify(unify={unify}, prune={prune}): a block is unified or pruned, not "
                 "both, so the shares add up to at most 1."
@@ -254,7 +256,7 @@ class Unify(base.Technique):
         if len(rho) != 2 or min(rho) <= 0:
             raise ValueError(f"Unify(rho={rho!r}): give (start, end), both > 0.")
         self.unify = None if unify is None else float(unify)
-        self.prune = float(prune)
+        self.prune = None if prune is None else float(prune)
         self.rho = tuple(float(r) for r in rho)
         self.update_every = None if update_every is None else int(update_every)
         self.layers, self.skip = list(layers or []), list(skip)
@@ -295,8 +297,10 @@ class Unify(base.Technique):
 
     def prepare(self, setup: base.Setup, others: list[base.Technique]) -> None:
         """Derives the unified share from the bits budget if none was given."""
-        if self.unify is None:
-            self.unify = _unify_for_budget(setup, self._taken, self.block, self.prune)
+        if self.unify is None or self.prune is None:
+            self.unify, self.prune = _shares_for_budget(
+                setup, self._taken, self.block, self.unify, self.prune
+            )
 
     def replace_layer(self, op: graph.Op) -> graph.Replacement | None:
         if op.layer.name not in self._taken:
@@ -414,35 +418,45 @@ def _why_not_unified(layer: Any, block: tuple | str) -> str | None:
     return None
 
 
-def _unify_for_budget(setup: base.Setup, taken: list[str], block: Any, prune: float) -> float:
-    """The one unified share of the `taken` kernels that meets the bits budget alone.
+def _shares_for_budget(
+    setup: base.Setup, taken: list[str], block: Any, unify: float | None, prune: float | None
+) -> tuple[float, float]:
+    """(unify, prune) with the share left as None the one that meets the bits budget, the
+    other layers whole; both None: every block unified or pruned, the pruned share so.
 
     Raises:
-        ValueError: without a bits budget, or when unifying every unpruned block misses it.
+        ValueError: without a bits budget, or when the shares cannot meet it.
     """
     target = setup.budget.targets().get("bits")
     if target is None:
         raise ValueError(
-            f"Unify() without a unified share needs a bits budget to derive it from, and "
-            f"{setup.budget} has none. Give Unify(unify=0.5), or Budget(bits=...)."
+            f"Unify(unify={unify}, prune={prune}) derives the shares left None from a bits "
+            f"budget, and {setup.budget} has none. Give both shares, e.g. "
+            "Unify(unify=0.5, prune=0.0), or Budget(bits=...)."
         )
-    shapes = {n: setup.analysis.model.get_layer(n).kernel.shape for n in taken}
-    layouts = {n: BlockLayout(tuple(s), block) for n, s in shapes.items()}
+    layouts = {n: BlockLayout(setup.analysis.model.get_layer(n).kernel.shape, block) for n in taken}
 
-    def bits(unify: float) -> float:
-        shares = {n: BlockShares.planned(layouts[n], unify, prune) for n in taken}
-        return setup.cost_model.costs(blocks=shares)["bits"] / setup.original["bits"]
+    def shares(x: float) -> tuple[float, float]:  # bits fall as x rises from 0 to 1
+        if unify is None and prune is None:
+            return 1.0 - x, x
+        if unify is None:
+            return x * (1.0 - prune), prune
+        return unify, x * (1.0 - unify)
 
-    most = 1.0 - prune
-    if bits(most) > target:
+    def bits(x: float) -> float:
+        planned = {n: BlockShares.planned(layouts[n], *shares(x)) for n in taken}
+        return setup.cost_model.costs(blocks=planned)["bits"] / setup.original["bits"]
+
+    if bits(1.0) > target:
+        most = "unified" if prune is not None else "pruned"
         raise ValueError(
-            f"{setup.budget} cannot be met by Unify alone: with every unpruned block "
-            f"unified the model keeps {bits(most):.4f} of its float32 storage. Raise "
-            "the budget, prune more blocks (prune=...) or stack a technique that removes "
-            "channels."
+            f"{setup.budget} cannot be met by Unify(block={block}) alone: with every block "
+            f"that may be {most} so, the model keeps {bits(1.0):.4f} of its float32 storage. "
+            "Raise the budget, use larger blocks, prune more, or stack a technique that "
+            "removes channels."
         )
-    low, high = 0.0, most  # bits fall as the unified share rises
+    low, high = 0.0, 1.0
     for _ in range(40):
         middle = (low + high) / 2
         low, high = (low, middle) if bits(middle) <= target else (middle, high)
-    return float(high)
+    return tuple(float(share) for share in shares(high))

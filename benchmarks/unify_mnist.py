@@ -1,0 +1,202 @@
+"""Storage budgets on LeNet-5 / MNIST: Unify against TF-MOT clustering and block pruning.
+
+    python benchmarks/unify_mnist.py --bits=0.125,0.0625,0.03125 --seeds=0,1,2 \
+        --out=docs/results/unify_mnist.json
+
+For every bits budget (share of the float32 storage) and seed, from the same pretrained
+LeNet-5 and with the same epochs after it (`--search_epochs` of search inside
+`--fit_epochs`, Adam with a cosine-decayed rate):
+  unify        th.Unify(block=(1, 16)), every unpruned block unified, no pruning where
+               the budget allows (blocks of 64 at 1/16 and below)
+  prune        th.Unify(block=(1, 4), unify=0): whole blocks pruned, the rest float32
+  both         th.Unify(block=(1, 16), unify=None, prune=None): every block unified or
+               pruned, the pruned share from the budget
+  cluster      th.Cluster (TF-MOT cluster_weights), 2^bits clusters per kernel
+  block_sparse th.Sparse(block_size=(1, 4)) (TF-MOT prune_low_magnitude) on the Dense
+               kernels (TF-MOT's blocks take 2-D kernels only; the convolutions stay
+               float32), the sparsity that meets the budget with its bitmap
+  df_unify     th.DF(ranks=False) + th.Unify(block=(1, 16), unify=None, prune=None)
+               under Budget(macs=--df_macs, bits=...) (a rank and unified blocks would
+               both change one kernel, which is refused)
+A method that cannot reach a budget (a sign bit per weight is 1/32 of float32) is left
+out of that budget's row with the reason. Each run reports test error, MACs, the bits
+the budget counted and those measured (`th.profile(small, block=...)`, and for Unify
+the compact file's size).
+"""
+
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+
+from absl import app, flags  # noqa: E402
+from mnist import compile_model, lenet5, mnist  # noqa: E402
+
+import tfhybrid as th  # noqa: E402
+
+keras = th.keras
+METHODS = ["unify", "prune", "both", "cluster", "block_sparse", "df_unify"]
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line (defined only when run, so tests can import the table)."""
+    flags.DEFINE_list("bits", ["0.125", "0.0625", "0.03125"], "Bits budgets.")
+    flags.DEFINE_list("methods", METHODS, f"Methods, of {METHODS}.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (each pretrains its own network).")
+    flags.DEFINE_float("df_macs", 0.1, "MAC budget of df_unify.")
+    flags.DEFINE_integer("pretrain_epochs", 4, "Epochs of the original model.")
+    flags.DEFINE_integer("search_epochs", 2, "Epochs of search inside the fit.")
+    flags.DEFINE_integer("fit_epochs", 4, "Epochs of the compressed fit (search + fine-tune).")
+    flags.DEFINE_integer("train_batches", 0, "Use only this many training batches (0: all).")
+    flags.DEFINE_string("out", "docs/results/unify_mnist.json", "Result JSON.")
+    flags.DEFINE_list("from_json", [], "Only print the table of these result JSONs (merged).")
+
+
+def techniques(method: str, bits: float, base) -> tuple[list, tuple | None, th.Budget]:
+    """(techniques, block of the counted format, budget) of `method` at `bits`.
+
+    Raises:
+        ValueError: where the method cannot reach `bits`, saying why.
+    """
+    budget = th.Budget(bits=bits)
+    if method == "unify":
+        block = (1, 16) if bits > 1 / 16 else (1, 64)
+        if bits <= 1 / 32:
+            raise ValueError("unified weights keep a sign bit each: 1/32 of float32 at least")
+        return [th.Unify(block=block, unify=None, prune=0.0)], block, budget
+    if method == "prune":
+        return [th.Unify(block=(1, 4), unify=0.0, prune=None)], (1, 4), budget
+    if method == "both":
+        return [th.Unify(block=(1, 16), unify=None, prune=None)], (1, 16), budget
+    if method == "cluster":
+        clusters = 2 ** max(1, round(32 * bits))
+        return [th.Cluster(clusters=clusters)], None, budget
+    if method == "block_sparse":
+        dense = [la for la in base.layers if isinstance(la, keras.layers.Dense)]
+        entries = sum(la.kernel.shape.num_elements() for la in dense)
+        allowed = bits * 32 * base.count_params() - 32 * (base.count_params() - entries)
+        density = (allowed / entries - 1) / 32  # 32 bits per kept weight, 1 of bitmap each
+        if density <= 0:
+            raise ValueError(
+                "the float32 convolutions and the Dense kernels' bitmaps alone exceed it"
+            )
+        sparse = th.Sparse(
+            sparsity=1 - density, block_size=(1, 4), layers=[la.name for la in dense]
+        )
+        return [sparse], None, budget
+    if method == "df_unify":
+        df_budget = th.Budget(macs=FLAGS.df_macs, bits=bits)
+        unified = th.Unify(block=(1, 16), unify=None, prune=None)
+        return [th.DF(ranks=False), unified], (1, 16), df_budget
+    raise ValueError(f"unknown method {method!r}")
+
+
+def run_one(method: str, base, bits: float, train, test, steps: int) -> dict:
+    chosen, block, budget = techniques(method, bits, base)
+    search = FLAGS.search_epochs * steps
+    compressed = th.hybrid_compress(base, budget, chosen, search_steps=search)
+    compile_model(compressed, decay_steps=FLAGS.fit_epochs * steps)
+    start = time.perf_counter()
+    compressed.fit(train, epochs=FLAGS.fit_epochs, callbacks=[th.CompressionScheduler()], verbose=0)
+    seconds = time.perf_counter() - start
+    small = compile_model(th.strip(compressed))
+    original, now = th.profile(base), th.profile(small, block=block)
+    result = {
+        "test_error": 1 - small.evaluate(test, verbose=0)[1],
+        "mac_ratio": now.macs / original.macs,
+        "counted_bits": float(compressed.ratios(hard=True)["bits"]),
+        "measured_bits": now.bits / (32 * original.params),
+        "fit_seconds": seconds,
+    }
+    if block is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            report = th.save_compact(small, os.path.join(folder, "m.thc"), block=block)
+        result["compact_bytes"] = report.size_bytes
+    return result
+
+
+def main(argv):
+    del argv
+    if FLAGS.from_json:
+        runs = [r for p in FLAGS.from_json for r in json.loads(pathlib.Path(p).read_text())["runs"]]
+        print("\n".join(table(runs)))
+        return
+    test = mnist("test", 1000)
+    runs = []
+    for seed in map(int, FLAGS.seeds):
+        keras.utils.set_random_seed(seed)
+        train = mnist("train", 128, shuffle_seed=seed)
+        if FLAGS.train_batches:
+            train = train.take(FLAGS.train_batches)
+        steps = int(train.cardinality())
+        base = compile_model(lenet5(), decay_steps=FLAGS.pretrain_epochs * steps)
+        base.fit(train, epochs=FLAGS.pretrain_epochs, verbose=0)
+        runs.append({"method": "original", "bits": 1.0, "seed": seed, **original_of(base, test)})
+        for bits in map(float, FLAGS.bits):
+            for method in FLAGS.methods:
+                keras.utils.set_random_seed(seed)
+                entry = {"method": method, "bits": bits, "seed": seed}
+                try:
+                    entry.update(run_one(method, base, bits, train, test, steps))
+                except ValueError as err:
+                    entry["skipped"] = str(err)
+                runs.append(entry)
+                print(json.dumps(entry), flush=True)
+                save(runs)
+    print("\n".join(table(runs)))
+
+
+def original_of(base, test) -> dict:
+    return {"test_error": 1 - base.evaluate(test, verbose=0)[1], "mac_ratio": 1.0}
+
+
+def save(runs: list[dict]) -> None:
+    """Writes the JSON after every run, so a cut-off benchmark keeps what it measured."""
+    out = pathlib.Path(FLAGS.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/unify_mnist.py " + " ".join(sys.argv[1:])
+    out.write_text(json.dumps({"command": command, "runs": runs}, indent=1))
+
+
+def table(runs: list[dict]) -> list[str]:
+    """Markdown: per budget and method, mean test error (%) over seeds, the seeds, the
+    counted and measured bits and the MACs; a skipped method with its reason."""
+    lines = [
+        "| bits budget | method | seeds | test error % (mean) | per seed | counted bits "
+        "| measured bits | MACs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    keys = dict.fromkeys((r["bits"], r["method"]) for r in runs)
+    for bits, method in keys:
+        same = [r for r in runs if r["bits"] == bits and r["method"] == method]
+        done = [r for r in same if "skipped" not in r]
+        if not done:
+            lines.append(f"| {bits:g} | {method} | - | - | {same[0]['skipped']} | | | |")
+            continue
+        errors = [100 * r["test_error"] for r in done]
+        per_seed = ", ".join(f"{e:.2f}" for e in errors)
+        counted = _mean(done, "counted_bits")
+        measured = _mean(done, "measured_bits")
+        lines.append(
+            f"| {bits:g} | {method} | {len(done)} | {statistics.mean(errors):.2f} | {per_seed} "
+            f"| {counted} | {measured} | {statistics.mean(r['mac_ratio'] for r in done):.3f} |"
+        )
+    return lines
+
+
+def _mean(runs: list[dict], key: str) -> str:
+    values = [r[key] for r in runs if key in r]
+    return f"{statistics.mean(values):.4f}" if values else "-"
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

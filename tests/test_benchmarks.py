@@ -91,3 +91,34 @@ def test_compare_pairs_the_seeds_both_runs_have():
     lines = compare_hybrid.compare(before, after)
     assert lines[2] == "| 0.1 | 0: 1.00 -> 0.80, 1: 1.20 -> 1.20 | 1.100 | 1.000 |"
     assert len(lines) == 3  # 0.05 shares no seed
+
+
+_UNIFY_SPEC = importlib.util.spec_from_file_location("unify_bench", _PATH.parent / "unify_mnist.py")
+unify_bench = importlib.util.module_from_spec(_UNIFY_SPEC)
+_UNIFY_SPEC.loader.exec_module(unify_bench)
+
+
+def test_the_unify_table_has_a_row_per_budget_and_method_and_says_why_one_was_skipped():
+    def run(method, seed, error, skipped=None):
+        if skipped:
+            return {"method": method, "bits": 0.03125, "seed": seed, "skipped": skipped}
+        return {
+            "method": method,
+            "bits": 0.0625,
+            "seed": seed,
+            "test_error": error,
+            "mac_ratio": 1.0,
+            "counted_bits": 0.06,
+            "measured_bits": 0.059,
+        }
+
+    runs = [
+        run("both", 0, 0.008),
+        run("both", 1, 0.010),
+        run("cluster", 0, 0.012),
+        run("unify", 0, None, skipped="a sign bit each"),
+    ]
+    lines = unify_bench.table(runs)
+    assert lines[2] == "| 0.0625 | both | 2 | 0.90 | 0.80, 1.00 | 0.0600 | 0.0590 | 1.000 |"
+    assert lines[3].startswith("| 0.0625 | cluster | 1 | 1.20 |")
+    assert lines[4] == "| 0.03125 | unify | - | - | a sign bit each | | | |"

@@ -39,6 +39,7 @@ from absl import app, flags  # noqa: E402
 from mnist import compile_model, lenet5, mnist  # noqa: E402
 
 import tfhybrid as th  # noqa: E402
+from tfhybrid.techniques.unify import DEFAULT_RHO  # noqa: E402
 
 keras = th.keras
 METHODS = ["unify", "prune", "both", "cluster", "block_sparse", "df_unify"]
@@ -52,6 +53,7 @@ def define_flags() -> None:
     flags.DEFINE_list("methods", METHODS, f"Methods, of {METHODS}.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (each pretrains its own network).")
     flags.DEFINE_float("df_macs", 0.1, "MAC budget of df_unify.")
+    flags.DEFINE_list("rho", ["0.001", "1.0"], "Unify's rho (start, end).")
     flags.DEFINE_integer("pretrain_epochs", 4, "Epochs of the original model.")
     flags.DEFINE_integer("search_epochs", 2, "Epochs of search inside the fit.")
     flags.DEFINE_integer("fit_epochs", 4, "Epochs of the compressed fit (search + fine-tune).")
@@ -60,8 +62,11 @@ def define_flags() -> None:
     flags.DEFINE_list("from_json", [], "Only print the table of these result JSONs (merged).")
 
 
-def techniques(method: str, bits: float, base) -> tuple[list, tuple | None, th.Budget]:
-    """(techniques, block of the counted format, budget) of `method` at `bits`.
+def techniques(
+    method: str, bits: float, base, rho: tuple = DEFAULT_RHO, df_macs: float = 0.1
+) -> tuple[list, tuple | None, th.Budget]:
+    """(techniques, block of the counted format, budget) of `method` at `bits`, Unify's
+    ADMM penalty rising over `rho` and df_unify's MACs at `df_macs`.
 
     Raises:
         ValueError: where the method cannot reach `bits`, saying why.
@@ -71,11 +76,11 @@ def techniques(method: str, bits: float, base) -> tuple[list, tuple | None, th.B
         block = (1, 16) if bits > 1 / 16 else (1, 64)
         if bits <= 1 / 32:
             raise ValueError("unified weights keep a sign bit each: 1/32 of float32 at least")
-        return [th.Unify(block=block, unify=None, prune=0.0)], block, budget
+        return [th.Unify(block=block, unify=None, prune=0.0, rho=rho)], block, budget
     if method == "prune":
-        return [th.Unify(block=(1, 4), unify=0.0, prune=None)], (1, 4), budget
+        return [th.Unify(block=(1, 4), unify=0.0, prune=None, rho=rho)], (1, 4), budget
     if method == "both":
-        return [th.Unify(block=(1, 16), unify=None, prune=None)], (1, 16), budget
+        return [th.Unify(block=(1, 16), unify=None, prune=None, rho=rho)], (1, 16), budget
     if method == "cluster":
         clusters = 2 ** max(1, round(32 * bits))
         return [th.Cluster(clusters=clusters)], None, budget
@@ -93,14 +98,15 @@ def techniques(method: str, bits: float, base) -> tuple[list, tuple | None, th.B
         )
         return [sparse], None, budget
     if method == "df_unify":
-        df_budget = th.Budget(macs=FLAGS.df_macs, bits=bits)
-        unified = th.Unify(block=(1, 16), unify=None, prune=None)
+        df_budget = th.Budget(macs=df_macs, bits=bits)
+        unified = th.Unify(block=(1, 16), unify=None, prune=None, rho=rho)
         return [th.DF(ranks=False), unified], (1, 16), df_budget
     raise ValueError(f"unknown method {method!r}")
 
 
 def run_one(method: str, base, bits: float, train, test, steps: int) -> dict:
-    chosen, block, budget = techniques(method, bits, base)
+    rho = tuple(float(r) for r in FLAGS.rho)
+    chosen, block, budget = techniques(method, bits, base, rho, FLAGS.df_macs)
     search = FLAGS.search_epochs * steps
     compressed = th.hybrid_compress(base, budget, chosen, search_steps=search)
     compile_model(compressed, decay_steps=FLAGS.fit_epochs * steps)

@@ -6,8 +6,8 @@
 For every bits budget (share of the float32 storage) and seed, from the same pretrained
 LeNet-5 and with the same epochs after it (`--search_epochs` of search inside
 `--fit_epochs`, Adam with a cosine-decayed rate):
-  unify        th.Unify(block=(1, 16)), every unpruned block unified, no pruning where
-               the budget allows (blocks of 64 at 1/16 and below)
+  unify        th.Unify(block=(1, 16), unify=None, prune=0): the unified share from the
+               budget, nothing pruned (blocks of 64 at 1/16 and below)
   prune        th.Unify(block=(1, 4), unify=0): whole blocks pruned, the rest float32
   both         th.Unify(block=(1, 16), unify=None, prune=None): every block unified or
                pruned, the pruned share from the budget

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import tfhybrid as th
 from tfhybrid import constraints
-from tfhybrid.blocks import FREE, PRUNED, UNIFIED, BlockLayout, BlockShares
+from tfhybrid.blocks import FREE, PRUNED, UNIFIED, BlockLayout, BlockShares, kinds_of
 from tfhybrid.techniques import unify
 
 from models import fit_search, lenet5, mnist_like
@@ -251,3 +251,27 @@ def test_budgets_unify_cannot_derive_or_reach_are_refused():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         th.Unify(block="kernel")  # a valid block
+
+
+def test_the_layers_of_a_nested_model_are_unified_and_strip_exactly():
+    inner = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(16, activation="relu", name="inner_dense")],
+        name="backbone",
+    )
+    inputs = keras.Input((8,))
+    outputs = keras.layers.Dense(4, name="head")(inner(inputs))
+    model = keras.Model(inputs, outputs)
+    compressed = th.hybrid_compress(
+        model, th.Budget(bits=0.9), [th.Unify(unify=0.5, layers=["backbone"])], search_steps=2
+    )
+    names = [w.layer.name for w in compressed.technique("unify").layers_of(compressed)]
+    assert names == ["inner_dense"]
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 4, 32)
+    compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    compressed.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[th.CompressionScheduler()])
+    small = th.strip(compressed)
+    np.testing.assert_allclose(small(x), compressed(x), rtol=1e-5, atol=1e-6)
+    kernel = small.get_layer("inner_dense").kernel.numpy()
+    kinds = kinds_of(kernel, BlockLayout(kernel.shape, (1, 4)))
+    assert np.sum(kinds == UNIFIED) == 16  # half of the 32 blocks

@@ -171,6 +171,10 @@ def test_the_share_left_none_follows_the_bits_budget(unify, prune):
             assert getattr(technique, option) == share  # the given share stays
     if unify is None and prune is None:  # no free block left
         assert technique.unify + technique.prune == pytest.approx(1.0)
+    # After the search the kernels, measured, still meet it (blocks at the edges included).
+    fit_search(compressed, epochs=2)
+    measured = th.profile(th.strip(compressed), block=(1, 8)).ratios(th.profile(lenet5()))
+    assert measured["bits"] <= float(compressed.ratios(hard=True)["bits"]) <= 0.1
 
 
 def test_a_model_saved_mid_admm_resumes_with_its_z_and_u(tmp_path):

@@ -167,20 +167,26 @@ class UnifyWrapper(L.Wrapper):
         self.kinds.assign(kinds)
         self.signs.assign(signs(kernel))
 
-    def unify_more(self, count: int) -> bool:
-        """Unifies up to `count` more free blocks, those that cost least to unify;
-        False if none was free."""
+    def compress_more(self, count: int) -> bool:
+        """Unifies up to `count` more free blocks, those that cost least to unify; with
+        none free, prunes the unified blocks of the smallest magnitude. False if every
+        block is pruned already."""
         kinds = self.kinds.numpy()
-        free = np.flatnonzero(kinds == FREE)
-        if not free.size:
-            return False
         cut = self.layout.blocks(self.layer.kernel).numpy()
         valid = self.layout.valid.numpy()
         magnitude = np.abs(cut).sum(1) / valid.sum(1)
-        error = np.square(cut).sum(1) - valid.sum(1) * magnitude**2
-        chosen = free[np.argsort(error[free], kind="stable")[:count]]
-        kinds[chosen] = UNIFIED
-        cut[chosen] = np.where(cut[chosen] >= 0, 1.0, -1.0) * magnitude[chosen, None]
+        free, unified = np.flatnonzero(kinds == FREE), np.flatnonzero(kinds == UNIFIED)
+        if free.size:
+            error = np.square(cut).sum(1) - valid.sum(1) * magnitude**2
+            chosen = free[np.argsort(error[free], kind="stable")[:count]]
+            kinds[chosen] = UNIFIED
+            cut[chosen] = np.where(cut[chosen] >= 0, 1.0, -1.0) * magnitude[chosen, None]
+        elif unified.size:
+            chosen = unified[np.argsort(magnitude[unified], kind="stable")[:count]]
+            kinds[chosen] = PRUNED
+            cut[chosen] = 0.0
+        else:
+            return False
         kernel = self.layout.kernel(cut * valid)
         self.layer.kernel.assign(kernel)
         self.kinds.assign(kinds)
@@ -348,17 +354,17 @@ class Unify(base.Technique):
         return base.Decisions(blocks=shares)
 
     def finish(self, model: Any) -> None:
-        """Projects every kernel, then unifies more of the free blocks while the kernels
-        store more bits than the budget allows (the planned shares count blocks of
-        average size; the projection may prune the short ones at the edges)."""
+        """Projects every kernel, then compresses more blocks while the kernels store
+        more bits than the budget allows: the planned shares count blocks of average
+        size, and the projection may prune the short ones at the edges first."""
         wrappers = self.layers_of(model)
         for wrapper in wrappers:
             wrapper.decide()
         target = model.budget.targets().get("bits")
         while target is not None and _measured_bits(model, wrappers) > target:
-            widest = max(wrappers, key=lambda w: int(np.sum(w.kinds.numpy() == FREE)))
-            if not widest.unify_more(max(1, widest.layout.count // 200)):
-                break  # nothing free is left: the budget was out of Unify's reach
+            widest = max(wrappers, key=_free_then_unified)
+            if not widest.compress_more(max(1, widest.layout.count // 200)):
+                break  # every block pruned: the budget was out of Unify's reach
 
     def plan(self, model: Any) -> plan.Plan:
         """Each wrapper becomes its layer with the kernel it computes with once decided
@@ -379,6 +385,12 @@ class Unify(base.Technique):
             distance = tf.norm(kernel - wrapper.z) / tf.maximum(tf.norm(kernel), 1e-12)
             figures[f"unify/distance/{wrapper.layer.name}"] = float(distance)
         return figures
+
+
+def _free_then_unified(wrapper: UnifyWrapper) -> tuple[int, int]:
+    """(free blocks, unified blocks): the kernel that can give most bits first."""
+    kinds = wrapper.kinds.numpy()
+    return int(np.sum(kinds == FREE)), int(np.sum(kinds == UNIFIED))
 
 
 def _measured_bits(model: Any, wrappers: list) -> float:

@@ -132,8 +132,11 @@ def run_one(method: str, base, bits: float, train, test, steps: int) -> dict:
 def main(argv):
     del argv
     if FLAGS.from_json:
-        runs = [r for p in FLAGS.from_json for r in json.loads(pathlib.Path(p).read_text())["runs"]]
-        print("\n".join(table(runs)))
+        print(
+            "\n".join(
+                table(merged([json.loads(pathlib.Path(p).read_text()) for p in FLAGS.from_json]))
+            )
+        )
         return
     test = mnist("test", 1000)
     runs = []
@@ -170,6 +173,16 @@ def save(runs: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/unify_mnist.py " + " ".join(sys.argv[1:])
     out.write_text(json.dumps({"command": command, "runs": runs}, indent=1))
+
+
+def merged(records: list[dict]) -> list[dict]:
+    """The runs of several result JSONs; a later file's run of a method, budget and seed
+    replaces an earlier one (a re-run after a fix)."""
+    runs = {}
+    for record in records:
+        for run in record["runs"]:
+            runs[run["method"], run["bits"], run["seed"]] = run
+    return list(runs.values())
 
 
 def table(runs: list[dict]) -> list[str]:

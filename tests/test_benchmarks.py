@@ -122,3 +122,14 @@ def test_the_unify_table_has_a_row_per_budget_and_method_and_says_why_one_was_sk
     assert lines[2] == "| 0.0625 | both | 2 | 0.90 | 0.80, 1.00 | 0.0600 | 0.0590 | 1.000 |"
     assert lines[3].startswith("| 0.0625 | cluster | 1 | 1.20 |")
     assert lines[4] == "| 0.03125 | unify | - | - | a sign bit each | | | |"
+
+
+def test_a_later_unify_record_replaces_the_same_run_of_an_earlier_one():
+    first = {"runs": [{"method": "both", "bits": 0.5, "seed": 0, "test_error": 0.02}]}
+    first["runs"].append({"method": "cluster", "bits": 0.5, "seed": 0, "test_error": 0.01})
+    later = {"runs": [{"method": "both", "bits": 0.5, "seed": 0, "test_error": 0.015}]}
+    runs = unify_bench.merged([first, later])
+    assert sorted((r["method"], r["test_error"]) for r in runs) == [
+        ("both", 0.015),
+        ("cluster", 0.01),
+    ]

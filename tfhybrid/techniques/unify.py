@@ -302,11 +302,13 @@ class Unify(base.Technique):
         return dict.fromkeys(taken, "weights")
 
     def prepare(self, setup: base.Setup, others: list[base.Technique]) -> None:
-        """Derives the unified share from the bits budget if none was given."""
+        """Derives the shares left None from the bits budget; warns when another
+        technique removes channels (see `_warn_of_channel_removal`)."""
         if self.unify is None or self.prune is None:
             self.unify, self.prune = _shares_for_budget(
                 setup, self._taken, self.block, self.unify, self.prune
             )
+        _warn_of_channel_removal(others)
 
     def replace_layer(self, op: graph.Op) -> graph.Replacement | None:
         if op.layer.name not in self._taken:
@@ -385,6 +387,22 @@ class Unify(base.Technique):
             distance = tf.norm(kernel - wrapper.z) / tf.maximum(tf.norm(kernel), 1e-12)
             figures[f"unify/distance/{wrapper.layer.name}"] = float(distance)
         return figures
+
+
+def _warn_of_channel_removal(others: list[base.Technique]) -> None:
+    """Warns if a stacked technique removes channels: Unify lays its blocks on the whole
+    kernel, so after `strip` a block can straddle a removed channel, and the kernel is
+    no longer stored in the bits the budget counted."""
+    removers = [t.name for t in others if type(t).kept_channels is not base.Technique.kept_channels]
+    if removers:
+        warnings.warn(
+            f"Unify is stacked with {', '.join(removers)}, which removes channels: Unify's "
+            "blocks are laid on the whole kernels, so blocks that straddle a removed channel "
+            "are not stored as counted, and the stripped model's storage "
+            "(th.profile(small, block=...), th.save_compact) exceeds what the budget "
+            "counted (docs/unify.md, Stacking).",
+            stacklevel=5,
+        )
 
 
 def _free_then_unified(wrapper: UnifyWrapper) -> tuple[int, int]:

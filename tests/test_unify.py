@@ -200,21 +200,26 @@ def test_a_model_saved_mid_admm_resumes_with_its_z_and_u(tmp_path):
     np.testing.assert_allclose(th.strip(loaded)(x[:4]), loaded(x[:4]), rtol=1e-5, atol=1e-6)
 
 
-def test_df_channels_and_unify_stack_under_macs_and_bits():
+def test_df_channels_and_unify_stack_under_macs_and_bits_and_store_as_counted(tmp_path):
     model = lenet5()
-    with pytest.warns(UserWarning, match="blocks that straddle a removed channel"):
-        compressed = th.hybrid_compress(
-            model,
-            th.Budget(macs=0.3, bits=0.2),
-            [th.DF(ranks=False), th.Unify(unify=0.9, prune=0.05)],
-            search_steps=4,
-        )
+    compressed = th.hybrid_compress(
+        model,
+        th.Budget(macs=0.3, bits=0.1),
+        [th.DF(ranks=False), th.Unify(unify=None, prune=None)],
+        search_steps=4,
+    )
     x = fit_search(compressed, epochs=2)
     small = th.strip(compressed)
     scale = np.abs(compressed(x[:8]).numpy()).max()
     np.testing.assert_allclose(small(x[:8]), compressed(x[:8]), atol=1e-5 * scale)
     assert th.profile(small).ratios(th.profile(model))["macs"] <= 0.3
-    assert float(compressed.ratios(hard=True)["bits"]) <= 0.2
+    # The blocks lie over the channels DF keeps, so the stripped kernels' own blocks are
+    # unified or pruned as counted.
+    counted = float(compressed.ratios(hard=True)["bits"])
+    measured = th.profile(small, block=(1, 4)).ratios(th.profile(model))["bits"]
+    assert measured <= counted <= 0.1 and measured == pytest.approx(counted, rel=5e-3)
+    report = th.save_compact(small, str(tmp_path / "m.thc"), block=(1, 4))
+    assert report.counted_bits == pytest.approx(counted * 32 * model.count_params(), rel=1e-3)
 
 
 def test_layers_unify_cannot_take_are_named():

@@ -112,15 +112,19 @@ class BlockShares:
         return cls(per_entry, unify, prune, unify * per_entry)
 
     @classmethod
-    def measured(cls, layout: BlockLayout, kinds: np.ndarray) -> BlockShares:
-        """The shares of a kernel whose blocks have `kinds`."""
-        weights = layout.valid.numpy().sum(1)
+    def measured(
+        cls, layout: BlockLayout, kinds: np.ndarray, kept: np.ndarray | None = None
+    ) -> BlockShares:
+        """The shares of a kernel whose blocks have `kinds`, counting per block only its
+        `kept` weights (None: all of them; a block with none does not count)."""
+        weights = layout.valid.numpy().sum(1) if kept is None else np.asarray(kept)
         entries = weights.sum()
+        unified = (kinds == UNIFIED) & (weights > 0)
         return cls(
-            float(len(kinds) / entries),
-            float(weights[kinds == UNIFIED].sum() / entries),
-            float(weights[kinds == PRUNED].sum() / entries),
-            float(np.sum(kinds == UNIFIED) / entries),
+            float(np.sum(weights > 0) / entries),
+            float(weights[unified].sum() / entries),
+            float(weights[(kinds == PRUNED) & (weights > 0)].sum() / entries),
+            float(np.sum(unified) / entries),
         )
 
     def bits_per_entry(self) -> float:

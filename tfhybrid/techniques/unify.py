@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tfhybrid import constraints, graph, plan, schedules
+from tfhybrid import channels, constraints, graph, plan, schedules
 from tfhybrid._keras import is_grouped, keras
 from tfhybrid.blocks import FREE, PRUNED, UNIFIED, BlockLayout, BlockShares, signs
 from tfhybrid.techniques import base
@@ -44,9 +44,19 @@ DEFAULT_RHO = (1e-3, 1.0)
 
 
 def project(
-    kernel: tf.Tensor, layout: BlockLayout, unify: float, prune: float
+    kernel: tf.Tensor,
+    layout: BlockLayout,
+    unify: float,
+    prune: float,
+    candidates: np.ndarray | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """The kernel with the shares of its blocks unified and pruned, nearest to `kernel`.
+
+    Args:
+        kernel, layout: the kernel and its blocks.
+        unify, prune: the shares of the `candidates` blocks to unify and to prune.
+        candidates: bool per block, the blocks that count (None: all); the others
+            stay free (their weights go with channels another technique removes).
 
     Returns:
         (the projected kernel, each block's kind: FREE, UNIFIED or PRUNED).
@@ -56,7 +66,13 @@ def project(
     squares = tf.reduce_sum(tf.square(blocks), 1)
     magnitude = tf.reduce_sum(tf.abs(blocks), 1) / weights
     unify_error = squares - weights * tf.square(magnitude)
-    unified, pruned = layout.block_counts(unify, prune)
+    count = layout.count if candidates is None else int(np.sum(candidates))
+    pruned = round(prune * count)
+    unified = min(round(unify * count), count - pruned)
+    if candidates is not None:
+        outside = tf.constant(~candidates)
+        squares = tf.where(outside, np.inf, squares)
+        unify_error = tf.where(outside, np.inf, unify_error)
     kinds = tf.zeros((layout.count,), tf.int32)
     if pruned:
         chosen = tf.math.top_k(-squares, pruned).indices
@@ -125,14 +141,50 @@ class UnifyWrapper(L.Wrapper):
             initializer="zeros",
             trainable=False,
         )
+        *_, inputs, outputs = shape
+        for name, size in (("row_order", inputs), ("col_order", outputs)):
+            order = self.add_weight(
+                name,
+                shape=(size,),
+                dtype=tf.int32,
+                initializer=keras.initializers.Constant(np.arange(size)),
+                trainable=False,
+            )
+            setattr(self, name, order)
+        self.kept = self.add_weight(
+            "kept",
+            shape=(2,),
+            dtype=tf.int32,
+            initializer=keras.initializers.Constant([inputs, outputs]),
+            trainable=False,
+        )
         base.add_search_state(self)
         super().build(input_shape)
+
+    def ordered(self, kernel: tf.Tensor) -> tf.Tensor:
+        """`kernel` with its input and output channels in the blocks' order: the ones that
+        stay first (see `decide`), so blocks align with the stripped kernel's."""
+        return tf.gather(tf.gather(kernel, self.row_order, axis=-2), self.col_order, axis=-1)
+
+    def unordered(self, kernel: tf.Tensor) -> tf.Tensor:
+        """The inverse of `ordered`."""
+        rows = tf.math.invert_permutation(self.row_order)
+        cols = tf.math.invert_permutation(self.col_order)
+        return tf.gather(tf.gather(kernel, rows, axis=-2), cols, axis=-1)
 
     def effective_kernel(self) -> tf.Tensor:
         """The kernel the layer computes with (see the class)."""
         kernel = self.layer.kernel
-        unified = unified_kernel(kernel, self.layout, self.kinds, self.signs)
-        return tf.where(self.decided > 0, unified, kernel)
+        unified = unified_kernel(self.ordered(kernel), self.layout, self.kinds, self.signs)
+        return tf.where(self.decided > 0, self.unordered(unified), kernel)
+
+    def kept_weights(self) -> np.ndarray:
+        """Per block, its weights in the channels that stay (in the blocks' order)."""
+        rows, cols = self.kept.numpy()
+        *_, inputs, outputs = self.layout.shape
+        mask = (np.arange(inputs)[:, None] < rows) & (np.arange(outputs)[None, :] < cols)
+        kept = np.broadcast_to(mask, self.layout.shape).astype(np.float32)
+        return self.layout.blocks(kept).numpy().sum(1)
 
     def call(self, inputs, training=None):  # noqa: ARG002 - Keras passes training
         layer, kernel = self.layer, self.effective_kernel()
@@ -160,22 +212,40 @@ class UnifyWrapper(L.Wrapper):
         constraints.admm_update(self.layer.kernel, self.z, self.u, lambda t: self.projected(t)[0])
         return tf.constant(True)
 
-    def decide(self) -> None:
-        """Projects the weights onto the constraint and freezes the kinds and signs."""
-        kernel, kinds = self.projected()
-        self.layer.kernel.assign(kernel)
+    def decide(self, rows: np.ndarray | None = None, cols: np.ndarray | None = None) -> None:
+        """Projects the weights onto the constraint and freezes the kinds and signs.
+
+        Args:
+            rows, cols: the input and output channels that stay after `strip` (None:
+                all). They come first in the blocks' order, so the stripped kernel's
+                blocks are these blocks, and only blocks holding some of them count.
+        """
+        *_, inputs, outputs = self.layout.shape
+        orders = [_kept_first(rows, inputs), _kept_first(cols, outputs)]
+        self.row_order.assign(orders[0])
+        self.col_order.assign(orders[1])
+        self.kept.assign(
+            [inputs if rows is None else len(rows), outputs if cols is None else len(cols)]
+        )
+        candidates = self.kept_weights() > 0
+        kernel, kinds = project(
+            self.ordered(self.layer.kernel), self.layout, self.unify, self.prune, candidates
+        )
+        self.layer.kernel.assign(self.unordered(kernel))
         self.kinds.assign(kinds)
         self.signs.assign(signs(kernel))
 
     def compress_more(self, count: int) -> bool:
         """Unifies up to `count` more free blocks, those that cost least to unify; with
-        none free, prunes the unified blocks of the smallest magnitude. False if every
-        block is pruned already."""
+        none free, prunes the unified blocks of the smallest magnitude. Only blocks that
+        hold channels that stay count. False if every such block is pruned already."""
         kinds = self.kinds.numpy()
-        cut = self.layout.blocks(self.layer.kernel).numpy()
+        cut = self.layout.blocks(self.ordered(self.layer.kernel)).numpy()
         valid = self.layout.valid.numpy()
+        candidate = self.kept_weights() > 0
         magnitude = np.abs(cut).sum(1) / valid.sum(1)
-        free, unified = np.flatnonzero(kinds == FREE), np.flatnonzero(kinds == UNIFIED)
+        free = np.flatnonzero((kinds == FREE) & candidate)
+        unified = np.flatnonzero((kinds == UNIFIED) & candidate)
         if free.size:
             error = np.square(cut).sum(1) - valid.sum(1) * magnitude**2
             chosen = free[np.argsort(error[free], kind="stable")[:count]]
@@ -188,17 +258,21 @@ class UnifyWrapper(L.Wrapper):
         else:
             return False
         kernel = self.layout.kernel(cut * valid)
-        self.layer.kernel.assign(kernel)
+        self.layer.kernel.assign(self.unordered(kernel))
         self.kinds.assign(kinds)
         self.signs.assign(signs(kernel))
         return True
+
+    def measured(self) -> BlockShares:
+        """The shares of the blocks' kinds, counting only the channels that stay."""
+        return BlockShares.measured(self.layout, self.kinds.numpy(), self.kept_weights())
 
     def shares(self) -> BlockShares:
         """The kernel's blocks as the cost model counts them: planned during the search,
         measured from the kinds once decided (eagerly; a training step's logged ratios
         keep the planned ones, which differ only by the short blocks at the edges)."""
         if tf.executing_eagerly() and bool(self.decided.numpy()):
-            return BlockShares.measured(self.layout, self.kinds.numpy())
+            return self.measured()
         return BlockShares.planned(self.layout, self.unify, self.prune)
 
     def get_config(self) -> dict:
@@ -302,13 +376,11 @@ class Unify(base.Technique):
         return dict.fromkeys(taken, "weights")
 
     def prepare(self, setup: base.Setup, others: list[base.Technique]) -> None:
-        """Derives the shares left None from the bits budget; warns when another
-        technique removes channels (see `_warn_of_channel_removal`)."""
+        """Derives the shares left None from the bits budget."""
         if self.unify is None or self.prune is None:
             self.unify, self.prune = _shares_for_budget(
                 setup, self._taken, self.block, self.unify, self.prune
             )
-        _warn_of_channel_removal(others)
 
     def replace_layer(self, op: graph.Op) -> graph.Replacement | None:
         if op.layer.name not in self._taken:
@@ -360,8 +432,15 @@ class Unify(base.Technique):
         more bits than the budget allows: the planned shares count blocks of average
         size, and the projection may prune the short ones at the edges first."""
         wrappers = self.layers_of(model)
+        keep = {gid: np.flatnonzero(kept) for gid, kept in model.kept_channels().items()}
+        cost_model = model.cost_model
+        layouts = {t.name: (t.inputs, t.outputs) for t in cost_model.terms}
         for wrapper in wrappers:
-            wrapper.decide()
+            inputs, outputs = layouts[wrapper.layer.name]
+            wrapper.decide(
+                channels.channel_indices(inputs, keep, cost_model.sizes),
+                channels.channel_indices(outputs, keep, cost_model.sizes),
+            )
         target = model.budget.targets().get("bits")
         while target is not None and _measured_bits(model, wrappers) > target:
             widest = max(wrappers, key=_free_then_unified)
@@ -389,32 +468,24 @@ class Unify(base.Technique):
         return figures
 
 
-def _warn_of_channel_removal(others: list[base.Technique]) -> None:
-    """Warns if a stacked technique removes channels: Unify lays its blocks on the whole
-    kernel, so after `strip` a block can straddle a removed channel, and the kernel is
-    no longer stored in the bits the budget counted."""
-    removers = [t.name for t in others if type(t).kept_channels is not base.Technique.kept_channels]
-    if removers:
-        warnings.warn(
-            f"Unify is stacked with {', '.join(removers)}, which removes channels: Unify's "
-            "blocks are laid on the whole kernels, so blocks that straddle a removed channel "
-            "are not stored as counted, and the stripped model's storage "
-            "(th.profile(small, block=...), th.save_compact) exceeds what the budget "
-            "counted (docs/unify.md, Stacking).",
-            stacklevel=5,
-        )
+def _kept_first(kept: np.ndarray | None, size: int) -> np.ndarray:
+    """An order of `size` channels: the `kept` ones (all: None) first, in order."""
+    if kept is None:
+        return np.arange(size, dtype=np.int32)
+    removed = np.setdiff1d(np.arange(size), kept)
+    return np.concatenate([kept, removed]).astype(np.int32)
 
 
 def _free_then_unified(wrapper: UnifyWrapper) -> tuple[int, int]:
     """(free blocks, unified blocks): the kernel that can give most bits first."""
-    kinds = wrapper.kinds.numpy()
-    return int(np.sum(kinds == FREE)), int(np.sum(kinds == UNIFIED))
+    kinds, candidate = wrapper.kinds.numpy(), wrapper.kept_weights() > 0
+    return int(np.sum((kinds == FREE) & candidate)), int(np.sum((kinds == UNIFIED) & candidate))
 
 
 def _measured_bits(model: Any, wrappers: list) -> float:
     """The model's bits ratio with the wrappers' kernels counted by their blocks' kinds."""
     decisions = model.decisions(hard=True)
-    measured = {w.layer.name: BlockShares.measured(w.layout, w.kinds.numpy()) for w in wrappers}
+    measured = {w.layer.name: w.measured() for w in wrappers}
     decisions = dataclasses.replace(decisions, blocks={**decisions.blocks, **measured})
     return float(model.ratios_of(decisions)["bits"])
 

@@ -285,3 +285,22 @@ def test_the_layers_of_a_nested_model_are_unified_and_strip_exactly():
     kernel = small.get_layer("inner_dense").kernel.numpy()
     kinds = kinds_of(kernel, BlockLayout(kernel.shape, (1, 4)))
     assert np.sum(kinds == UNIFIED) == 16  # half of the 32 blocks
+
+
+def test_a_derived_share_is_derived_again_from_the_room_the_channels_leave():
+    compressed = th.hybrid_compress(
+        lenet5(),
+        th.Budget(macs=0.5, bits=0.3),
+        [th.DF(ranks=False), th.Unify(unify=None, prune=0.0)],
+        search_steps=4,
+    )
+    technique = compressed.technique("unify")
+    at_setup = technique.unify  # with every other layer whole
+    fit_search(compressed, epochs=2)
+    # DF removed channels, so fewer blocks need unifying to meet the same bits.
+    assert technique.unify < at_setup and technique.derived == ["unify"]
+    # Planned over blocks of average size; the projection's choice of blocks ends a little
+    # under the budget.
+    assert 0.27 < float(compressed.ratios(hard=True)["bits"]) <= 0.3
+    wrapper = compressed.get_layer("unify_fc1")
+    assert wrapper.unify == technique.unify

@@ -323,6 +323,7 @@ class Unify(base.Technique):
         update_every: int | None = None,
         layers: list | None = None,
         skip: list | tuple = (),
+        derived: list | None = None,
     ):
         self.block = _checked_block(block)
         for option, share in (("unify", unify), ("prune", prune)):
@@ -340,6 +341,9 @@ class Unify(base.Technique):
         self.rho = tuple(float(r) for r in rho)
         self.update_every = None if update_every is None else int(update_every)
         self.layers, self.skip = list(layers or []), list(skip)
+        # The shares derived from the budget (saved, so the search's end derives them again).
+        given = {"unify": unify, "prune": prune}
+        self.derived = list(derived or [k for k, v in given.items() if v is None])
 
     def get_config(self) -> dict:
         return {
@@ -350,6 +354,7 @@ class Unify(base.Technique):
             "update_every": self.update_every,
             "layers": self.layers,
             "skip": self.skip,
+            "derived": self.derived,
         }
 
     # -- set-up ------------------------------------------------------------------------
@@ -432,6 +437,7 @@ class Unify(base.Technique):
         more bits than the budget allows: the planned shares count blocks of average
         size, and the projection may prune the short ones at the edges first."""
         wrappers = self.layers_of(model)
+        self._derive_again(model, wrappers)
         keep = {gid: np.flatnonzero(kept) for gid, kept in model.kept_channels().items()}
         cost_model = model.cost_model
         layouts = {t.name: (t.inputs, t.outputs) for t in cost_model.terms}
@@ -446,6 +452,24 @@ class Unify(base.Technique):
             widest = max(wrappers, key=_free_then_unified)
             if not widest.compress_more(max(1, widest.layout.count // 200)):
                 break  # every block pruned: the budget was out of Unify's reach
+
+    def _derive_again(self, model: Any, wrappers: list) -> None:
+        """Sets the shares derived from the bits budget again, with the other techniques'
+        hard decisions (DF's channels): the room they leave."""
+        target = model.budget.targets().get("bits")
+        if not self.derived or target is None:
+            return
+        hard = model.decisions(hard=True)
+        fixed = {k: None if k in self.derived else getattr(self, k) for k in ("unify", "prune")}
+
+        def bits(shares: tuple[float, float]) -> float:
+            planned = {w.layer.name: BlockShares.planned(w.layout, *shares) for w in wrappers}
+            decided = dataclasses.replace(hard, blocks={**hard.blocks, **planned})
+            return float(model.ratios_of(decided)["bits"])
+
+        (self.unify, self.prune), _ = _solved_shares(fixed["unify"], fixed["prune"], bits, target)
+        for wrapper in wrappers:
+            wrapper.unify, wrapper.prune = self.unify, self.prune
 
     def plan(self, model: Any) -> plan.Plan:
         """Each wrapper becomes its layer with the kernel it computes with once decided
@@ -537,6 +561,28 @@ def _shares_for_budget(
         )
     layouts = {n: BlockLayout(setup.analysis.model.get_layer(n).kernel.shape, block) for n in taken}
 
+    def bits(shares: tuple[float, float]) -> float:
+        planned = {n: BlockShares.planned(layouts[n], *shares) for n in taken}
+        return setup.cost_model.costs(blocks=planned)["bits"] / setup.original["bits"]
+
+    shares, within = _solved_shares(unify, prune, bits, target)
+    if not within:
+        most = "unified" if prune is not None else "pruned"
+        raise ValueError(
+            f"{setup.budget} cannot be met by Unify(block={block}) alone: with every block "
+            f"that may be {most} so, the model keeps {bits(shares):.4f} of its float32 "
+            "storage. Raise the budget, use larger blocks, prune more, or stack a technique "
+            "that removes channels."
+        )
+    return shares
+
+
+def _solved_shares(
+    unify: float | None, prune: float | None, bits: Any, target: float
+) -> tuple[tuple[float, float], bool]:
+    """The least compressing (unify, prune), the shares left None varied, whose `bits` meet
+    `target`, and whether any does (if not: the most compressing ones)."""
+
     def shares(x: float) -> tuple[float, float]:  # bits fall as x rises from 0 to 1
         if unify is None and prune is None:
             return 1.0 - x, x
@@ -544,20 +590,10 @@ def _shares_for_budget(
             return x * (1.0 - prune), prune
         return unify, x * (1.0 - unify)
 
-    def bits(x: float) -> float:
-        planned = {n: BlockShares.planned(layouts[n], *shares(x)) for n in taken}
-        return setup.cost_model.costs(blocks=planned)["bits"] / setup.original["bits"]
-
-    if bits(1.0) > target:
-        most = "unified" if prune is not None else "pruned"
-        raise ValueError(
-            f"{setup.budget} cannot be met by Unify(block={block}) alone: with every block "
-            f"that may be {most} so, the model keeps {bits(1.0):.4f} of its float32 storage. "
-            "Raise the budget, use larger blocks, prune more, or stack a technique that "
-            "removes channels."
-        )
+    if bits(shares(1.0)) > target:
+        return shares(1.0), False
     low, high = 0.0, 1.0
     for _ in range(40):
         middle = (low + high) / 2
-        low, high = (low, middle) if bits(middle) <= target else (middle, high)
-    return tuple(float(share) for share in shares(high))
+        low, high = (low, middle) if bits(shares(middle)) <= target else (middle, high)
+    return tuple(float(share) for share in shares(high)), True

@@ -37,6 +37,7 @@ def test_a_blocked_kernel_stores_codes_signs_magnitudes_and_free_weights(tmp_pat
     kernel_bits = 6 * 2 + 8 + 32 * (2 + 8)
     assert report.counted_bits == kernel_bits + 32 * 8
     assert report.payload_bytes == math.ceil((6 * 2 + 8) / 8) + 4 * 10 + 4 * 8
+    assert f"{report.size_bytes:,} bytes" in str(report) and "of float32" in str(report)
     loaded = th.load_compact(str(tmp_path / "m.thc"))
     for original, restored in zip(model.get_weights(), loaded.get_weights()):
         np.testing.assert_array_equal(restored, original)

@@ -53,6 +53,16 @@ def test_the_projection_unifies_and_prunes_the_blocks_it_costs_least_to():
     np.testing.assert_array_equal(projected[2], 0.0)
 
 
+def test_a_block_of_one_weight_is_never_unified_and_is_stored_free():
+    # 5 outputs in blocks of 4: each row ends in a block of one weight, which would store
+    # a magnitude and a sign (33 bits) instead of its 32.
+    kernel = np.random.default_rng(2).normal(size=(2, 5)).astype(np.float32)
+    layout = BlockLayout(kernel.shape, (1, 4))
+    _, kinds = unify.project(kernel, layout, unify=0.5, prune=0.0)
+    np.testing.assert_array_equal(kinds, [UNIFIED, FREE, UNIFIED, FREE])
+    assert list(kinds_of(kernel, layout)) == [FREE] * 4  # a lone weight reads as free
+
+
 def test_unifying_alone_is_the_exact_projection():
     kernel = np.random.default_rng(1).normal(size=(6, 4)).astype(np.float32)
     layout = BlockLayout(kernel.shape, (1, 4))
@@ -102,6 +112,18 @@ def test_block_storage_counts_a_magnitude_and_signs_per_unified_block():
     assert float(compressed.ratios(hard=True)["params"]) == pytest.approx(
         1 - pruned / model.count_params()
     )
+
+
+def test_with_no_free_block_the_kinds_code_is_one_bit_whatever_the_rounding():
+    # fc2 of LeNet-5 in blocks of 4: 1,000 blocks of 4 weights and 500 of 2; shares that do
+    # not add up to 1 exactly in float32 once counted as a third kind (2-bit codes).
+    layout = BlockLayout((500, 10), (1, 4))
+    kinds = np.random.default_rng(8).choice([UNIFIED, PRUNED], layout.count, p=[0.37, 0.63])
+    kept = layout.valid.numpy().sum(1)  # float32, as a wrapper's kept weights are
+    shares = BlockShares.measured(layout, kinds, kept)
+    unified = kinds == UNIFIED
+    expected = layout.count * 1 + kept[unified].sum() + 32 * unified.sum()
+    assert shares.bits_per_entry() * 5000 == pytest.approx(expected, abs=1e-3)
 
 
 def test_a_unified_model_strips_to_the_same_function_with_unified_and_pruned_blocks():
@@ -182,6 +204,9 @@ def test_a_model_saved_mid_admm_resumes_with_its_z_and_u(tmp_path):
         lenet5(), th.Budget(bits=0.5), [th.Unify(unify=0.5, update_every=1)], search_steps=20
     )
     fit_search(compressed, epochs=1)  # 4 of 20 steps
+    distances = compressed.technique("unify").scalars(compressed)
+    assert sorted(distances) == [f"unify/distance/{n}" for n in ("conv1", "conv2", "fc1", "fc2")]
+    assert all(0 < d < 1 for d in distances.values())  # W nears Z, which U corrects
     wrapper = compressed.get_layer("unify_fc2")
     z, u = wrapper.z.numpy(), wrapper.u.numpy()
     assert np.abs(u).max() > 0
@@ -230,6 +255,8 @@ def test_layers_unify_cannot_take_are_named():
     with pytest.warns(UserWarning, match="depthwise: Unify takes Dense and Conv2D"):
         compressed = th.hybrid_compress(model, th.Budget(bits=0.9), [th.Unify()])
     assert [w.layer.name for w in compressed.technique("unify").layers_of(compressed)] == ["head"]
+    with pytest.warns(UserWarning, match="fc1: block='kernel' needs a kernel with k x k"):
+        th.hybrid_compress(lenet5(), th.Budget(bits=0.9), [th.Unify(block="kernel")])
     with pytest.raises(ValueError, match="Unify finds no layer"):
         th.hybrid_compress(model, th.Budget(bits=0.9), [th.Unify(layers=["depthwise"])])
 

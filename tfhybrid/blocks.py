@@ -20,6 +20,11 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from tfhybrid._keras import keras
+
+#: The layers whose kernels are cut into blocks (exactly these classes).
+BLOCKED_LAYERS = (keras.layers.Dense, keras.layers.Conv2D)
+
 FREE, UNIFIED, PRUNED = 0, 1, 2
 
 
@@ -117,7 +122,11 @@ class BlockShares:
     ) -> BlockShares:
         """The shares of a kernel whose blocks have `kinds`, counting per block only its
         `kept` weights (None: all of them; a block with none does not count)."""
-        weights = layout.valid.numpy().sum(1) if kept is None else np.asarray(kept)
+        # Whole counts in float64: the shares then add up to 1 exactly where no block is
+        # free, and the kinds' code is counted right.
+        weights = (layout.valid.numpy().sum(1) if kept is None else np.asarray(kept)).astype(
+            np.float64
+        )
         entries = weights.sum()
         unified = (kinds == UNIFIED) & (weights > 0)
         return cls(
@@ -138,12 +147,14 @@ class BlockShares:
 
 def kinds_of(kernel: np.ndarray, layout: BlockLayout) -> np.ndarray:
     """Each block's kind, read off the values: PRUNED if all its weights are zero,
-    UNIFIED if they share one non-zero magnitude, FREE otherwise."""
+    UNIFIED if two or more share one non-zero magnitude, FREE otherwise (a lone weight
+    stores fewer bits as a float than as a magnitude and a sign)."""
     magnitudes = np.abs(layout.blocks(kernel).numpy())
     valid = layout.valid.numpy() > 0
     first = magnitudes[:, :1]
     same = np.all((magnitudes == first) | ~valid, axis=1)
-    return np.where(same & (first[:, 0] == 0), PRUNED, np.where(same, UNIFIED, FREE))
+    unified = same & (valid.sum(1) >= 2)
+    return np.where(same & (first[:, 0] == 0), PRUNED, np.where(unified, UNIFIED, FREE))
 
 
 @dataclasses.dataclass
@@ -186,4 +197,12 @@ def encode(kernel: np.ndarray, block: tuple | str) -> Encoding:
         code_bits=math.ceil(math.log2(len(present))) if len(present) > 1 else 0,
         sign_bits=(cut[unified] >= 0)[valid[unified]],
         values=np.concatenate([np.abs(cut[unified][:, 0]), cut[free][valid[free]]]),
+    )
+
+
+def in_blocks(layer, block: tuple | str) -> bool:
+    """Whether `layer`'s kernel is one to cut into blocks of `block`: a Dense or Conv2D
+    kernel, one with k x k positions for "kernel"."""
+    return type(layer) in BLOCKED_LAYERS and not (
+        block == "kernel" and type(layer) is keras.layers.Dense
     )

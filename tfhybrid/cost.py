@@ -32,6 +32,7 @@ from tfhybrid._keras import (
     keras,
 )
 from tfhybrid.blocks import encode as encode_blocks
+from tfhybrid.blocks import in_blocks
 
 L = keras.layers
 
@@ -221,7 +222,7 @@ def profile(model: Any, block: tuple | str | None = None) -> Profile:
 def _saved_by_blocks(layer: Any, block: tuple | str) -> int:
     """Bits the block format saves on `layer`'s kernel against `_stored_bits` (0 for a
     layer other than Dense/Conv2D, or where it saves nothing)."""
-    if type(layer) not in (L.Dense, L.Conv2D) or block == "kernel" and type(layer) is L.Dense:
+    if not in_blocks(layer, block):
         return 0
     kernel = layer.kernel.numpy()
     plain = _stored_bits(kernel, int(np.count_nonzero(kernel)))

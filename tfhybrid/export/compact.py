@@ -33,7 +33,6 @@ from tfhybrid._keras import keras
 from tfhybrid.training.model import refuse_search_model
 
 MAGIC = b"THC1"
-_CODED = (keras.layers.Dense, keras.layers.Conv2D)
 
 
 @dataclasses.dataclass
@@ -83,7 +82,8 @@ def save_compact(model: Any, path: str, block: tuple | str = (1, 4)) -> CompactR
     counted = 0
     for layer in model.layers:
         for index, weight in enumerate(layer.get_weights()):
-            coded = _encoded(weight, block) if isinstance(layer, _CODED) and index == 0 else None
+            is_kernel = index == 0 and blocks.in_blocks(layer, block)
+            coded = _encoded(weight, block) if is_kernel else None
             entry = {"layer": layer.name, "index": index, "shape": list(weight.shape)}
             if coded is None:
                 data, bits = np.asarray(weight, "<f4").tobytes(), 32 * weight.size

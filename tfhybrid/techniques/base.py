@@ -22,9 +22,10 @@ import difflib
 import threading
 from typing import Any, ClassVar
 
+import numpy as np
 import tensorflow as tf
 
-from tfhybrid import graph, plan
+from tfhybrid import channels, graph, plan
 
 _REGISTRY: dict[str, type] = {}
 
@@ -266,6 +267,21 @@ def deserialize(config: dict) -> Technique:
             "that registers it (tfhybrid.register_technique) before loading the model."
         )
     return _REGISTRY[name].from_config(dict(config["config"]))
+
+
+def kept_kernel_channels(model: Any) -> dict[str, tuple]:
+    """Eagerly: layer name -> (input, output) channels of its kernel that `strip` keeps,
+    after every technique's `kept_channels` (None where an axis keeps all), for a
+    technique that decides its weights within what the others keep."""
+    keep = {gid: np.flatnonzero(kept) for gid, kept in model.kept_channels().items()}
+    sizes = model.cost_model.sizes
+    return {
+        t.name: (
+            channels.channel_indices(t.inputs, keep, sizes),
+            channels.channel_indices(t.outputs, keep, sizes),
+        )
+        for t in model.cost_model.terms
+    }
 
 
 def add_search_state(layer: Any) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow_model_optimization as tfmot
 from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
 
-from tfhybrid import channels, graph, plan
+from tfhybrid import graph, plan
 from tfhybrid._keras import CONV, DEPTHWISE_CONV, SEPARABLE_CONV, TRANSPOSED_CONV, keras
 from tfhybrid.techniques import base
 
@@ -177,14 +177,10 @@ class Sparse(base.Technique):
         with them: the kept kernel's density would differ from the one the budget
         counted. With `block_size` other than (1, 1) TF-MOT's masks are kept as they are.
         """
-        keep = {gid: np.flatnonzero(kept) for gid, kept in model.kept_channels().items()}
-        cost_model = model.cost_model
-        layouts = {t.name: (t.inputs, t.outputs) for t in cost_model.terms}
+        kept = base.kept_kernel_channels(model)
         for wrapper in self.layers_of(model):
             if self.block_size == (1, 1):
-                inputs, outputs = layouts[wrapper.layer.name]
-                rows = channels.channel_indices(inputs, keep, cost_model.sizes)
-                cols = channels.channel_indices(outputs, keep, cost_model.sizes)
+                rows, cols = kept[wrapper.layer.name]
                 weight, mask, _ = wrapper.pruning_vars[0]
                 mask.assign(_largest(weight.numpy(), rows, cols, 1.0 - self.sparsity))
             wrapper.pruning_obj.weight_mask_op()

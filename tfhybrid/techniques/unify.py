@@ -31,9 +31,18 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tfhybrid import channels, constraints, graph, plan, schedules
+from tfhybrid import constraints, graph, plan, schedules
 from tfhybrid._keras import is_grouped, keras
-from tfhybrid.blocks import FREE, PRUNED, UNIFIED, BlockLayout, BlockShares, signs
+from tfhybrid.blocks import (
+    BLOCKED_LAYERS,
+    FREE,
+    PRUNED,
+    UNIFIED,
+    BlockLayout,
+    BlockShares,
+    in_blocks,
+    signs,
+)
 from tfhybrid.techniques import base
 
 L = keras.layers
@@ -48,31 +57,29 @@ def project(
     layout: BlockLayout,
     unify: float,
     prune: float,
-    candidates: np.ndarray | None = None,
+    kept: np.ndarray | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """The kernel with the shares of its blocks unified and pruned, nearest to `kernel`.
 
     Args:
         kernel, layout: the kernel and its blocks.
-        unify, prune: the shares of the `candidates` blocks to unify and to prune.
-        candidates: bool per block, the blocks that count (None: all); the others
-            stay free (their weights go with channels another technique removes).
+        unify, prune: the shares of the blocks that count to unify and to prune.
+        kept: per block, its weights that stay after `strip` (None: all of them). A
+            block with none does not count and stays free (its weights go with the
+            channels another technique removes).
 
     Returns:
         (the projected kernel, each block's kind: FREE, UNIFIED or PRUNED).
     """
-    blocks, valid = layout.blocks(kernel), layout.valid
-    weights = tf.reduce_sum(valid, 1)
-    squares = tf.reduce_sum(tf.square(blocks), 1)
-    magnitude = tf.reduce_sum(tf.abs(blocks), 1) / weights
-    unify_error = squares - weights * tf.square(magnitude)
-    count = layout.count if candidates is None else int(np.sum(candidates))
+    blocks = layout.blocks(kernel)
+    squares, unify_error, same = _costs_of_kinds(blocks, layout.valid)
+    weights = tf.reduce_sum(layout.valid, 1) if kept is None else tf.constant(kept, tf.float32)
+    count = layout.count if kept is None else int(np.sum(kept > 0))
     pruned = round(prune * count)
     unified = min(round(unify * count), count - pruned)
-    if candidates is not None:
-        outside = tf.constant(~candidates)
-        squares = tf.where(outside, np.inf, squares)
-        unify_error = tf.where(outside, np.inf, unify_error)
+    squares = tf.where(weights > 0, squares, np.inf)
+    # A block of one weight gains nothing by unifying: a magnitude and a sign against 32 bits.
+    unify_error = tf.where(weights >= 2, unify_error, np.inf)
     kinds = tf.zeros((layout.count,), tf.int32)
     if pruned:
         chosen = tf.math.top_k(-squares, pruned).indices
@@ -81,8 +88,17 @@ def project(
         free_error = tf.where(kinds == PRUNED, np.inf, unify_error)
         chosen = tf.math.top_k(-free_error, unified).indices
         kinds = tf.tensor_scatter_nd_update(kinds, chosen[:, None], tf.fill((unified,), UNIFIED))
-    same = signs(blocks) * magnitude[:, None] * valid
     return layout.kernel(_by_kind(kinds, blocks, same)), kinds
+
+
+def _costs_of_kinds(blocks: tf.Tensor, valid: tf.Tensor) -> tuple:
+    """Per block: the squared error of pruning it (sum w^2), that of unifying it
+    (sum w^2 - n mean|w|^2), and its nearest unified form, sign(w) * mean|w|."""
+    weights = tf.reduce_sum(valid, 1)
+    squares = tf.reduce_sum(tf.square(blocks), 1)
+    magnitude = tf.reduce_sum(tf.abs(blocks), 1) / weights
+    unify_error = squares - weights * tf.square(magnitude)
+    return squares, unify_error, signs(blocks) * magnitude[:, None] * valid
 
 
 def unified_kernel(
@@ -227,9 +243,12 @@ class UnifyWrapper(L.Wrapper):
         self.kept.assign(
             [inputs if rows is None else len(rows), outputs if cols is None else len(cols)]
         )
-        candidates = self.kept_weights() > 0
         kernel, kinds = project(
-            self.ordered(self.layer.kernel), self.layout, self.unify, self.prune, candidates
+            self.ordered(self.layer.kernel),
+            self.layout,
+            self.unify,
+            self.prune,
+            self.kept_weights(),
         )
         self.layer.kernel.assign(self.unordered(kernel))
         self.kinds.assign(kinds)
@@ -237,27 +256,24 @@ class UnifyWrapper(L.Wrapper):
 
     def compress_more(self, count: int) -> bool:
         """Unifies up to `count` more free blocks, those that cost least to unify; with
-        none free, prunes the unified blocks of the smallest magnitude. Only blocks that
-        hold channels that stay count. False if every such block is pruned already."""
+        none free, prunes the unified blocks that cost least to prune (the least sum of
+        squares). Only blocks that hold channels that stay count. False if every such
+        block is pruned already."""
         kinds = self.kinds.numpy()
-        cut = self.layout.blocks(self.ordered(self.layer.kernel)).numpy()
-        valid = self.layout.valid.numpy()
-        candidate = self.kept_weights() > 0
-        magnitude = np.abs(cut).sum(1) / valid.sum(1)
-        free = np.flatnonzero((kinds == FREE) & candidate)
-        unified = np.flatnonzero((kinds == UNIFIED) & candidate)
+        blocks = self.layout.blocks(self.ordered(self.layer.kernel))
+        squares, unify_error, same = _costs_of_kinds(blocks, self.layout.valid)
+        kept = self.kept_weights()
+        free = np.flatnonzero((kinds == FREE) & (kept >= 2))  # see `project`
+        unified = np.flatnonzero((kinds == UNIFIED) & (kept > 0))
         if free.size:
-            error = np.square(cut).sum(1) - valid.sum(1) * magnitude**2
-            chosen = free[np.argsort(error[free], kind="stable")[:count]]
+            chosen = free[np.argsort(unify_error.numpy()[free], kind="stable")[:count]]
             kinds[chosen] = UNIFIED
-            cut[chosen] = np.where(cut[chosen] >= 0, 1.0, -1.0) * magnitude[chosen, None]
         elif unified.size:
-            chosen = unified[np.argsort(magnitude[unified], kind="stable")[:count]]
+            chosen = unified[np.argsort(squares.numpy()[unified], kind="stable")[:count]]
             kinds[chosen] = PRUNED
-            cut[chosen] = 0.0
         else:
             return False
-        kernel = self.layout.kernel(cut * valid)
+        kernel = self.layout.kernel(_by_kind(tf.constant(kinds), blocks, same))
         self.layer.kernel.assign(self.unordered(kernel))
         self.kinds.assign(kinds)
         self.signs.assign(signs(kernel))
@@ -438,15 +454,9 @@ class Unify(base.Technique):
         size, and the projection may prune the short ones at the edges first."""
         wrappers = self.layers_of(model)
         self._derive_again(model, wrappers)
-        keep = {gid: np.flatnonzero(kept) for gid, kept in model.kept_channels().items()}
-        cost_model = model.cost_model
-        layouts = {t.name: (t.inputs, t.outputs) for t in cost_model.terms}
+        kept = base.kept_kernel_channels(model)
         for wrapper in wrappers:
-            inputs, outputs = layouts[wrapper.layer.name]
-            wrapper.decide(
-                channels.channel_indices(inputs, keep, cost_model.sizes),
-                channels.channel_indices(outputs, keep, cost_model.sizes),
-            )
+            wrapper.decide(*kept[wrapper.layer.name])
         target = model.budget.targets().get("bits")
         while target is not None and _measured_bits(model, wrappers) > target:
             widest = max(wrappers, key=_free_then_unified)
@@ -502,8 +512,8 @@ def _kept_first(kept: np.ndarray | None, size: int) -> np.ndarray:
 
 def _free_then_unified(wrapper: UnifyWrapper) -> tuple[int, int]:
     """(free blocks, unified blocks): the kernel that can give most bits first."""
-    kinds, candidate = wrapper.kinds.numpy(), wrapper.kept_weights() > 0
-    return int(np.sum((kinds == FREE) & candidate)), int(np.sum((kinds == UNIFIED) & candidate))
+    kinds, kept = wrapper.kinds.numpy(), wrapper.kept_weights()
+    return int(np.sum((kinds == FREE) & (kept >= 2))), int(np.sum((kinds == UNIFIED) & (kept > 0)))
 
 
 def _measured_bits(model: Any, wrappers: list) -> float:
@@ -536,9 +546,9 @@ def _checked_block(block: Any) -> tuple | str:
 
 def _why_not_unified(layer: Any, block: tuple | str) -> str | None:
     """Why Unify cannot take `layer`, or None if it can."""
-    if type(layer) not in (L.Dense, L.Conv2D) or is_grouped(layer):
+    if type(layer) not in BLOCKED_LAYERS or is_grouped(layer):
         return f"Unify takes Dense and Conv2D kernels, not a {type(layer).__name__}'s"
-    if block == "kernel" and isinstance(layer, L.Dense):
+    if not in_blocks(layer, block):
         return "block='kernel' needs a kernel with k x k positions, not a Dense one"
     return None
 

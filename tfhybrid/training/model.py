@@ -307,11 +307,15 @@ class CompressionModel(keras.Model):
     # -- the search's end and the plan -------------------------------------------------
     def finish_search(self) -> None:
         """Makes every technique's decisions hard (projected onto the budget); from then
-        on the model computes with them (each technique layer's `decided` flag)."""
+        on the model computes with them (each technique layer's `decided` flag).
+
+        A technique's layers are decided as soon as it finishes, so the next technique
+        finishes with its decisions as they stay (Unify lays its blocks over DF's kept
+        channels, say)."""
         for technique in self._held.techniques:
             technique.finish(self)
-        for layer in self.technique_layers():
-            layer.decided.assign(1)
+            for layer in technique.layers_of(self):
+                layer.decided.assign(1)
 
     def plan(self) -> plan.Plan:
         """Every technique's decisions for `strip`, merged (mid-search: the current ones,

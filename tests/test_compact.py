@@ -29,14 +29,20 @@ def blocked_dense() -> keras.Model:
     return model
 
 
-def test_a_blocked_kernel_stores_codes_signs_magnitudes_and_free_weights(tmp_path):
+@pytest.mark.parametrize("magnitude", [0.25, 0.3], ids=["on_a_grid", "float32"])
+def test_a_blocked_kernel_stores_codes_signs_magnitudes_and_free_weights(tmp_path, magnitude):
     model = blocked_dense()
+    kernel, bias = model.get_weights()
+    kernel[1, :4] *= magnitude / 0.25
+    model.get_layer("dense").set_weights([kernel, bias])
     report = th.save_compact(model, str(tmp_path / "m.thc"), block=(1, 4))
     assert report.kernels == {"dense": {"free": 2, "unified": 2, "pruned": 2}}
-    # 6 blocks x 2 code bits, 8 sign bits, 2 magnitudes and 8 free weights, 8 biases.
-    kernel_bits = 6 * 2 + 8 + 32 * (2 + 8)
+    # 6 blocks x 2 code bits, 8 sign bits, 2 magnitudes and 8 free weights, 8 biases. The
+    # magnitudes 0.5 and 0.25 are 2 and 1 steps of 0.25: a bit each and the step.
+    magnitude_bits, floats = (2 * 1, 1 + 8) if magnitude == 0.25 else (0, 2 + 8)
+    kernel_bits = 6 * 2 + 8 + magnitude_bits + 32 * floats
     assert report.counted_bits == kernel_bits + 32 * 8
-    assert report.payload_bytes == math.ceil((6 * 2 + 8) / 8) + 4 * 10 + 4 * 8
+    assert report.payload_bytes == math.ceil((6 * 2 + 8 + magnitude_bits) / 8) + 4 * (floats + 8)
     assert f"{report.size_bytes:,} bytes" in str(report) and "of float32" in str(report)
     loaded = th.load_compact(str(tmp_path / "m.thc"))
     for original, restored in zip(model.get_weights(), loaded.get_weights()):

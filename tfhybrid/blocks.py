@@ -7,9 +7,11 @@ pair's whole k x k slice. Where the channels do not divide into blocks, the last
 along an axis is shorter (as if padded with zeros that are never stored).
 
 A block is *free* (float32 weights), *unified* (one magnitude, each weight its own
-sign) or *pruned* (all zero). `tfhybrid.techniques.unify` trains kernels into this
-form; the cost model counts its storage (`BlockShares`) and `tfhybrid.export.compact`
-writes it.
+sign) or *pruned* (all zero). A kernel's magnitudes are float32, or with
+`magnitude_bits=b` below 32, whole multiples q * step of one float32 step per kernel,
+q in 1..2**b (step = the largest magnitude / 2**b), each stored as q - 1 in b bits.
+`tfhybrid.techniques.unify` trains kernels into this form; the cost model counts its
+storage (`BlockShares`) and `tfhybrid.export.compact` writes it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from tfhybrid._keras import keras
 BLOCKED_LAYERS = (keras.layers.Dense, keras.layers.Conv2D)
 
 FREE, UNIFIED, PRUNED = 0, 1, 2
+
+#: Magnitudes stored as float32 (no step).
+FLOAT_MAGNITUDES = 32
 
 
 class BlockLayout:
@@ -102,23 +107,38 @@ class BlockShares:
         blocks: blocks per entry (each stores a code saying its kind).
         unified: share of the entries in unified blocks (a sign bit each).
         pruned: share of the entries in pruned blocks (nothing stored).
-        magnitudes: unified blocks per entry (a float32 magnitude each).
+        magnitudes: unified blocks per entry (a magnitude each).
+        magnitude_bits: bits of a magnitude (32: float32; fewer: on the kernel's step).
+        step: the kernel's float32 step per entry (0 with float32 magnitudes).
     """
 
     blocks: float
     unified: float
     pruned: float
     magnitudes: float
+    magnitude_bits: int = FLOAT_MAGNITUDES
+    step: float = 0.0
 
     @classmethod
-    def planned(cls, layout: BlockLayout, unify: float, prune: float) -> BlockShares:
+    def planned(
+        cls,
+        layout: BlockLayout,
+        unify: float,
+        prune: float,
+        magnitude_bits: int = FLOAT_MAGNITUDES,
+    ) -> BlockShares:
         """The shares for `unify` and `prune` of the blocks, blocks of average size."""
         per_entry = 1.0 / layout.weights_per_block
-        return cls(per_entry, unify, prune, unify * per_entry)
+        step = _step_per_entry(unify > 0, magnitude_bits, math.prod(layout.shape))
+        return cls(per_entry, unify, prune, unify * per_entry, magnitude_bits, step)
 
     @classmethod
     def measured(
-        cls, layout: BlockLayout, kinds: np.ndarray, kept: np.ndarray | None = None
+        cls,
+        layout: BlockLayout,
+        kinds: np.ndarray,
+        kept: np.ndarray | None = None,
+        magnitude_bits: int = FLOAT_MAGNITUDES,
     ) -> BlockShares:
         """The shares of a kernel whose blocks have `kinds`, counting per block only its
         `kept` weights (None: all of them; a block with none does not count)."""
@@ -134,15 +154,53 @@ class BlockShares:
             float(weights[unified].sum() / entries),
             float(weights[(kinds == PRUNED) & (weights > 0)].sum() / entries),
             float(np.sum(unified) / entries),
+            magnitude_bits,
+            _step_per_entry(bool(np.any(unified)), magnitude_bits, entries),
         )
 
     def bits_per_entry(self) -> float:
-        """32 per free weight, a sign bit per unified one, 32 per magnitude, and each
-        block's code (1 bit for two kinds, 2 for three, none for one)."""
+        """32 per free weight, a sign bit per unified one, `magnitude_bits` per magnitude
+        (and the step), and each block's code (1 bit for two kinds, 2 for three, none for
+        one)."""
         free = 1.0 - self.unified - self.pruned
         kinds = int(free > 1e-12) + int(self.unified > 0) + int(self.pruned > 0)
         code = math.ceil(math.log2(max(kinds, 1)))
-        return 32.0 * free + self.unified + 32.0 * self.magnitudes + code * self.blocks
+        magnitudes = self.magnitude_bits * self.magnitudes + self.step
+        return 32.0 * free + self.unified + magnitudes + code * self.blocks
+
+
+def _step_per_entry(any_unified: bool, magnitude_bits: int, entries: float) -> float:
+    """The bits per kernel entry of a kernel's float32 step (none for float magnitudes)."""
+    return 32.0 / entries if any_unified and magnitude_bits < FLOAT_MAGNITUDES else 0.0
+
+
+def quantized(magnitudes: tf.Tensor, magnitude_bits: int, among: tf.Tensor) -> tf.Tensor:
+    """`magnitudes` on the grid q * step, q in 1..2**bits, step = the largest of them
+    where `among` / 2**bits (exact: a power of two); as they are for 32 bits.
+
+    The gradient passes straight through the rounding, so a magnitude keeps training.
+    """
+    if magnitude_bits >= FLOAT_MAGNITUDES:
+        return magnitudes
+    levels = 2.0**magnitude_bits
+    largest = tf.reduce_max(tf.where(among, magnitudes, 0.0))
+    step = tf.stop_gradient(tf.maximum(largest, 1e-30) / levels)
+    on_grid = tf.clip_by_value(tf.round(magnitudes / step), 1.0, levels) * step
+    # Exactly on the grid (m - m is 0), with the gradient of `magnitudes`.
+    return tf.stop_gradient(on_grid) + (magnitudes - tf.stop_gradient(magnitudes))
+
+
+def magnitude_grid(magnitudes: np.ndarray) -> tuple[int, float]:
+    """(bits, step) of the fewest bits whose grid (see `quantized`) holds `magnitudes`
+    exactly; (32, 0.0) if none of up to 16 bits does."""
+    magnitudes = np.asarray(magnitudes, np.float32)
+    if magnitudes.size and magnitudes.min() > 0:
+        for bits in range(1, 17):
+            step = np.float32(magnitudes.max() / np.float32(2.0**bits))
+            on_grid = np.round(magnitudes / step).astype(np.float32) * step
+            if np.array_equal(on_grid, magnitudes):
+                return bits, float(step)
+    return FLOAT_MAGNITUDES, 0.0
 
 
 def kinds_of(kernel: np.ndarray, layout: BlockLayout) -> np.ndarray:
@@ -167,7 +225,10 @@ class Encoding:
         present: the kinds that occur, in order; a block's code is its kind's index here.
         code_bits: bits of each block's code (0 for one kind, 1 for two, 2 for three).
         sign_bits: the unified blocks' weights' signs (True: +), block by block.
-        values: the unified blocks' magnitudes, then the free blocks' weights (float32).
+        magnitudes: the unified blocks' magnitudes (float32).
+        magnitude_bits: bits per magnitude: 32 (float32) or fewer, on the grid of `step`.
+        step: the magnitudes' step (0.0 for float32 magnitudes).
+        free: the free blocks' weights (float32).
     """
 
     layout: BlockLayout
@@ -175,28 +236,48 @@ class Encoding:
     present: list
     code_bits: int
     sign_bits: np.ndarray
-    values: np.ndarray
+    magnitudes: np.ndarray
+    magnitude_bits: int
+    step: float
+    free: np.ndarray
+
+    @property
+    def magnitude_codes(self) -> np.ndarray:
+        """Each magnitude's q - 1 on the grid (see the module); empty for float32 ones."""
+        if self.magnitude_bits >= FLOAT_MAGNITUDES:
+            return np.zeros(0, np.int64)
+        return np.round(self.magnitudes / np.float32(self.step)).astype(np.int64) - 1
 
     @property
     def bits(self) -> int:
-        """The storage counted: codes, sign bits and 32 per value."""
-        return self.code_bits * len(self.kinds) + self.sign_bits.size + 32 * self.values.size
+        """The storage counted: codes, sign bits, magnitudes (and the step), 32 per free
+        weight."""
+        magnitudes = self.magnitude_bits * self.magnitudes.size
+        magnitudes += 32 if self.magnitude_bits < FLOAT_MAGNITUDES else 0  # the step
+        signs = self.sign_bits.size
+        return self.code_bits * len(self.kinds) + signs + magnitudes + 32 * self.free.size
 
 
 def encode(kernel: np.ndarray, block: tuple | str) -> Encoding:
-    """`kernel` in the block format, its blocks' kinds read off the values (`kinds_of`)."""
+    """`kernel` in the block format, its blocks' kinds read off the values (`kinds_of`)
+    and its magnitudes on the grid of fewest bits that holds them (`magnitude_grid`)."""
     layout = BlockLayout(kernel.shape, block)
     kinds = kinds_of(kernel, layout)
     present = sorted(set(kinds.tolist()))
     cut, valid = layout.blocks(kernel).numpy(), layout.valid.numpy() > 0
     unified, free = kinds == UNIFIED, kinds == FREE
+    magnitudes = np.abs(cut[unified][:, 0]).astype(np.float32)
+    magnitude_bits, step = magnitude_grid(magnitudes)
     return Encoding(
         layout=layout,
         kinds=kinds,
         present=present,
         code_bits=math.ceil(math.log2(len(present))) if len(present) > 1 else 0,
         sign_bits=(cut[unified] >= 0)[valid[unified]],
-        values=np.concatenate([np.abs(cut[unified][:, 0]), cut[free][valid[free]]]),
+        magnitudes=magnitudes,
+        magnitude_bits=magnitude_bits,
+        step=step,
+        free=cut[free][valid[free]].astype(np.float32),
     )
 
 

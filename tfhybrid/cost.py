@@ -413,7 +413,8 @@ class CostModel:
                 channels and a 1 x 1 conv back (at the output's positions), counted
                 as given.
             blocks: layer name -> `tfhybrid.blocks.BlockShares`: its kernel in blocks,
-                unified ones storing one float32 magnitude and a sign bit per weight,
+                unified ones storing one magnitude (float32, or fewer bits on a step
+                per kernel) and a sign bit per weight,
                 pruned ones nothing, the rest float32, plus a code per block saying
                 which. The pruned weights do not count as parameters; MACs stay dense
                 (see `tfhybrid.techniques.unify`).

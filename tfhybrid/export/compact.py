@@ -7,11 +7,14 @@ than float32, as one bit stream and one float32 array:
 
 - per block a code saying its kind (0 bits when all blocks are of one kind, 1 for
   two kinds, 2 for three);
-- per unified block one sign bit per weight, and its magnitude (float32);
+- per unified block one sign bit per weight, and its magnitude: float32, or, where the
+  kernel's magnitudes lie on a grid of one step (`blocks.magnitude_grid`, as
+  `th.Unify(magnitude_bits=...)` trains them), a code of that many bits in the bit
+  stream and the step once in the float32 array;
 - per free block its weights (float32); pruned blocks store nothing.
 
-Every other tensor is float32. The payload's size is the bit count (`blocks.block_bits`
-per kernel entry, 32 per other value) rounded up to whole bytes once per tensor;
+Every other tensor is float32. The payload's size is the bit count (`blocks.Encoding.bits`
+per kernel, 32 per other value) rounded up to whole bytes once per tensor;
 `load_compact` restores the same model, weight for weight. The kinds are read off the
 values, so any model whose kernels are in that form (`th.Unify` after `strip`) writes
 compactly; other kernels stay float32.
@@ -137,17 +140,36 @@ def _encoded(kernel: np.ndarray, block: tuple | str) -> tuple | None:
     if encoding.bits >= 32 * kernel.size:
         return None
     codes = np.searchsorted(encoding.present, encoding.kinds)
-    code_stream = ((codes[:, None] >> np.arange(encoding.code_bits)) & 1).astype(bool).ravel()
-    stream = np.packbits(np.concatenate([code_stream, encoding.sign_bits]), bitorder="little")
-    data = stream.tobytes() + encoding.values.astype("<f4").tobytes()
+    streams = [
+        _bits_of(codes, encoding.code_bits),
+        encoding.sign_bits,
+        _bits_of(encoding.magnitude_codes, encoding.magnitude_bits),
+    ]
+    stream = np.packbits(np.concatenate(streams), bitorder="little")
+    quantized = encoding.magnitude_bits < blocks.FLOAT_MAGNITUDES
+    floats = [[encoding.step]] if quantized else [encoding.magnitudes]
+    data = stream.tobytes() + np.concatenate([*floats, encoding.free]).astype("<f4").tobytes()
     names = (("free", blocks.FREE), ("unified", blocks.UNIFIED), ("pruned", blocks.PRUNED))
     description = {
         "block": block if block == "kernel" else list(block),
         "kinds": encoding.present,
+        "magnitude_bits": encoding.magnitude_bits,
         "bit_bytes": len(stream),
         "counts": {name: int(np.sum(encoding.kinds == kind)) for name, kind in names},
     }
     return data, encoding.bits, description
+
+
+def _bits_of(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Each code's low `bits` bits, least significant first, one code after another."""
+    if bits >= blocks.FLOAT_MAGNITUDES:
+        return np.zeros(0, bool)
+    return ((np.asarray(codes)[:, None] >> np.arange(bits)) & 1).astype(bool).ravel()
+
+
+def _codes_of(stream: np.ndarray, count: int, bits: int) -> np.ndarray:
+    """The first `count` codes of `bits` bits in `stream` (the inverse of `_bits_of`)."""
+    return stream[: count * bits].reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits))
 
 
 def _decoded(data: bytes, shape: tuple, description: dict) -> np.ndarray:
@@ -156,22 +178,30 @@ def _decoded(data: bytes, shape: tuple, description: dict) -> np.ndarray:
     layout = blocks.BlockLayout(shape, block if block == "kernel" else tuple(block))
     present = description["kinds"]
     code_bits = math.ceil(math.log2(len(present))) if len(present) > 1 else 0
+    magnitude_bits = description.get("magnitude_bits", blocks.FLOAT_MAGNITUDES)
     stream = np.unpackbits(
         np.frombuffer(data[: description["bit_bytes"]], np.uint8), bitorder="little"
     ).astype(bool)
     values = np.frombuffer(data[description["bit_bytes"] :], "<f4")
     count = layout.count
-    codes = stream[: code_bits * count].reshape(count, code_bits) @ (1 << np.arange(code_bits))
-    kinds = np.asarray(present)[codes.astype(int)] if code_bits else np.full(count, present[0])
+    codes = _codes_of(stream, count, code_bits)
+    kinds = np.asarray(present)[codes] if code_bits else np.full(count, present[0])
+    stream = stream[code_bits * count :]
     valid = layout.valid.numpy() > 0
     unified, free = kinds == blocks.UNIFIED, kinds == blocks.FREE
+    signed = int(valid[unified].sum())
+    signs, stream = np.where(stream[:signed], 1.0, -1.0).astype(np.float32), stream[signed:]
+    if magnitude_bits < blocks.FLOAT_MAGNITUDES:
+        step, values = values[0], values[1:]
+        grid = _codes_of(stream, int(unified.sum()), magnitude_bits) + 1
+        magnitudes = grid.astype(np.float32) * step
+    else:
+        magnitudes, values = values[: int(unified.sum())], values[int(unified.sum()) :]
     cut = np.zeros((count, layout.size), np.float32)
-    signs = np.where(stream[code_bits * count :][: int(valid[unified].sum())], 1.0, -1.0)
-    magnitudes = values[: int(unified.sum())]
     unified_blocks = np.zeros((int(unified.sum()), layout.size), np.float32)
     unified_blocks[valid[unified]] = signs
     cut[unified] = unified_blocks * magnitudes[:, None]
     free_blocks = np.zeros((int(free.sum()), layout.size), np.float32)
-    free_blocks[valid[free]] = values[int(unified.sum()) :]
+    free_blocks[valid[free]] = values
     cut[free] = free_blocks
     return layout.kernel(cut).numpy()

@@ -2,16 +2,19 @@
 
 After Lin, Jiang, Wang, Xu, Wang, Liu and Li (2021), arXiv 2106.08301. Each kernel is
 cut into small blocks of weights. In a *unified* block every weight has the same
-magnitude and keeps its own sign: the block stores one float32 magnitude and a sign
-bit per weight, and a dot product over it needs one multiply. A *pruned* block is
-all zero and stores nothing. The other blocks stay float32.
+magnitude and keeps its own sign: the block stores one magnitude and a sign bit per
+weight, and a dot product over it needs one multiply. A *pruned* block is all zero and
+stores nothing. The other blocks stay float32. The magnitudes are stored in
+`magnitude_bits` bits each, as multiples of one float32 step per kernel (8 by
+default: a unified 1 x 4 block then stores 12 bits, not 36).
 
 Training is ADMM (`tfhybrid.constraints`): during the search the weights W train with
 the penalty rho/2 ||W - Z + U||^2, every `update_every` steps Z becomes the projection
 of W + U onto the kernels with the required shares of unified and pruned blocks and U
 gathers W - Z, and rho rises geometrically. At the search's end W is projected: each
 block's kind and signs are frozen, and fine-tuning trains one magnitude per unified
-block (the mean of sign * w over the block) while pruned blocks stay zero.
+block (the mean of sign * w over the block, rounded to its kernel's grid with the
+gradient passed straight through) while pruned blocks stay zero.
 
 The projection, per block: the closest unified block is sign(w) * mean|w| (error
 sum w^2 - n mean|w|^2), the closest pruned one zero (error sum w^2). The `prune` share
@@ -35,12 +38,14 @@ from tfhybrid import constraints, graph, plan, schedules
 from tfhybrid._keras import is_grouped, keras
 from tfhybrid.blocks import (
     BLOCKED_LAYERS,
+    FLOAT_MAGNITUDES,
     FREE,
     PRUNED,
     UNIFIED,
     BlockLayout,
     BlockShares,
     in_blocks,
+    quantized,
     signs,
 )
 from tfhybrid.techniques import base
@@ -50,6 +55,9 @@ L = keras.layers
 #: The weights' ADMM penalty rises geometrically over the search, from a pull that the
 #: task gradient outweighs to one that holds the weights near the constrained set.
 DEFAULT_RHO = (1e-3, 1.0)
+
+#: Bits of a unified block's magnitude: 256 levels of one step per kernel.
+DEFAULT_MAGNITUDE_BITS = 8
 
 
 def project(
@@ -102,13 +110,19 @@ def _costs_of_kinds(blocks: tf.Tensor, valid: tf.Tensor) -> tuple:
 
 
 def unified_kernel(
-    kernel: tf.Tensor, layout: BlockLayout, kinds: tf.Tensor, kernel_signs: tf.Tensor
+    kernel: tf.Tensor,
+    layout: BlockLayout,
+    kinds: tf.Tensor,
+    kernel_signs: tf.Tensor,
+    magnitude_bits: int = FLOAT_MAGNITUDES,
 ) -> tf.Tensor:
     """The kernel computed with frozen block kinds and signs: a unified block's weights
-    are its signs times one magnitude, mean(sign * w) over the block; pruned ones 0."""
+    are its signs times one magnitude, mean(sign * w) over the block on the kernel's
+    grid of `magnitude_bits` (`blocks.quantized`); pruned ones 0."""
     blocks, valid = layout.blocks(kernel), layout.valid
     block_signs = layout.blocks(kernel_signs)
     magnitude = tf.reduce_sum(blocks * block_signs, 1) / tf.reduce_sum(valid, 1)
+    magnitude = quantized(magnitude, magnitude_bits, kinds == UNIFIED)
     return layout.kernel(_by_kind(kinds, blocks, block_signs * magnitude[:, None] * valid))
 
 
@@ -133,14 +147,26 @@ class UnifyWrapper(L.Wrapper):
         prune: share of its blocks pruned.
         rho: schedule config of the ADMM penalty's weight (see `schedules`).
         update_every: steps between two Z/U updates.
+        magnitude_bits: bits of a unified block's magnitude (32: float32).
     """
 
-    def __init__(self, layer, block, unify, prune, rho, update_every=1, **kwargs):
+    def __init__(
+        self,
+        layer,
+        block,
+        unify,
+        prune,
+        rho,
+        update_every=1,
+        magnitude_bits=FLOAT_MAGNITUDES,
+        **kwargs,
+    ):
         super().__init__(layer, **kwargs)
         self.block = block if block == "kernel" else tuple(int(b) for b in block)
         self.unify, self.prune = float(unify), float(prune)
         self.rho = schedules.deserialize(rho)
         self.update_every = int(update_every)
+        self.magnitude_bits = int(magnitude_bits)
 
     def build(self, input_shape):
         if not self.layer.built:
@@ -191,7 +217,9 @@ class UnifyWrapper(L.Wrapper):
     def effective_kernel(self) -> tf.Tensor:
         """The kernel the layer computes with (see the class)."""
         kernel = self.layer.kernel
-        unified = unified_kernel(self.ordered(kernel), self.layout, self.kinds, self.signs)
+        unified = unified_kernel(
+            self.ordered(kernel), self.layout, self.kinds, self.signs, self.magnitude_bits
+        )
         return tf.where(self.decided > 0, self.unordered(unified), kernel)
 
     def kept_weights(self) -> np.ndarray:
@@ -281,7 +309,8 @@ class UnifyWrapper(L.Wrapper):
 
     def measured(self) -> BlockShares:
         """The shares of the blocks' kinds, counting only the channels that stay."""
-        return BlockShares.measured(self.layout, self.kinds.numpy(), self.kept_weights())
+        kinds, kept = self.kinds.numpy(), self.kept_weights()
+        return BlockShares.measured(self.layout, kinds, kept, self.magnitude_bits)
 
     def shares(self) -> BlockShares:
         """The kernel's blocks as the cost model counts them: planned during the search,
@@ -289,7 +318,7 @@ class UnifyWrapper(L.Wrapper):
         keep the planned ones, which differ only by the short blocks at the edges)."""
         if tf.executing_eagerly() and bool(self.decided.numpy()):
             return self.measured()
-        return BlockShares.planned(self.layout, self.unify, self.prune)
+        return BlockShares.planned(self.layout, self.unify, self.prune, self.magnitude_bits)
 
     def get_config(self) -> dict:
         return {
@@ -299,6 +328,7 @@ class UnifyWrapper(L.Wrapper):
             "prune": self.prune,
             "rho": schedules.serialize(self.rho),
             "update_every": self.update_every,
+            "magnitude_bits": self.magnitude_bits,
         }
 
     def compression_note(self) -> str:
@@ -320,12 +350,14 @@ class Unify(base.Technique):
         rho: (start, end) of the ADMM penalty's weight, rising geometrically over the
             search.
         update_every: steps between Z/U updates; None: a twentieth of the search.
+        magnitude_bits: bits of each unified block's magnitude, a multiple of one float32
+            step per kernel (1 to 16), or 32 for float32 magnitudes.
         layers: only these layers (besides `hybrid_compress`'s own `layers`/`skip`).
         skip: never these layers.
 
     Raises:
         ValueError: for a bad block, shares outside [0, 1] or above 1 together, or a
-            rho that is not two positive numbers.
+            rho that is not two positive numbers, or magnitude bits not in 1..16 or 32.
     """
 
     name = "unify"
@@ -337,6 +369,7 @@ class Unify(base.Technique):
         prune: float | None = 0.0,
         rho: tuple = DEFAULT_RHO,
         update_every: int | None = None,
+        magnitude_bits: int = DEFAULT_MAGNITUDE_BITS,
         layers: list | None = None,
         skip: list | tuple = (),
         derived: list | None = None,
@@ -352,6 +385,12 @@ class Unify(base.Technique):
             )
         if len(rho) != 2 or min(rho) <= 0:
             raise ValueError(f"Unify(rho={rho!r}): give (start, end), both > 0.")
+        if magnitude_bits not in (*range(1, 17), FLOAT_MAGNITUDES):
+            raise ValueError(
+                f"Unify(magnitude_bits={magnitude_bits!r}): give 1 to 16 bits per magnitude "
+                "(on a step per kernel), or 32 for float32 magnitudes."
+            )
+        self.magnitude_bits = int(magnitude_bits)
         self.unify = None if unify is None else float(unify)
         self.prune = None if prune is None else float(prune)
         self.rho = tuple(float(r) for r in rho)
@@ -368,6 +407,7 @@ class Unify(base.Technique):
             "prune": self.prune,
             "rho": list(self.rho),
             "update_every": self.update_every,
+            "magnitude_bits": self.magnitude_bits,
             "layers": self.layers,
             "skip": self.skip,
             "derived": self.derived,
@@ -399,9 +439,7 @@ class Unify(base.Technique):
     def prepare(self, setup: base.Setup, others: list[base.Technique]) -> None:
         """Derives the shares left None from the bits budget."""
         if self.unify is None or self.prune is None:
-            self.unify, self.prune = _shares_for_budget(
-                setup, self._taken, self.block, self.unify, self.prune
-            )
+            self.unify, self.prune = _shares_for_budget(setup, self._taken, self)
 
     def replace_layer(self, op: graph.Op) -> graph.Replacement | None:
         if op.layer.name not in self._taken:
@@ -416,6 +454,7 @@ class Unify(base.Technique):
             self.unify,
             self.prune,
             schedules.serialize(rho),
+            magnitude_bits=self.magnitude_bits,
             name=f"unify_{op.layer.name}",
         )
 
@@ -473,7 +512,10 @@ class Unify(base.Technique):
         fixed = {k: None if k in self.derived else getattr(self, k) for k in ("unify", "prune")}
 
         def bits(shares: tuple[float, float]) -> float:
-            planned = {w.layer.name: BlockShares.planned(w.layout, *shares) for w in wrappers}
+            planned = {
+                w.layer.name: BlockShares.planned(w.layout, *shares, self.magnitude_bits)
+                for w in wrappers
+            }
             decided = dataclasses.replace(hard, blocks={**hard.blocks, **planned})
             return float(model.ratios_of(decided)["bits"])
 
@@ -554,14 +596,16 @@ def _why_not_unified(layer: Any, block: tuple | str) -> str | None:
 
 
 def _shares_for_budget(
-    setup: base.Setup, taken: list[str], block: Any, unify: float | None, prune: float | None
+    setup: base.Setup, taken: list[str], technique: Unify
 ) -> tuple[float, float]:
-    """(unify, prune) with the share left as None the one that meets the bits budget, the
-    other layers whole; both None: every block unified or pruned, the pruned share so.
+    """`technique`'s (unify, prune), the share left None the one that meets the bits
+    budget with the other layers whole; both None: every block unified or pruned, the
+    pruned share so.
 
     Raises:
         ValueError: without a bits budget, or when the shares cannot meet it.
     """
+    block, unify, prune = technique.block, technique.unify, technique.prune
     target = setup.budget.targets().get("bits")
     if target is None:
         raise ValueError(
@@ -572,7 +616,9 @@ def _shares_for_budget(
     layouts = {n: BlockLayout(setup.analysis.model.get_layer(n).kernel.shape, block) for n in taken}
 
     def bits(shares: tuple[float, float]) -> float:
-        planned = {n: BlockShares.planned(layouts[n], *shares) for n in taken}
+        planned = {
+            n: BlockShares.planned(layouts[n], *shares, technique.magnitude_bits) for n in taken
+        }
         return setup.cost_model.costs(blocks=planned)["bits"] / setup.original["bits"]
 
     shares, within = _solved_shares(unify, prune, bits, target)

@@ -220,12 +220,26 @@ def test_the_share_left_none_follows_the_bits_budget(unify, prune):
     for option, share in given.items():
         if share is not None:
             assert getattr(technique, option) == share  # the given share stays
-    if unify is None and prune is None:  # no free block left
+    if unify is None and prune is None:  # unifying all is not enough: no free block left
         assert technique.unify + technique.prune == pytest.approx(1.0)
     # After the search the kernels, measured, still meet it (blocks at the edges included).
     fit_search(compressed, epochs=2)
     measured = th.profile(th.strip(compressed), block=(1, 8)).ratios(th.profile(lenet5()))
     assert measured["bits"] <= float(compressed.ratios(hard=True)["bits"]) <= 0.05
+
+
+def test_with_both_shares_none_blocks_are_unified_first_then_pruned():
+    def shares(bits: float) -> tuple[float, float]:
+        technique = th.Unify(block=(1, 8), unify=None, prune=None)
+        compressed = th.hybrid_compress(lenet5(), th.Budget(bits=bits), [technique])
+        assert float(compressed.ratios(hard=True)["bits"]) == pytest.approx(bits, abs=1e-6)
+        return compressed.technique("unify").unify, compressed.technique("unify").prune
+
+    # Every 1 x 8 block unified stores 2 bits per weight (0.0625 of float32) and some more.
+    unify, prune = shares(0.2)
+    assert 0 < unify < 1 and prune == 0  # room for free blocks
+    unify, prune = shares(0.04)
+    assert 0 < prune < 1 and unify + prune == pytest.approx(1.0)
 
 
 def test_a_model_saved_mid_admm_resumes_with_its_z_and_u(tmp_path):

@@ -345,8 +345,8 @@ class Unify(base.Technique):
         unify: share of every kernel's blocks unified; None: the share that meets the
             budget's `bits` with the other layers whole.
         prune: share of every kernel's blocks pruned; None: the share that meets the
-            budget's `bits`. Both None: every block is unified or pruned, the pruned
-            share the one that meets the budget.
+            budget's `bits`. Both None: the fewest blocks unified that meet it, and
+            where unifying every block is not enough, the fewest of them pruned.
         rho: (start, end) of the ADMM penalty's weight, rising geometrically over the
             search.
         update_every: steps between Z/U updates; None: a twentieth of the search.
@@ -598,9 +598,8 @@ def _why_not_unified(layer: Any, block: tuple | str) -> str | None:
 def _shares_for_budget(
     setup: base.Setup, taken: list[str], technique: Unify
 ) -> tuple[float, float]:
-    """`technique`'s (unify, prune), the share left None the one that meets the bits
-    budget with the other layers whole; both None: every block unified or pruned, the
-    pruned share so.
+    """`technique`'s (unify, prune), the shares left None the ones that meet the bits
+    budget with the other layers whole (see `_solved_shares`).
 
     Raises:
         ValueError: without a bits budget, or when the shares cannot meet it.
@@ -637,11 +636,12 @@ def _solved_shares(
     unify: float | None, prune: float | None, bits: Any, target: float
 ) -> tuple[tuple[float, float], bool]:
     """The least compressing (unify, prune), the shares left None varied, whose `bits` meet
-    `target`, and whether any does (if not: the most compressing ones)."""
+    `target`, and whether any does (if not: the most compressing ones). Both None: blocks
+    are unified first, then the unified ones pruned."""
 
     def shares(x: float) -> tuple[float, float]:  # bits fall as x rises from 0 to 1
-        if unify is None and prune is None:
-            return 1.0 - x, x
+        if unify is None and prune is None:  # unified first, then pruned
+            return (2 * x, 0.0) if x <= 0.5 else (2 - 2 * x, 2 * x - 1)
         if unify is None:
             return x * (1.0 - prune), prune
         return unify, x * (1.0 - unify)

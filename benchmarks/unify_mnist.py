@@ -5,17 +5,19 @@
 
 For every bits budget (share of the float32 storage) and seed, from the same pretrained
 LeNet-5 and with the same epochs after it (`--search_epochs` of search inside
-`--fit_epochs`, Adam with a cosine-decayed rate):
-  unify        th.Unify(block=(1, 16), unify=None, prune=0): the unified share from the
-               budget, nothing pruned (blocks of 64 at 1/16 and below)
+`--fit_epochs`, Adam with a cosine-decayed rate), Unify's magnitudes in
+`--magnitude_bits`:
+  unify        th.Unify(block=(1, n), unify=None, prune=0): the unified share from the
+               budget, nothing pruned; n the shortest of 4, 8, ..., 64 whose unified
+               blocks store at most 90% of the budget (`unify_block`)
   prune        th.Unify(block=(1, 4), unify=0): whole blocks pruned, the rest float32
-  both         th.Unify(block=(1, 16), unify=None, prune=None): every block unified or
-               pruned, the pruned share from the budget
+  both         th.Unify(block=(1, 4), unify=None, prune=None): blocks unified, then
+               pruned, as the budget needs
   cluster      th.Cluster (TF-MOT cluster_weights), 2^bits clusters per kernel
   block_sparse th.Sparse(block_size=(1, 4)) (TF-MOT prune_low_magnitude) on the Dense
                kernels (TF-MOT's blocks take 2-D kernels only; the convolutions stay
                float32), the sparsity that meets the budget with its bitmap
-  df_unify     th.DF(ranks=False) + th.Unify(block=(1, 16), unify=None, prune=None)
+  df_unify     th.DF(ranks=False) + th.Unify(block=(1, 4), unify=None, prune=None)
                under Budget(macs=--df_macs, bits=...) (a rank and unified blocks would
                both change one kernel, which is refused)
 A method that cannot reach a budget (a sign bit per weight is 1/32 of float32) is left
@@ -39,7 +41,7 @@ from absl import app, flags  # noqa: E402
 from mnist import compile_model, lenet5, mnist  # noqa: E402
 
 import tfhybrid as th  # noqa: E402
-from tfhybrid.techniques.unify import DEFAULT_RHO  # noqa: E402
+from tfhybrid.techniques.unify import DEFAULT_MAGNITUDE_BITS, DEFAULT_RHO  # noqa: E402
 
 keras = th.keras
 METHODS = ["unify", "prune", "both", "cluster", "block_sparse", "df_unify"]
@@ -54,6 +56,7 @@ def define_flags() -> None:
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (each pretrains its own network).")
     flags.DEFINE_float("df_macs", 0.1, "MAC budget of df_unify.")
     flags.DEFINE_list("rho", ["0.001", "1.0"], "Unify's rho (start, end).")
+    flags.DEFINE_integer("magnitude_bits", DEFAULT_MAGNITUDE_BITS, "Unify's magnitude bits.")
     flags.DEFINE_integer("pretrain_epochs", 4, "Epochs of the original model.")
     flags.DEFINE_integer("search_epochs", 2, "Epochs of search inside the fit.")
     flags.DEFINE_integer("fit_epochs", 4, "Epochs of the compressed fit (search + fine-tune).")
@@ -62,25 +65,43 @@ def define_flags() -> None:
     flags.DEFINE_list("from_json", [], "Only print the table of these result JSONs (merged).")
 
 
+def unify_block(bits: float, magnitude_bits: int) -> tuple[int, int]:
+    """The shortest block (1, n), n in 4, 8, ..., 64, whose unified blocks store at most
+    90% of `bits` (a sign bit per weight and `magnitude_bits` per block).
+
+    Raises:
+        ValueError: where none does.
+    """
+    for n in (4, 8, 16, 32, 64):
+        if 1 + magnitude_bits / n <= 0.9 * 32 * bits:
+            return (1, n)
+    raise ValueError("unified weights keep a sign bit each: 1/32 of float32 at least")
+
+
 def techniques(
-    method: str, bits: float, base, rho: tuple = DEFAULT_RHO, df_macs: float = 0.1
+    method: str,
+    bits: float,
+    base,
+    rho: tuple = DEFAULT_RHO,
+    df_macs: float = 0.1,
+    magnitude_bits: int = DEFAULT_MAGNITUDE_BITS,
 ) -> tuple[list, tuple | None, th.Budget]:
     """(techniques, block of the counted format, budget) of `method` at `bits`, Unify's
-    ADMM penalty rising over `rho` and df_unify's MACs at `df_macs`.
+    ADMM penalty rising over `rho`, its magnitudes in `magnitude_bits` and df_unify's
+    MACs at `df_macs`.
 
     Raises:
         ValueError: where the method cannot reach `bits`, saying why.
     """
     budget = th.Budget(bits=bits)
+    options = {"rho": rho, "magnitude_bits": magnitude_bits}
     if method == "unify":
-        block = (1, 16) if bits > 1 / 16 else (1, 64)
-        if bits <= 1 / 32:
-            raise ValueError("unified weights keep a sign bit each: 1/32 of float32 at least")
-        return [th.Unify(block=block, unify=None, prune=0.0, rho=rho)], block, budget
+        block = unify_block(bits, magnitude_bits)
+        return [th.Unify(block=block, unify=None, prune=0.0, **options)], block, budget
     if method == "prune":
-        return [th.Unify(block=(1, 4), unify=0.0, prune=None, rho=rho)], (1, 4), budget
+        return [th.Unify(block=(1, 4), unify=0.0, prune=None, **options)], (1, 4), budget
     if method == "both":
-        return [th.Unify(block=(1, 16), unify=None, prune=None, rho=rho)], (1, 16), budget
+        return [th.Unify(block=(1, 4), unify=None, prune=None, **options)], (1, 4), budget
     if method == "cluster":
         clusters = 2 ** max(1, round(32 * bits))
         return [th.Cluster(clusters=clusters)], None, budget
@@ -99,14 +120,14 @@ def techniques(
         return [sparse], None, budget
     if method == "df_unify":
         df_budget = th.Budget(macs=df_macs, bits=bits)
-        unified = th.Unify(block=(1, 16), unify=None, prune=None, rho=rho)
-        return [th.DF(ranks=False), unified], (1, 16), df_budget
+        unified = th.Unify(block=(1, 4), unify=None, prune=None, **options)
+        return [th.DF(ranks=False), unified], (1, 4), df_budget
     raise ValueError(f"unknown method {method!r}")
 
 
 def run_one(method: str, base, bits: float, train, test, steps: int) -> dict:
     rho = tuple(float(r) for r in FLAGS.rho)
-    chosen, block, budget = techniques(method, bits, base, rho, FLAGS.df_macs)
+    chosen, block, budget = techniques(method, bits, base, rho, FLAGS.df_macs, FLAGS.magnitude_bits)
     search = FLAGS.search_epochs * steps
     compressed = th.hybrid_compress(base, budget, chosen, search_steps=search)
     compile_model(compressed, decay_steps=FLAGS.fit_epochs * steps)

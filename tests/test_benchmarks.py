@@ -3,6 +3,8 @@
 import importlib.util
 import pathlib
 
+import pytest
+
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "mnist_hybrid.py"
 _SPEC = importlib.util.spec_from_file_location("mnist_hybrid", _PATH)
 bench = importlib.util.module_from_spec(_SPEC)
@@ -122,6 +124,14 @@ def test_the_unify_table_has_a_row_per_budget_and_method_and_says_why_one_was_sk
     assert lines[2] == "| 0.0625 | both | 2 | 0.90 | 0.80, 1.00 | 0.0600 | 0.0590 | 1.000 |"
     assert lines[3].startswith("| 0.0625 | cluster | 1 | 1.20 |")
     assert lines[4] == "| 0.03125 | unify | - | - | a sign bit each | | | |"
+
+
+def test_the_unify_method_takes_the_shortest_block_that_fits_the_budget():
+    assert unify_bench.unify_block(1 / 8, 8) == (1, 4)  # 3 bits per weight of 4
+    assert unify_bench.unify_block(1 / 16, 8) == (1, 16)  # 1.5 of 2 (1 x 8 would be 2)
+    assert unify_bench.unify_block(1 / 16, 32) == (1, 64)
+    with pytest.raises(ValueError, match="a sign bit each"):
+        unify_bench.unify_block(1 / 32, 8)
 
 
 def test_a_later_unify_record_replaces_the_same_run_of_an_earlier_one():

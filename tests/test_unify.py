@@ -15,12 +15,13 @@ from tfhybrid.blocks import (
     UNIFIED,
     BlockLayout,
     BlockShares,
+    blocked_shape,
     kinds_of,
     magnitude_grid,
 )
 from tfhybrid.techniques import unify
 
-from models import fit_search, lenet5, mnist_like
+from models import APPLICATIONS, fit_search, lenet5, mnist_like
 
 keras = th.keras
 
@@ -291,17 +292,22 @@ def test_df_channels_and_unify_stack_under_macs_and_bits_and_store_as_counted(tm
 
 
 def test_layers_unify_cannot_take_are_named():
-    inputs = keras.Input((8, 8, 3))
-    hidden = keras.layers.DepthwiseConv2D(3, name="depthwise")(inputs)
+    inputs = keras.Input((8, 8, 4))
+    hidden = keras.layers.SeparableConv2D(4, 3, name="separable")(inputs)
+    hidden = keras.layers.Conv2D(4, 3, groups=2, name="grouped")(hidden)
     outputs = keras.layers.Dense(4, name="head")(keras.layers.Flatten()(hidden))
     model = keras.Model(inputs, outputs)
-    with pytest.warns(UserWarning, match="depthwise: Unify takes Dense and Conv2D"):
+    with pytest.warns(UserWarning, match="separable: Unify takes Dense, Conv2D and Depthwise") as w:
         compressed = th.hybrid_compress(model, th.Budget(bits=0.9), [th.Unify()])
+    assert (
+        "grouped: Unify takes Dense, Conv2D and DepthwiseConv2D kernels, not a Conv2D (grouped)"
+        in str(w[0].message)
+    )
     assert [w.layer.name for w in compressed.technique("unify").layers_of(compressed)] == ["head"]
     with pytest.warns(UserWarning, match="fc1: block='kernel' needs a kernel with k x k"):
         th.hybrid_compress(lenet5(), th.Budget(bits=0.9), [th.Unify(block="kernel")])
     with pytest.raises(ValueError, match="Unify finds no layer"):
-        th.hybrid_compress(model, th.Budget(bits=0.9), [th.Unify(layers=["depthwise"])])
+        th.hybrid_compress(model, th.Budget(bits=0.9), [th.Unify(layers=["separable"])])
 
 
 @pytest.mark.parametrize(
@@ -376,3 +382,49 @@ def test_a_derived_share_is_derived_again_from_the_room_the_channels_leave():
     assert 0.27 < float(compressed.ratios(hard=True)["bits"]) <= 0.3
     wrapper = compressed.get_layer("unify_fc1")
     assert wrapper.unify == technique.unify
+
+
+def test_a_depthwise_kernel_is_counted_and_cut_across_its_channels():
+    inputs = keras.Input((6, 6, 8))
+    depthwise = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, name="depthwise")
+    model = keras.Model(inputs, depthwise(inputs))
+    compressed = th.hybrid_compress(
+        model, th.Budget(bits=0.9), [th.Unify(unify=0.5, prune=0.25, magnitude_bits=32)]
+    )
+    wrapper = compressed.get_layer("unify_depthwise")
+    # (3, 3, 8, 2) as (3, 3, 1, 16): 9 positions x 4 blocks of 4 output channels.
+    assert wrapper.layout.shape == (3, 3, 1, 16) and wrapper.layout.count == 36
+    # A quarter float32, half signed with a magnitude per block, 2-bit codes; 16 biases.
+    kernel_bits = 144 * (32 * 0.25 + 0.5) + 36 * (2 + 32 * 0.5)
+    expected = (kernel_bits + 32 * 16) / (32 * model.count_params())
+    assert float(compressed.ratios(hard=True)["bits"]) == pytest.approx(expected)
+    assert float(compressed.ratios(hard=True)["params"]) == pytest.approx(1 - 36 / 160)
+
+
+def test_df_and_unify_stack_on_mobilenet_v2_with_its_depthwise_kernels(tmp_path):
+    model = APPLICATIONS["MobileNetV2"]()
+    compressed = th.hybrid_compress(
+        model,
+        th.Budget(macs=0.6, bits=0.2),
+        [th.DF(ranks=False), th.Unify(unify=None, prune=None)],
+        search_steps=2,
+    )
+    wrapped = {w.layer.name for w in compressed.technique("unify").layers_of(compressed)}
+    assert "block_1_depthwise" in wrapped and "Conv1" in wrapped
+    x = np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32)
+    y = np.arange(8) % 10
+    compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    compressed.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[th.CompressionScheduler()])
+    small = th.strip(compressed)
+    scale = np.abs(compressed(x).numpy()).max()
+    np.testing.assert_allclose(small(x), compressed(x), atol=1e-4 * scale)
+    depthwise = small.get_layer("block_1_depthwise")
+    layout = BlockLayout(blocked_shape(depthwise), (1, 4))
+    kernel = depthwise.depthwise_kernel.numpy().reshape(layout.shape)
+    assert np.sum(kinds_of(kernel, layout) != FREE) > 0
+    counted = float(compressed.ratios(hard=True)["bits"])
+    report = th.save_compact(small, str(tmp_path / "m.thc"), block=(1, 4))
+    assert report.counted_bits == pytest.approx(counted * 32 * model.count_params(), rel=2e-3)
+    loaded = th.load_compact(str(tmp_path / "m.thc"))
+    for original, restored in zip(small.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(restored, original)

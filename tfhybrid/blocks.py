@@ -3,8 +3,11 @@
 Blocks lie in the plane of a kernel's input and output axes, at each kernel position:
 `block=(rows, cols)` spans `rows` input channels and `cols` output channels (as
 TF-MOT's `block_size` does for a Dense kernel); `block="kernel"` is one input-output
-pair's whole k x k slice. Where the channels do not divide into blocks, the last block
-along an axis is shorter (as if padded with zeros that are never stored).
+pair's whole k x k slice. A depthwise kernel (k, k, channels, multiplier) is cut as the
+(k, k, 1, channels * multiplier) kernel it reshapes to (`blocked_shape`): a block spans
+neighbouring output channels at one position, and "kernel" is one channel's slice.
+Where the channels do not divide into blocks, the last block along an axis is shorter
+(as if padded with zeros that are never stored).
 
 A block is *free* (float32 weights), *unified* (one magnitude, each weight its own
 sign) or *pruned* (all zero). A kernel's magnitudes are float32, or with
@@ -22,10 +25,10 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from tfhybrid._keras import keras
+from tfhybrid._keras import is_grouped, keras
 
 #: The layers whose kernels are cut into blocks (exactly these classes).
-BLOCKED_LAYERS = (keras.layers.Dense, keras.layers.Conv2D)
+BLOCKED_LAYERS = (keras.layers.Dense, keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
 
 FREE, UNIFIED, PRUNED = 0, 1, 2
 
@@ -282,8 +285,22 @@ def encode(kernel: np.ndarray, block: tuple | str) -> Encoding:
 
 
 def in_blocks(layer, block: tuple | str) -> bool:
-    """Whether `layer`'s kernel is one to cut into blocks of `block`: a Dense or Conv2D
-    kernel, one with k x k positions for "kernel"."""
-    return type(layer) in BLOCKED_LAYERS and not (
-        block == "kernel" and type(layer) is keras.layers.Dense
-    )
+    """Whether `layer`'s kernel is one to cut into blocks of `block`: a Dense, Conv2D or
+    DepthwiseConv2D kernel (not a grouped one), one with k x k positions for "kernel"."""
+    if type(layer) not in BLOCKED_LAYERS or is_grouped(layer):
+        return False
+    return not (block == "kernel" and type(layer) is keras.layers.Dense)
+
+
+def kernel_of(layer) -> tf.Variable:
+    """The weight a blocked layer's blocks cut: its kernel, or its depthwise kernel."""
+    return layer.depthwise_kernel if type(layer) is keras.layers.DepthwiseConv2D else layer.kernel
+
+
+def blocked_shape(layer) -> tuple:
+    """The shape the blocks of `layer`'s kernel are laid over (see the module)."""
+    shape = tuple(int(d) for d in kernel_of(layer).shape)
+    if type(layer) is keras.layers.DepthwiseConv2D:
+        *spatial, channels, multiplier = shape
+        return (*spatial, 1, channels * multiplier)
+    return shape

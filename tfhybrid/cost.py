@@ -31,8 +31,8 @@ from tfhybrid._keras import (
     is_grouped,
     keras,
 )
+from tfhybrid.blocks import blocked_shape, in_blocks, kernel_of
 from tfhybrid.blocks import encode as encode_blocks
-from tfhybrid.blocks import in_blocks
 
 L = keras.layers
 
@@ -224,9 +224,9 @@ def _saved_by_blocks(layer: Any, block: tuple | str) -> int:
     layer other than Dense/Conv2D, or where it saves nothing)."""
     if not in_blocks(layer, block):
         return 0
-    kernel = layer.kernel.numpy()
+    kernel = kernel_of(layer).numpy()
     plain = _stored_bits(kernel, int(np.count_nonzero(kernel)))
-    return max(0, plain - encode_blocks(kernel, block).bits)
+    return max(0, plain - encode_blocks(kernel.reshape(blocked_shape(layer)), block).bits)
 
 
 def _stored_bits(weight: np.ndarray, nonzero: int) -> int:
@@ -300,6 +300,8 @@ class LayerTerms:
             `area*cin*r + r*cout + pc*cout` params; None otherwise.
         input_positions: for those, the positions of the layer's input (a Tucker-2
             form's first 1 x 1 conv runs there, before any stride).
+        kernel_per_input: a depthwise kernel's entries per input channel (they are in
+            `pa`); the kernel's entries are `pb*cin*cout + kernel_per_input*cin`.
     """
 
     name: str
@@ -309,6 +311,7 @@ class LayerTerms:
     params: tuple
     factored: tuple | None = None
     input_positions: float = 0.0
+    kernel_per_input: float = 0.0
 
 
 class CostModel:
@@ -348,7 +351,9 @@ class CostModel:
                 continue
             macs = tuple(float(t) for t in mac_terms(layer, in_shape, out_shape))
             params = param_terms(layer, in_shape[-1] or 1) if first else (0.0, 0.0, 0.0, 0.0)
-            factored, input_positions = None, 0.0
+            factored, input_positions, kernel_per_input = None, 0.0, 0.0
+            if isinstance(layer, DEPTHWISE_CONV) and first:
+                kernel_per_input = float(math.prod(layer.kernel_size) * layer.depth_multiplier)
             if is_factorable(layer):
                 area = math.prod(getattr(layer, "kernel_size", (1,)))
                 factored = (float(area), float(math.prod(out_shape[1:-1])))
@@ -362,6 +367,7 @@ class CostModel:
                     params,
                     factored,
                     input_positions,
+                    kernel_per_input,
                 )
             )
         return cls(terms, [g.size for g in analysis.groups])
@@ -473,8 +479,9 @@ class CostModel:
         full_macs = m0 + a * cin + b * cin * cout + c * cout
         unpruned = {name: 1.0 - shares.pruned for name, shares in blocks.items()}
         density = xp.stack([densities.get(t.name, unpruned.get(t.name, 1.0)) for t in self.terms])
-        entries = pb * cin * cout
-        full_params = p0 + pa * cin + entries * density + pc * cout
+        per_input = arr["kernel_per_input"]
+        entries = pb * cin * cout + per_input * cin
+        full_params = p0 + (pa - per_input) * cin + entries * density + pc * cout
         sparse = np.array([t.name in densities for t in self.terms], float)
         split_macs = arr["positions"] * (arr["area"] * cin * rank + rank * cout)
         split_params = (arr["area"] * cin * rank + rank * cout + pc * cout) * arr["first"]
@@ -527,6 +534,7 @@ class CostModel:
                 "area": factored[:, 0],
                 "positions": factored[:, 1],
                 "input_positions": np.array([t.input_positions for t in self.terms], np.float64),
+                "kernel_per_input": np.array([t.kernel_per_input for t in self.terms]),
                 "first": np.array([float(any(t.params)) for t in self.terms]),
             }
         return self._cache

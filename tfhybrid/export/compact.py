@@ -1,9 +1,9 @@
 """A compact weight file in exactly the storage the budget counts, and its loader.
 
 `save_compact(model, path, block)` writes a plain Keras model: a header (the model's
-architecture and, per weight tensor, how it is stored) and a payload. Each Dense and
-Conv2D kernel is cut into blocks (`tfhybrid.blocks`) and stored, when that is smaller
-than float32, as one bit stream and one float32 array:
+architecture and, per weight tensor, how it is stored) and a payload. Each Dense,
+Conv2D and DepthwiseConv2D kernel is cut into blocks (`tfhybrid.blocks`) and stored,
+when that is smaller than float32, as one bit stream and one float32 array:
 
 - per block a code saying its kind (0 bits when all blocks are of one kind, 1 for
   two kinds, 2 for three);
@@ -86,7 +86,8 @@ def save_compact(model: Any, path: str, block: tuple | str = (1, 4)) -> CompactR
     for layer in model.layers:
         for index, weight in enumerate(layer.get_weights()):
             is_kernel = index == 0 and blocks.in_blocks(layer, block)
-            coded = _encoded(weight, block) if is_kernel else None
+            shape = blocks.blocked_shape(layer) if is_kernel else None
+            coded = _encoded(weight.reshape(shape), block) if is_kernel else None
             entry = {"layer": layer.name, "index": index, "shape": list(weight.shape)}
             if coded is None:
                 data, bits = np.asarray(weight, "<f4").tobytes(), 32 * weight.size
@@ -122,7 +123,7 @@ def load_compact(path: str, custom_objects: dict | None = None) -> Any:
         offset += entry["bytes"]
         shape = tuple(entry["shape"])
         if "blocks" in entry:
-            value = _decoded(data, shape, entry["blocks"])
+            value = _decoded(data, entry["blocks"]).reshape(shape)
         else:
             value = np.frombuffer(data, "<f4").reshape(shape)
         weights[entry["layer"], entry["index"]] = value
@@ -152,6 +153,7 @@ def _encoded(kernel: np.ndarray, block: tuple | str) -> tuple | None:
     names = (("free", blocks.FREE), ("unified", blocks.UNIFIED), ("pruned", blocks.PRUNED))
     description = {
         "block": block if block == "kernel" else list(block),
+        "blocked_shape": list(kernel.shape),
         "kinds": encoding.present,
         "magnitude_bits": encoding.magnitude_bits,
         "bit_bytes": len(stream),
@@ -172,9 +174,10 @@ def _codes_of(stream: np.ndarray, count: int, bits: int) -> np.ndarray:
     return stream[: count * bits].reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits))
 
 
-def _decoded(data: bytes, shape: tuple, description: dict) -> np.ndarray:
-    """The kernel `_encoded` wrote."""
+def _decoded(data: bytes, description: dict) -> np.ndarray:
+    """The kernel `_encoded` wrote, in its blocks' shape."""
     block = description["block"]
+    shape = tuple(description["blocked_shape"])
     layout = blocks.BlockLayout(shape, block if block == "kernel" else tuple(block))
     present = description["kinds"]
     code_bits = math.ceil(math.log2(len(present))) if len(present) > 1 else 0

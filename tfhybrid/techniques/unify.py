@@ -44,7 +44,9 @@ from tfhybrid.blocks import (
     UNIFIED,
     BlockLayout,
     BlockShares,
+    blocked_shape,
     in_blocks,
+    kernel_of,
     quantized,
     signs,
 )
@@ -134,14 +136,15 @@ def _by_kind(kinds: tf.Tensor, free: tf.Tensor, same: tf.Tensor) -> tf.Tensor:
 
 @keras.utils.register_keras_serializable(package="tfhybrid")
 class UnifyWrapper(L.Wrapper):
-    """A Dense/Conv2D whose kernel is trained by ADMM toward unified and pruned blocks.
+    """A Dense, Conv2D or DepthwiseConv2D whose kernel is trained by ADMM toward unified
+    and pruned blocks.
 
     During the search the layer computes with its kernel W as it is (the penalty pulls
     it toward Z); once decided, with `unified_kernel` of W and the frozen kinds and
     signs. Z and U, the kinds and the signs are non-trainable weights, saved with it.
 
     Args:
-        layer: the Dense or Conv2D layer.
+        layer: the Dense, Conv2D or DepthwiseConv2D layer.
         block: (rows, cols) or "kernel" (see the module).
         unify: share of the kernel's blocks unified.
         prune: share of its blocks pruned.
@@ -171,11 +174,13 @@ class UnifyWrapper(L.Wrapper):
     def build(self, input_shape):
         if not self.layer.built:
             self.layer.build(input_shape)
-        shape = tuple(self.layer.kernel.shape)
-        self.layout = BlockLayout(shape, self.block)
+        shape = tuple(self.kernel.shape)
+        self.layout = BlockLayout(blocked_shape(self.layer), self.block)
         self.z = self.add_weight("z", shape=shape, initializer="zeros", trainable=False)
         self.u = self.add_weight("u", shape=shape, initializer="zeros", trainable=False)
-        self.signs = self.add_weight("signs", shape=shape, initializer="ones", trainable=False)
+        self.signs = self.add_weight(
+            "signs", shape=self.layout.shape, initializer="ones", trainable=False
+        )
         self.kinds = self.add_weight(
             "kinds",
             shape=(self.layout.count,),
@@ -183,7 +188,7 @@ class UnifyWrapper(L.Wrapper):
             initializer="zeros",
             trainable=False,
         )
-        *_, inputs, outputs = shape
+        *_, inputs, outputs = self.layout.shape
         for name, size in (("row_order", inputs), ("col_order", outputs)):
             order = self.add_weight(
                 name,
@@ -203,20 +208,28 @@ class UnifyWrapper(L.Wrapper):
         base.add_search_state(self)
         super().build(input_shape)
 
+    @property
+    def kernel(self) -> tf.Variable:
+        """The layer's kernel (a DepthwiseConv2D's depthwise kernel)."""
+        return kernel_of(self.layer)
+
     def ordered(self, kernel: tf.Tensor) -> tf.Tensor:
-        """`kernel` with its input and output channels in the blocks' order: the ones that
-        stay first (see `decide`), so blocks align with the stripped kernel's."""
+        """`kernel` in the blocks' shape (`blocks.blocked_shape`), its input and output
+        channels in the blocks' order: the ones that stay first (see `decide`), so blocks
+        align with the stripped kernel's."""
+        kernel = tf.reshape(kernel, self.layout.shape)
         return tf.gather(tf.gather(kernel, self.row_order, axis=-2), self.col_order, axis=-1)
 
     def unordered(self, kernel: tf.Tensor) -> tf.Tensor:
         """The inverse of `ordered`."""
         rows = tf.math.invert_permutation(self.row_order)
         cols = tf.math.invert_permutation(self.col_order)
-        return tf.gather(tf.gather(kernel, rows, axis=-2), cols, axis=-1)
+        kernel = tf.gather(tf.gather(kernel, rows, axis=-2), cols, axis=-1)
+        return tf.reshape(kernel, self.kernel.shape)
 
     def effective_kernel(self) -> tf.Tensor:
         """The kernel the layer computes with (see the class)."""
-        kernel = self.layer.kernel
+        kernel = self.kernel
         unified = unified_kernel(
             self.ordered(kernel), self.layout, self.kinds, self.signs, self.magnitude_bits
         )
@@ -234,6 +247,15 @@ class UnifyWrapper(L.Wrapper):
         layer, kernel = self.layer, self.effective_kernel()
         if isinstance(layer, L.Dense):
             outputs = tf.tensordot(inputs, kernel, [[inputs.shape.rank - 1], [0]])
+        elif isinstance(layer, L.DepthwiseConv2D):
+            outputs = keras.backend.depthwise_conv2d(
+                inputs,
+                kernel,
+                strides=layer.strides,
+                padding=layer.padding,
+                data_format=layer.data_format,
+                dilation_rate=layer.dilation_rate,
+            )
         else:
             outputs = layer.convolution_op(inputs, kernel)
         if layer.use_bias:
@@ -243,17 +265,20 @@ class UnifyWrapper(L.Wrapper):
 
     def projected(self, kernel: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         """(`kernel` (the weights by default) projected onto the constraint, its kinds)."""
-        kernel = self.layer.kernel if kernel is None else kernel
-        return project(kernel, self.layout, self.unify, self.prune)
+        kernel = self.kernel if kernel is None else kernel
+        projected, kinds = project(
+            tf.reshape(kernel, self.layout.shape), self.layout, self.unify, self.prune
+        )
+        return tf.reshape(projected, kernel.shape), kinds
 
     def penalty(self) -> tf.Tensor:
         """The ADMM penalty at the current step; zero once decided."""
         rho = tf.where(self.decided > 0, 0.0, self.rho(self.step))
-        return constraints.admm_penalty(self.layer.kernel, self.z, self.u, rho)
+        return constraints.admm_penalty(self.kernel, self.z, self.u, rho)
 
     def admm_step(self) -> tf.Tensor:
         """A Z/U update (see `constraints.admm_update`)."""
-        constraints.admm_update(self.layer.kernel, self.z, self.u, lambda t: self.projected(t)[0])
+        constraints.admm_update(self.kernel, self.z, self.u, lambda t: self.projected(t)[0])
         return tf.constant(True)
 
     def decide(self, rows: np.ndarray | None = None, cols: np.ndarray | None = None) -> None:
@@ -264,6 +289,8 @@ class UnifyWrapper(L.Wrapper):
                 all). They come first in the blocks' order, so the stripped kernel's
                 blocks are these blocks, and only blocks holding some of them count.
         """
+        if isinstance(self.layer, L.DepthwiseConv2D):
+            rows = None  # one row of blocks over the output channels (`blocked_shape`)
         *_, inputs, outputs = self.layout.shape
         orders = [_kept_first(rows, inputs), _kept_first(cols, outputs)]
         self.row_order.assign(orders[0])
@@ -272,13 +299,13 @@ class UnifyWrapper(L.Wrapper):
             [inputs if rows is None else len(rows), outputs if cols is None else len(cols)]
         )
         kernel, kinds = project(
-            self.ordered(self.layer.kernel),
+            self.ordered(self.kernel),
             self.layout,
             self.unify,
             self.prune,
             self.kept_weights(),
         )
-        self.layer.kernel.assign(self.unordered(kernel))
+        self.kernel.assign(self.unordered(kernel))
         self.kinds.assign(kinds)
         self.signs.assign(signs(kernel))
 
@@ -288,7 +315,7 @@ class UnifyWrapper(L.Wrapper):
         squares). Only blocks that hold channels that stay count. False if every such
         block is pruned already."""
         kinds = self.kinds.numpy()
-        blocks = self.layout.blocks(self.ordered(self.layer.kernel))
+        blocks = self.layout.blocks(self.ordered(self.kernel))
         squares, unify_error, same = _costs_of_kinds(blocks, self.layout.valid)
         kept = self.kept_weights()
         free = np.flatnonzero((kinds == FREE) & (kept >= 2))  # see `project`
@@ -302,7 +329,7 @@ class UnifyWrapper(L.Wrapper):
         else:
             return False
         kernel = self.layout.kernel(_by_kind(tf.constant(kinds), blocks, same))
-        self.layer.kernel.assign(self.unordered(kernel))
+        self.kernel.assign(self.unordered(kernel))
         self.kinds.assign(kinds)
         self.signs.assign(signs(kernel))
         return True
@@ -538,7 +565,7 @@ class Unify(base.Technique):
         """How far each kernel is from its constrained copy: ||W - Z|| / ||W||."""
         figures = {}
         for wrapper in self.layers_of(model):
-            kernel = wrapper.layer.kernel
+            kernel = wrapper.kernel
             distance = tf.norm(kernel - wrapper.z) / tf.maximum(tf.norm(kernel), 1e-12)
             figures[f"unify/distance/{wrapper.layer.name}"] = float(distance)
         return figures
@@ -589,7 +616,8 @@ def _checked_block(block: Any) -> tuple | str:
 def _why_not_unified(layer: Any, block: tuple | str) -> str | None:
     """Why Unify cannot take `layer`, or None if it can."""
     if type(layer) not in BLOCKED_LAYERS or is_grouped(layer):
-        return f"Unify takes Dense and Conv2D kernels, not a {type(layer).__name__}'s"
+        kind = type(layer).__name__ + (" (grouped)" if is_grouped(layer) else "")
+        return f"Unify takes Dense, Conv2D and DepthwiseConv2D kernels, not a {kind}'s"
     if not in_blocks(layer, block):
         return "block='kernel' needs a kernel with k x k positions, not a Dense one"
     return None
@@ -612,7 +640,8 @@ def _shares_for_budget(
             f"budget, and {setup.budget} has none. Give both shares, e.g. "
             "Unify(unify=0.5, prune=0.0), or Budget(bits=...)."
         )
-    layouts = {n: BlockLayout(setup.analysis.model.get_layer(n).kernel.shape, block) for n in taken}
+    model = setup.analysis.model
+    layouts = {n: BlockLayout(blocked_shape(model.get_layer(n)), block) for n in taken}
 
     def bits(shares: tuple[float, float]) -> float:
         planned = {

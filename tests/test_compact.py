@@ -7,7 +7,7 @@ import pytest
 
 import tfhybrid as th
 
-from models import fit_search, lenet5, mnist_like
+from models import fit_search, lenet5
 
 keras = th.keras
 
@@ -77,15 +77,6 @@ def test_a_unified_lenet_round_trips_at_the_size_the_budget_counted(tmp_path):
     np.testing.assert_array_equal(loaded(x[:4]), small(x[:4]))
     fc1 = report.kernels["fc1"]
     assert fc1["pruned"] == round(0.3 * 100_000) and fc1["unified"] == round(0.6 * 100_000)
-
-
-def test_a_unified_model_exports_to_tflite_and_agrees(tmp_path):
-    compressed = th.hybrid_compress(lenet5(), th.Budget(bits=0.5), [th.Unify(unify=0.7)])
-    fit_search(compressed, epochs=2)
-    small = th.strip(compressed)
-    x, _ = mnist_like(32)
-    report = th.export_tflite(small, tmp_path / "m.tflite", representative_data=x)
-    assert report.check["max_rel_diff"] <= 1e-4
 
 
 def test_compact_refuses_search_models_and_other_files(tmp_path):

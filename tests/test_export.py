@@ -68,6 +68,35 @@ def stripped_lenet(lenet_data):
 
 
 @pytest.fixture(scope="module")
+def unified_lenet(lenet_data):
+    """LeNet-5 with 60% of its 1 x 4 blocks unified and 20% pruned, trained, stripped."""
+    keras.utils.set_random_seed(0)
+    searched = th.hybrid_compress(
+        lenet5(), th.Budget(bits=0.5), [th.Unify(unify=0.6, prune=0.2)], search_steps=8
+    )
+    searched.compile(
+        optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    searched.fit(*lenet_data, batch_size=64, epochs=3, callbacks=[th.CompressionScheduler()])
+    return th.strip(searched)
+
+
+@pytest.mark.parametrize("quantize,sparse", [("none", False), ("int8", False), ("int8", True)])
+def test_a_unified_model_runs_in_litert_and_agrees(
+    unified_lenet, lenet_data, quantize, sparse, tmp_path
+):
+    inputs, labels = lenet_data
+    assert np.mean(np.argmax(unified_lenet(inputs[:256]), 1) == labels[:256]) > 0.9
+    report = th.export_tflite(
+        unified_lenet, tmp_path / "m.tflite", quantize, representative_data=inputs, sparse=sparse
+    )
+    if quantize == "none":
+        assert report.check["max_rel_diff"] <= 1e-4
+    else:
+        assert report.check["top1_agreement"] >= 0.98, str(report)
+
+
+@pytest.fixture(scope="module")
 def mobilenet_data():
     return templates_task((32, 32, 3))
 

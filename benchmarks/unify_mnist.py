@@ -1,10 +1,11 @@
-"""Storage budgets on LeNet-5 / MNIST: Unify against TF-MOT clustering and block pruning.
+"""Storage budgets on MNIST: Unify against TF-MOT clustering and block pruning.
 
-    python benchmarks/unify_mnist.py --bits=0.125,0.0625,0.03125 --seeds=0,1,2 \
-        --out=docs/results/unify_mnist.json
+    python benchmarks/unify_mnist.py --model=lenet5 --bits=0.125,0.0625,0.03125 \
+        --seeds=0,1,2 --out=docs/results/unify_mnist.json
 
 For every bits budget (share of the float32 storage) and seed, from the same pretrained
-LeNet-5 and with the same epochs after it (`--search_epochs` of search inside
+network (`--model`: lenet5, lenet_300_100 or residual_cnn, a small ResNet with
+BatchNorm) and with the same epochs after it (`--search_epochs` of search inside
 `--fit_epochs`, Adam with a cosine-decayed rate), Unify's magnitudes in
 `--magnitude_bits`:
   unify        th.Unify(block=(1, n), unify=None, prune=0): the unified share from the
@@ -38,19 +39,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 
 from absl import app, flags  # noqa: E402
-from mnist import compile_model, lenet5, mnist  # noqa: E402
+from mnist import compile_model, lenet5, lenet_300_100, mnist, residual_cnn  # noqa: E402
 
 import tfhybrid as th  # noqa: E402
 from tfhybrid.techniques.unify import DEFAULT_MAGNITUDE_BITS, DEFAULT_RHO  # noqa: E402
 
 keras = th.keras
 METHODS = ["unify", "prune", "both", "cluster", "block_sparse", "df_unify"]
+MODELS = {"lenet5": lenet5, "lenet_300_100": lenet_300_100, "residual_cnn": residual_cnn}
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
     """The command line (defined only when run, so tests can import the table)."""
+    flags.DEFINE_enum("model", "lenet5", list(MODELS), "The network.")
     flags.DEFINE_list("bits", ["0.125", "0.0625", "0.03125"], "Bits budgets.")
     flags.DEFINE_list("methods", METHODS, f"Methods, of {METHODS}.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (each pretrains its own network).")
@@ -167,13 +170,14 @@ def main(argv):
         if FLAGS.train_batches:
             train = train.take(FLAGS.train_batches)
         steps = int(train.cardinality())
-        base = compile_model(lenet5(), decay_steps=FLAGS.pretrain_epochs * steps)
+        base = compile_model(MODELS[FLAGS.model](), decay_steps=FLAGS.pretrain_epochs * steps)
         base.fit(train, epochs=FLAGS.pretrain_epochs, verbose=0)
-        runs.append({"method": "original", "bits": 1.0, "seed": seed, **original_of(base, test)})
+        original = {"method": "original", "bits": 1.0, "seed": seed, "model": FLAGS.model}
+        runs.append({**original, **original_of(base, test)})
         for bits in map(float, FLAGS.bits):
             for method in FLAGS.methods:
                 keras.utils.set_random_seed(seed)
-                entry = {"method": method, "bits": bits, "seed": seed}
+                entry = {"method": method, "bits": bits, "seed": seed, "model": FLAGS.model}
                 try:
                     entry.update(run_one(method, base, bits, train, test, steps))
                 except ValueError as err:
@@ -197,36 +201,43 @@ def save(runs: list[dict]) -> None:
 
 
 def merged(records: list[dict]) -> list[dict]:
-    """The runs of several result JSONs; a later file's run of a method, budget and seed
-    replaces an earlier one (a re-run after a fix)."""
+    """The runs of several result JSONs; a later file's run of a model, method, budget and
+    seed replaces an earlier one (a re-run after a fix). A run without a model is LeNet-5's."""
     runs = {}
     for record in records:
         for run in record["runs"]:
-            runs[run["method"], run["bits"], run["seed"]] = run
+            key = run.get("model", "lenet5"), run["method"], run["bits"], run["seed"]
+            runs[key] = run
     return list(runs.values())
 
 
 def table(runs: list[dict]) -> list[str]:
-    """Markdown: per budget and method, mean test error (%) over seeds, the seeds, the
-    counted and measured bits and the MACs; a skipped method with its reason."""
+    """Markdown: per model, budget and method, mean test error (%) over seeds, the seeds,
+    the counted and measured bits and the MACs; a skipped method with its reason."""
     lines = [
-        "| bits budget | method | seeds | test error % (mean) | per seed | counted bits "
-        "| measured bits | MACs |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | bits budget | method | seeds | test error % (mean) | per seed "
+        "| counted bits | measured bits | MACs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    keys = dict.fromkeys((r["bits"], r["method"]) for r in runs)
-    for bits, method in keys:
-        same = [r for r in runs if r["bits"] == bits and r["method"] == method]
+    keys = dict.fromkeys((r.get("model", "lenet5"), r["bits"], r["method"]) for r in runs)
+    for model, bits, method in keys:
+        same = [
+            r
+            for r in runs
+            if (r.get("model", "lenet5"), r["bits"], r["method"]) == (model, bits, method)
+        ]
         done = [r for r in same if "skipped" not in r]
         if not done:
-            lines.append(f"| {bits:g} | {method} | - | - | {same[0]['skipped']} | | | |")
+            skipped = same[0]["skipped"]
+            lines.append(f"| {model} | {bits:g} | {method} | - | - | {skipped} | | | |")
             continue
         errors = [100 * r["test_error"] for r in done]
         per_seed = ", ".join(f"{e:.2f}" for e in errors)
         counted = _mean(done, "counted_bits")
         measured = _mean(done, "measured_bits")
         lines.append(
-            f"| {bits:g} | {method} | {len(done)} | {statistics.mean(errors):.2f} | {per_seed} "
+            f"| {model} | {bits:g} | {method} | {len(done)} | {statistics.mean(errors):.2f} "
+            f"| {per_seed} "
             f"| {counted} | {measured} | {statistics.mean(r['mac_ratio'] for r in done):.3f} |"
         )
     return lines

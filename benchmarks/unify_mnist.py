@@ -142,6 +142,7 @@ def run_one(method: str, base, bits: float, train, test, steps: int) -> dict:
     result = {
         "test_error": 1 - small.evaluate(test, verbose=0)[1],
         "mac_ratio": now.macs / original.macs,
+        "multiply_ratio": now.multiplies / original.macs,
         "counted_bits": float(compressed.ratios(hard=True)["bits"]),
         "measured_bits": now.bits / (32 * original.params),
         "fit_seconds": seconds,
@@ -216,8 +217,8 @@ def table(runs: list[dict]) -> list[str]:
     the counted and measured bits and the MACs; a skipped method with its reason."""
     lines = [
         "| model | bits budget | method | seeds | test error % (mean) | per seed "
-        "| counted bits | measured bits | MACs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| counted bits | measured bits | MACs | multiplies |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = dict.fromkeys((r.get("model", "lenet5"), r["bits"], r["method"]) for r in runs)
     for model, bits, method in keys:
@@ -229,7 +230,7 @@ def table(runs: list[dict]) -> list[str]:
         done = [r for r in same if "skipped" not in r]
         if not done:
             skipped = same[0]["skipped"]
-            lines.append(f"| {model} | {bits:g} | {method} | - | - | {skipped} | | | |")
+            lines.append(f"| {model} | {bits:g} | {method} | - | - | {skipped} | | | | |")
             continue
         errors = [100 * r["test_error"] for r in done]
         per_seed = ", ".join(f"{e:.2f}" for e in errors)
@@ -238,14 +239,15 @@ def table(runs: list[dict]) -> list[str]:
         lines.append(
             f"| {model} | {bits:g} | {method} | {len(done)} | {statistics.mean(errors):.2f} "
             f"| {per_seed} "
-            f"| {counted} | {measured} | {statistics.mean(r['mac_ratio'] for r in done):.3f} |"
+            f"| {counted} | {measured} | {statistics.mean(r['mac_ratio'] for r in done):.3f} "
+            f"| {_mean(done, 'multiply_ratio', 3)} |"
         )
     return lines
 
 
-def _mean(runs: list[dict], key: str) -> str:
+def _mean(runs: list[dict], key: str, digits: int = 4) -> str:
     values = [r[key] for r in runs if key in r]
-    return f"{statistics.mean(values):.4f}" if values else "-"
+    return f"{statistics.mean(values):.{digits}f}" if values else "-"
 
 
 if __name__ == "__main__":

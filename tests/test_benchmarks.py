@@ -120,14 +120,15 @@ def test_the_unify_table_has_a_row_per_budget_and_method_and_says_why_one_was_sk
         run("cluster", 0, 0.012),
         run("unify", 0, None, skipped="a sign bit each"),
     ]
-    runs.append({**run("both", 0, 0.03), "model": "residual_cnn"})
+    runs.append({**run("both", 0, 0.03), "model": "residual_cnn", "multiply_ratio": 0.4})
     lines = unify_bench.table(runs)
     assert lines[2] == (
-        "| lenet5 | 0.0625 | both | 2 | 0.90 | 0.80, 1.00 | 0.0600 | 0.0590 | 1.000 |"
+        "| lenet5 | 0.0625 | both | 2 | 0.90 | 0.80, 1.00 | 0.0600 | 0.0590 | 1.000 | - |"
     )
     assert lines[3].startswith("| lenet5 | 0.0625 | cluster | 1 | 1.20 |")
-    assert lines[4] == "| lenet5 | 0.03125 | unify | - | - | a sign bit each | | | |"
+    assert lines[4] == "| lenet5 | 0.03125 | unify | - | - | a sign bit each | | | | |"
     assert lines[5].startswith("| residual_cnn | 0.0625 | both | 1 | 3.00 |")
+    assert lines[5].endswith("| 1.000 | 0.400 |")  # its multiplies
 
 
 def test_the_unify_method_takes_the_shortest_block_that_fits_the_budget():

@@ -49,6 +49,12 @@ def test_a_blocked_kernel_stores_codes_signs_magnitudes_and_free_weights(tmp_pat
         np.testing.assert_array_equal(restored, original)
 
 
+def test_profile_counts_one_multiply_per_unified_block_and_none_per_pruned_one():
+    profile = th.profile(blocked_dense(), block=(1, 4))
+    assert profile.macs == 24 and profile.multiplies == 8 + 2  # 8 free weights, 2 unified
+    assert th.profile(blocked_dense()).multiplies == 24  # no blocks: every MAC multiplies
+
+
 def test_a_kernel_the_blocks_do_not_shrink_stays_float32(tmp_path):
     model = blocked_dense()
     kernel, bias = model.get_weights()

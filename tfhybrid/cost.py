@@ -70,6 +70,10 @@ class Profile:
             value; 32 bits per non-zero and a one-bit-per-entry bitmap; or, for a
             tensor of at most 256 distinct values, an index of ceil(log2(distinct))
             bits per entry and the distinct values at 32 bits each.
+        multiplies: the multiplies of one forward pass where a kernel in blocks
+            multiplies once per unified block and skips its pruned ones (`profile`'s
+            `block`); what hardware with such a kernel would do, not LiteRT (which
+            runs `macs`). Equal to `macs` without `block`.
     """
 
     macs: int
@@ -77,6 +81,7 @@ class Profile:
     layers: list[LayerCost]
     nonzero_params: int = 0
     bits: int = 0
+    multiplies: int = 0
 
     def ratios(self, original: Profile) -> dict[str, float]:
         """{"macs", "params", "bits"} of this model over `original`'s, as a budget counts
@@ -179,9 +184,10 @@ def profile(model: Any, block: tuple | str | None = None) -> Profile:
     Args:
         model: a functional or built Sequential tf_keras model (nested models are
             counted layer by layer).
-        block: also count Dense and Conv2D kernels in the block format
-            (`tfhybrid.blocks`, blocks of this shape) where that stores them in fewer
-            bits, e.g. `(1, 4)` for a model compressed with `th.Unify(block=(1, 4))`.
+        block: also count Dense, Conv2D and DepthwiseConv2D kernels in the block
+            format (`tfhybrid.blocks`, blocks of this shape) where that stores them in
+            fewer bits, e.g. `(1, 4)` for a model compressed with
+            `th.Unify(block=(1, 4))`, and their `multiplies`.
 
     Returns:
         A `Profile` with `.macs`, `.params` and the per-layer breakdown.
@@ -208,25 +214,31 @@ def profile(model: Any, block: tuple | str | None = None) -> Profile:
     weights = [np.asarray(w) for w in model.weights]
     nonzero = [int(np.count_nonzero(w)) for w in weights]
     bits = sum(_stored_bits(w, n) for w, n in zip(weights, nonzero))
+    multiplied = {}  # blocked layer name -> share of its MACs that multiply
     if block is not None:
-        bits -= sum(_saved_by_blocks(layer, block) for layer in flat.layers)
+        for layer in flat.layers:
+            if in_blocks(layer, block):
+                saved, multiplied[layer.name] = _in_blocks(layer, block)
+                bits -= saved
     return Profile(
         macs=sum(c.macs for c in costs),
         params=model.count_params(),
         layers=costs,
         nonzero_params=sum(nonzero),
         bits=bits,
+        multiplies=round(sum(c.macs * multiplied.get(c.name, 1.0) for c in costs)),
     )
 
 
-def _saved_by_blocks(layer: Any, block: tuple | str) -> int:
-    """Bits the block format saves on `layer`'s kernel against `_stored_bits` (0 for a
-    layer other than Dense/Conv2D, or where it saves nothing)."""
-    if not in_blocks(layer, block):
-        return 0
+def _in_blocks(layer: Any, block: tuple | str) -> tuple[int, float]:
+    """(bits the block format saves on `layer`'s kernel against `_stored_bits`, at
+    least 0; the share of its MACs that multiply: one per free weight and per unified
+    block, none in a pruned block)."""
     kernel = kernel_of(layer).numpy()
     plain = _stored_bits(kernel, int(np.count_nonzero(kernel)))
-    return max(0, plain - encode_blocks(kernel.reshape(blocked_shape(layer)), block).bits)
+    encoding = encode_blocks(kernel.reshape(blocked_shape(layer)), block)
+    multiplied = (encoding.free.size + encoding.magnitudes.size) / kernel.size
+    return max(0, plain - encoding.bits), multiplied
 
 
 def _stored_bits(weight: np.ndarray, nonzero: int) -> int:

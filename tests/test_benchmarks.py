@@ -78,6 +78,29 @@ def test_the_optimizer_table_has_a_row_per_run_and_each_optimizers_means():
     assert lines[4] == "| adam | 0 | 1.00 | - | 1.00 | 0.90 | 0.100 | 0.200 |"
     # A control's mean only where every run of the optimizer has one (older records lack it).
     assert "| sgd | 2 | 1.20 | 0.90 | 1.00 |" in lines and "| adam | 1 | 1.00 | - | 0.90 |" in lines
+    assert not any("at a fifth of the rate" in line for line in lines)  # no repeats recorded
+
+
+def test_the_optimizer_table_spreads_the_last_epoch_over_its_repeats():
+    runs = [
+        {
+            "optimizer": "sgd",
+            "seed": seed,
+            "original_test_error": 0.01,
+            "test_error_after_fit": 0.012,
+            "test_error": final,
+            "mac_ratio": 0.1,
+            "param_ratio": 0.2,
+            "repeat_test_errors": repeats,
+            "slower_repeat_test_errors": slower,
+        }
+        for seed, final, repeats, slower in [
+            (0, 0.010, [0.012, 0.014], [0.009, 0.009]),
+            (1, 0.008, [0.016, 0.010], [0.008, 0.010]),
+        ]
+    ]
+    lines = optimizers_bench.table(runs)
+    assert lines[-1] == "| sgd | 2 | 1.17 (0.80-1.60) | 0.90 (0.80-1.00) |"
 
 
 _CMP_SPEC = importlib.util.spec_from_file_location(

@@ -25,6 +25,7 @@ from tfhybrid.surgery import ChannelMask, factorize, prune_channels
 from tfhybrid.techniques.base import Technique, register_technique
 from tfhybrid.techniques.cluster import Cluster
 from tfhybrid.techniques.df import DF
+from tfhybrid.techniques.lowrank_sparse import LowRankSparse
 from tfhybrid.techniques.sparse import Sparse
 from tfhybrid.techniques.unify import Unify
 from tfhybrid.tfmot import quantize_aware
@@ -40,6 +41,7 @@ __all__ = [
     "CompressionModel",
     "Cluster",
     "DF",
+    "LowRankSparse",
     "Sparse",
     "Unify",
     "Technique",

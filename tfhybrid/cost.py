@@ -414,6 +414,7 @@ class CostModel:
         bits: dict | None = None,
         tucker: dict | None = None,
         blocks: dict | None = None,
+        lowrank_sparse: dict | None = None,
     ) -> dict:
         """{"macs", "params", "bits"} for the decisions (see `evaluate`).
 
@@ -436,13 +437,17 @@ class CostModel:
                 pruned ones nothing, the rest float32, plus a code per block saying
                 which. The pruned weights do not count as parameters; MACs stay dense
                 (see `tfhybrid.techniques.unify`).
+            lowrank_sparse: layer name -> (rank, density): the layer as a low-rank pair
+                (split at that rank, whatever it costs) plus a parallel sparse kernel of
+                its whole shape with that share of non-zeros (bitmap indexed). MACs add
+                both branches, the sparse one dense (see `tfhybrid.techniques.sparse`).
 
         Returns:
             Floats (float64) for numbers, float32 scalar tensors if any decision is a
             tensor (then differentiable in them), (N,) arrays for (N,) arrays.
         """
         decided = [counts or {}, ranks or {}, densities or {}, bits or {}, tucker or {}]
-        decided.append(blocks or {})
+        decided += [blocks or {}, lowrank_sparse or {}]
         values = [v for d in decided for v in d.values()]
         tensors = any(tf.is_tensor(v) for v in tf.nest.flatten(values))
         return self._evaluate(*decided[:2], _TF if tensors else _NUMPY, *decided[2:])
@@ -479,6 +484,7 @@ class CostModel:
         bits: dict,
         tucker: dict,
         blocks: dict,
+        lowrank_sparse: dict,
     ) -> dict:
         arr = {k: xp.const(v) for k, v in self._arrays().items()}
         group_counts = xp.stack([counts.get(g, size) for g, size in enumerate(self.sizes)])
@@ -510,11 +516,23 @@ class CostModel:
             tucker_params = (cin * r1 + core + r2 * cout + pc * cout) * arr["first"]
             macs = xp.where(chained, tucker_macs, macs)
             params = xp.where(chained, tucker_params, params)
+        paired = np.zeros(len(self.terms))
+        if lowrank_sparse:
+            paired = np.array(
+                [t.factored is not None and t.name in lowrank_sparse for t in self.terms], float
+            )
+            pair_rank = xp.stack([lowrank_sparse.get(t.name, (0, 1.0))[0] for t in self.terms])
+            pair_density = xp.stack([lowrank_sparse.get(t.name, (0, 1.0))[1] for t in self.terms])
+            factors = arr["area"] * cin * pair_rank + pair_rank * cout  # U's and V's weights
+            low_params = (factors + pc * cout) * arr["first"]
+            macs = xp.where(paired > 0, arr["positions"] * factors + full_macs, macs)
+            params = xp.where(paired > 0, low_params + entries * pair_density, params)
         shared = np.array([t.name in bits for t in self.terms], float)
         index_bits = np.array([bits.get(t.name, (0, 0))[0] for t in self.terms], float)
         table = np.array([bits.get(t.name, (0, 0))[1] for t in self.terms], float)
         # A shared-value kernel's entries store an index each instead of 32 bits.
-        stored = 32.0 * params + sparse * entries + shared * (entries * (index_bits - 32.0))
+        bitmap = np.maximum(sparse, paired)
+        stored = 32.0 * params + bitmap * entries + shared * (entries * (index_bits - 32.0))
         stored = stored + 32.0 * table
         if blocks:
             blocked = np.array([t.name in blocks for t in self.terms], float)

@@ -52,6 +52,47 @@ class PlainLayer:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+    """A layer kept as parts: chains of plain layers on its input, summed by an `Add`
+    that takes the layer's name, then its activation (e.g. a low-rank pair beside a
+    sparse kernel).
+
+    Attributes:
+        name: the layer's name (the `Add`'s).
+        branches: per branch, its `PlainLayer`s in order.
+        activation: the layer's activation (as its config holds it) applied to the sum.
+    """
+
+    name: str
+    branches: tuple
+    activation: Any = None
+
+    def producers(self) -> list[str]:
+        """The layers whose outputs the sum adds: the last one of each branch."""
+        return [branch[-1].config["name"] for branch in self.branches]
+
+    def call(self) -> graph.Replacement:
+        """A replacement that calls the branches on the input and sums them."""
+        chains = [[spec.call() for spec in branch] for branch in self.branches]
+        add = keras.layers.Add(name=self.name)
+        activation = None
+        if keras.activations.get(self.activation) is not keras.activations.linear:
+            activation = keras.layers.Activation(self.activation, name=f"{self.name}_activation")
+
+        def call(inputs, *args, **kwargs):
+            outputs = []
+            for chain in chains:
+                x = inputs
+                for layer in chain:
+                    x = layer(x)
+                outputs.append(x)
+            total = add(outputs)
+            return total if activation is None else activation(total)
+
+        return call
+
+
 #: Replace a layer by its first input (a gate that `strip` removes).
 IDENTITY = "identity"
 
@@ -61,7 +102,7 @@ class Plan:
     """Decisions for `surgery.strip`, by layer name and channel group.
 
     Attributes:
-        replace: layer name -> `PlainLayer`, or `IDENTITY` to drop the layer.
+        replace: layer name -> `PlainLayer` or `Parallel`, or `IDENTITY` to drop the layer.
         remove: sorted producer names of a channel group -> channel indices to remove.
         ranks: layer name -> rank of its kernel; the layer is split in two where that
             needs fewer MACs, else kept whole.
@@ -100,6 +141,13 @@ class Plan:
             {**self.ranks, **other.ranks},
             {**self.sources, **other.sources},
         )
+
+    def key_after_replacing(self, key: tuple) -> tuple:
+        """A channel group's key (its producers' names, sorted) once the layers are
+        replaced: a layer kept as `Parallel` parts produces through their last layers."""
+        parts = {s.name: s for s in self.replace.values() if isinstance(s, Parallel)}
+        names = [n for name in key for n in (parts[name].producers() if name in parts else [name])]
+        return tuple(sorted(names))
 
     def replacement(self, name: str) -> graph.Replacement | None:
         """What `graph.rebuild` calls for layer `name` (None: the layer as it is)."""

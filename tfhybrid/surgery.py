@@ -510,7 +510,8 @@ def strip(model: Any, decided: plan.Plan):
     """
     plain = graph.rebuild(model, lambda op: decided.replacement(op.layer.name))
     by_key = {g.key(): g.id for g in channels.channel_groups(plain)}
-    pruned = prune_channels(plain, {by_key[tuple(k)]: v for k, v in decided.remove.items()})
+    remove = {by_key[decided.key_after_replacing(tuple(k))]: v for k, v in decided.remove.items()}
+    pruned = prune_channels(plain, remove)
     calls = {op.layer.name: op for op in graph.ops(pruned)}
     cheaper = {}
     for name, rank in decided.ranks.items():

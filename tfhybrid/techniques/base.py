@@ -83,6 +83,8 @@ class Decisions:
         tucker: layer name -> (r1, r2), a conv kept as a Tucker-2 chain.
         blocks: layer name -> (weights per block, share of blocks unified, share pruned),
             for kernels cut into blocks of one magnitude (see `cost.CostModel.costs`).
+        lowrank_sparse: layer name -> (rank, density), a kernel kept as a low-rank pair
+            plus a parallel sparse kernel (see `cost.CostModel.costs`).
     """
 
     counts: dict = dataclasses.field(default_factory=dict)
@@ -91,6 +93,7 @@ class Decisions:
     bits: dict = dataclasses.field(default_factory=dict)
     tucker: dict = dataclasses.field(default_factory=dict)
     blocks: dict = dataclasses.field(default_factory=dict)
+    lowrank_sparse: dict = dataclasses.field(default_factory=dict)
 
     def merged(self, other: Decisions) -> Decisions:
         """Both techniques' decisions (their layers and groups are disjoint)."""
@@ -100,7 +103,13 @@ class Decisions:
     def costed_by(self, cost_model: Any) -> dict:
         """{"macs", "params", "bits"} of these decisions (`cost.CostModel.costs`)."""
         return cost_model.costs(
-            self.counts, self.ranks, self.densities, self.bits, self.tucker, self.blocks
+            self.counts,
+            self.ranks,
+            self.densities,
+            self.bits,
+            self.tucker,
+            self.blocks,
+            self.lowrank_sparse,
         )
 
 

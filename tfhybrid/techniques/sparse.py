@@ -26,7 +26,7 @@ from tfhybrid.techniques import base
 
 _sparsity = tfmot.sparsity.keras
 #: TF-MOT's schedules by name, from the target sparsity (end_step set by the search).
-_SCHEDULES = {
+SCHEDULES = {
     "polynomial": lambda target: _sparsity.PolynomialDecay(0.0, target, 0, 1, frequency=1),
     "constant": lambda target: _sparsity.ConstantSparsity(target, 0, end_step=1, frequency=1),
 }
@@ -85,8 +85,8 @@ class Sparse(base.Technique):
             raise ValueError(
                 f"Sparse(sparsity={sparsity!r}): give the share of weights to zero, in [0, 1)."
             )
-        if schedule not in _SCHEDULES:
-            raise ValueError(f"Sparse(schedule={schedule!r}): give one of {sorted(_SCHEDULES)}.")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"Sparse(schedule={schedule!r}): give one of {sorted(SCHEDULES)}.")
         self.sparsity = None if sparsity is None else float(sparsity)
         self.schedule = schedule
         self.block_size = tuple(int(b) for b in block_size)
@@ -143,10 +143,10 @@ class Sparse(base.Technique):
     def replace_layer(self, op: graph.Op) -> graph.Replacement | None:
         if op.layer.name not in self._taken:
             return None
-        schedule = _SCHEDULES[self.schedule](self.sparsity)  # end_step: set_search_steps
+        schedule = SCHEDULES[self.schedule](self.sparsity)  # end_step: set_search_steps
         inner = graph.clone_layer(op.layer)
         wrapper = SparseWrapper(inner, pruning_schedule=schedule, block_size=self.block_size)
-        return _with_inner_weights(wrapper, op.layer.get_weights())
+        return with_inner_weights(wrapper, op.layer.get_weights())
 
     def initialize(self, model: Any, original: Any) -> None:
         for wrapper in self.layers_of(model):
@@ -182,7 +182,7 @@ class Sparse(base.Technique):
             if self.block_size == (1, 1):
                 rows, cols = kept[wrapper.layer.name]
                 weight, mask, _ = wrapper.pruning_vars[0]
-                mask.assign(_largest(weight.numpy(), rows, cols, 1.0 - self.sparsity))
+                mask.assign(largest_mask(weight.numpy(), rows, cols, 1.0 - self.sparsity))
             wrapper.pruning_obj.weight_mask_op()
 
     def plan(self, model: Any) -> plan.Plan:
@@ -199,7 +199,7 @@ class Sparse(base.Technique):
         return figures
 
 
-def _largest(kernel: np.ndarray, rows, cols, density: float) -> np.ndarray:
+def largest_mask(kernel: np.ndarray, rows, cols, density: float) -> np.ndarray:
     """A 0/1 mask of the floor(density * n) largest of the n entries in `rows` (the
     input axis, -2) and `cols` (the output axis, -1) of `kernel` (None: all)."""
     kept_rows, kept_cols = np.zeros(kernel.shape[-2], bool), np.zeros(kernel.shape[-1], bool)
@@ -220,7 +220,7 @@ def _has_kernel(layer: Any) -> bool:
     return getattr(layer, "kernel", None) is not None and layer.kernel.shape.rank >= 2
 
 
-def _with_inner_weights(wrapper: Any, weights: list) -> graph.Replacement:
+def with_inner_weights(wrapper: Any, weights: list) -> graph.Replacement:
     """A replacement calling `wrapper`, its wrapped layer set to `weights` once built."""
     state = {"set": False}
 

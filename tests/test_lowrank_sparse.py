@@ -1,0 +1,185 @@
+"""techniques.lowrank_sparse: W = L + S, alone, under a budget and stacked with DF."""
+
+import numpy as np
+import pytest
+import tensorflow_model_optimization as tfmot
+
+import tfhybrid as th
+from tfhybrid.techniques import df, lowrank_sparse
+
+from models import assert_unchanged, fit_search, lenet5, small_vit, weights_snapshot
+
+keras = th.keras
+layers = keras.layers
+
+
+def pointwise_model() -> keras.Model:
+    """A strided 1 x 1 conv, a 3 x 3 conv (not taken) and two Dense layers."""
+    inputs = keras.Input((8, 8, 6))
+    x = layers.Conv2D(16, 1, strides=2, activation="relu", name="pointwise")(inputs)
+    x = layers.Conv2D(12, 3, name="spatial")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(24, activation="relu", name="hidden")(x)
+    return keras.Model(inputs, layers.Dense(5, name="logits")(x), name="pointwise_model")
+
+
+def _parts(compressed) -> dict:
+    return {w.layer.name: w.layer for w in th.LowRankSparse().layers_of(compressed)}
+
+
+def test_it_starts_at_the_original_function_with_l_the_truncated_svd():
+    model = pointwise_model()
+    snapshot, config = weights_snapshot(model), model.get_config()
+    compressed = th.hybrid_compress(
+        model, th.Budget(params=0.6), [th.LowRankSparse(rank=3, sparsity=0.5)], search_steps=4
+    )
+    parts = _parts(compressed)
+    assert sorted(parts) == ["hidden", "logits", "pointwise"]  # not the 3 x 3 conv
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 6)).astype(np.float32)
+    np.testing.assert_allclose(compressed(x), model(x), rtol=1e-4, atol=1e-5)
+    for name, inner in parts.items():
+        kernel = model.get_layer(name).get_weights()[0]
+        matrix = kernel.reshape(-1, kernel.shape[-1])
+        u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+        truncated = (u[:, :3] * s[:3]) @ vt[:3]
+        np.testing.assert_allclose(inner.u.numpy() @ inner.v.numpy(), truncated, atol=1e-5)
+        np.testing.assert_allclose(inner.sparse.numpy(), matrix - truncated, atol=1e-5)
+    assert_unchanged(model, snapshot, config)
+
+
+def test_strip_keeps_the_parts_as_plain_layers_computing_the_searched_model(tmp_path):
+    model = pointwise_model()
+    compressed = th.hybrid_compress(
+        model, th.Budget(params=0.6), [th.LowRankSparse(rank=3, sparsity=0.75)], search_steps=4
+    )
+    x = np.random.default_rng(1).normal(size=(16, 8, 8, 6)).astype(np.float32)
+    compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    y = np.arange(16) % 5
+    compressed.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[th.CompressionScheduler()])
+    assert compressed.search_finished()
+    small = th.strip(compressed)
+    kinds = {type(la).__name__ for la in small.layers}
+    assert kinds == {"InputLayer", "Conv2D", "Dense", "Add", "Activation", "Flatten"}
+    for name in ("pointwise", "hidden"):  # the sum takes the layer's name; the activation follows
+        assert isinstance(small.get_layer(name), layers.Add)
+        assert small.get_layer(f"{name}_activation").activation is keras.activations.relu
+    sparse = small.get_layer("hidden_sparse").kernel.numpy()
+    assert np.mean(sparse == 0) == pytest.approx(0.75, abs=1 / sparse.size)  # exactly the share
+    assert small.get_layer("pointwise_lowrank_in").strides == (2, 2)
+    assert small.get_layer("pointwise_lowrank_out").kernel.shape == (1, 1, 3, 16)
+    np.testing.assert_allclose(small(x), compressed(x), rtol=1e-4, atol=1e-5)
+    counted = compressed.ratios(hard=True)
+    measured = th.profile(small)
+    original = th.profile(model)
+    assert float(counted["macs"]) == pytest.approx(measured.macs / original.macs, rel=1e-6)
+    s_zeros = sum(
+        int(np.sum(la.kernel.numpy() == 0)) for la in small.layers if la.name.endswith("_sparse")
+    )  # (a bias can be 0 too, where a unit got no gradient: counted as a parameter)
+    kept = measured.params - s_zeros
+    assert float(counted["params"]) == pytest.approx(kept / original.params, rel=1e-6)
+    assert float(counted["bits"]) == pytest.approx(measured.bits / (32 * original.params), rel=1e-6)
+    report = th.export_tflite(small, tmp_path / "small.tflite", representative_data=x)
+    assert report.check["max_rel_diff"] < 1e-4 and report.check["top1_agreement"] == 1.0
+
+
+def test_the_cost_model_counts_both_parts_by_hand():
+    inputs = keras.Input((20,))
+    model = keras.Model(inputs, layers.Dense(30, name="fc")(inputs))
+    compressed = th.hybrid_compress(
+        model, th.Budget(params=0.9), [th.LowRankSparse(rank=4, sparsity=0.5)]
+    )
+    costs = compressed.cost_model.costs(**{"lowrank_sparse": {"fc": (4, 0.5)}})
+    # U 20x4 and V 4x30 (200), the bias (30), half of S's 600 entries; S's 600-bit bitmap.
+    assert costs == {"macs": 200 + 600, "params": 530, "bits": 32 * 530 + 600}
+    assert compressed.decisions(hard=True).lowrank_sparse == {"fc": (4, 0.5)}
+
+
+def test_a_params_budget_sets_the_sparsity_and_strip_meets_it():
+    model = small_vit()
+    technique = th.LowRankSparse(rank=0.25)
+    compressed = th.hybrid_compress(model, th.Budget(params=0.8), [technique], search_steps=2)
+    taken = set(_parts(compressed))
+    assert taken and all(isinstance(model.get_layer(n), layers.Dense) for n in taken)
+    sparsity = compressed.technique("lowrank_sparse").sparsity
+    assert 0 < sparsity < 1 and technique.sparsity is None  # the user's object unchanged
+    compressed.finish_search()
+    small = th.strip(compressed)
+    share = th.profile(small).nonzero_params / th.profile(model).params
+    assert 0.78 < share <= 0.8
+    x = np.random.default_rng(2).normal(size=(2, *model.input_shape[1:])).astype(np.float32)
+    np.testing.assert_allclose(small(x), compressed(x), rtol=1e-4, atol=1e-4)
+
+
+def test_it_stacks_with_df_filters_and_strips_exactly():
+    """DF removes channels around fc1 (conv2's, which fc1 reads, and fc1's own, which its
+    parts produce): strip slices both parts alike and computes the hard-masked model."""
+    model = lenet5()
+    compressed = th.hybrid_compress(
+        model,
+        th.Budget(macs=0.35, params=0.5),
+        [th.DF(ranks=False), th.LowRankSparse(rank=16, sparsity=0.8, layers=["fc1"])],
+        search_steps=8,
+    )
+    rng = np.random.default_rng(3)
+    for logits in df.gates_of(compressed).logits:
+        logits.assign(rng.normal(0.1, 0.3, logits.shape).astype(np.float32))
+    compressed.finish_search()
+    small = th.strip(compressed)
+    rows = small.get_layer("fc1_lowrank_in").kernel.shape[0]
+    assert rows < 800 and small.get_layer("fc1_sparse").kernel.shape[0] == rows
+    assert small.get_layer("fc1_sparse").kernel.shape[1] < 500
+    assert small.get_layer("fc1_lowrank_out").kernel.shape[1] < 500
+    x = np.random.default_rng(4).normal(size=(8, 28, 28, 1)).astype(np.float32)
+    scale = np.abs(compressed(x).numpy()).max()
+    np.testing.assert_allclose(small(x), compressed(x), atol=1e-5 * scale)
+    measured = th.profile(small)
+    counted = compressed.ratios(hard=True)
+    assert float(counted["macs"]) == pytest.approx(measured.macs / th.profile(model).macs)
+    assert float(counted["macs"]) <= 0.35 and float(counted["params"]) <= 0.5
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_a_search_saves_loads_and_resumes(tmp_path, suffix):
+    technique = th.LowRankSparse(rank=8, sparsity=0.5, layers=["fc1", "fc2"])
+    compressed = th.hybrid_compress(lenet5(), th.Budget(params=0.9), [technique], search_steps=8)
+    x = fit_search(compressed, epochs=1)
+    path = str(tmp_path / f"lowrank_sparse{suffix}")
+    compressed.save(path)
+    with th.custom_object_scope():
+        loaded = keras.models.load_model(path)
+    assert int(loaded.compression_step.numpy()) == 4
+    np.testing.assert_allclose(loaded(x[:4]), compressed(x[:4]), rtol=1e-5, atol=1e-6)
+    fit_search(loaded, epochs=1)
+    assert loaded.search_finished()
+    np.testing.assert_allclose(th.strip(loaded)(x[:4]), loaded(x[:4]), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input_gets_a_clear_error_and_leaves_the_model_alone():
+    model = lenet5()
+    snapshot, config = weights_snapshot(model), model.get_config()
+    with pytest.raises(ValueError, match=r"rank=0"):
+        th.LowRankSparse(rank=0)
+    with pytest.raises(ValueError, match=r"rank=1.5"):
+        th.LowRankSparse(rank=1.5)
+    with pytest.raises(ValueError, match=r"sparsity=1.0"):
+        th.LowRankSparse(sparsity=1.0)
+    with pytest.raises(ValueError, match=r"layer 'fc2' \(500 x 10 kernel\).*below 10"):
+        th.hybrid_compress(model, th.Budget(params=0.5), [th.LowRankSparse(rank=12)])
+    with pytest.raises(ValueError, match=r"no layer to take(.|\n)*conv1: its \(5, 5\) kernel"):
+        th.hybrid_compress(model, th.Budget(params=0.5), [th.LowRankSparse(layers=["conv1"])])
+    with pytest.raises(ValueError, match="needs a params or bits budget"):
+        th.hybrid_compress(model, th.Budget(macs=0.5), [th.LowRankSparse()])
+    with pytest.raises(ValueError, match="cannot be met by LowRankSparse at these ranks"):
+        th.hybrid_compress(model, th.Budget(params=0.01), [th.LowRankSparse(rank=0.9)])
+    assert_unchanged(model, snapshot, config)
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(lenet5())
+    with pytest.raises(ValueError, match="already wrapped by TF-MOT"):
+        th.hybrid_compress(pruned, th.Budget(params=0.5), [th.LowRankSparse(sparsity=0.5)])
+
+
+def test_the_wrapper_prunes_s_alone():
+    inner = lowrank_sparse.LowRankPlusSparse(
+        {"class_name": "Dense", "config": layers.Dense(4).get_config()}, 2
+    )
+    inner.build((None, 6))
+    assert inner.get_prunable_weights() == [inner.sparse]

@@ -7,7 +7,15 @@ import tensorflow_model_optimization as tfmot
 import tfhybrid as th
 from tfhybrid.techniques import df, lowrank_sparse
 
-from models import assert_unchanged, fit_search, lenet5, small_vit, weights_snapshot
+from models import (
+    MODERN,
+    assert_unchanged,
+    fit_search,
+    lenet5,
+    randomize_batchnorm,
+    small_vit,
+    weights_snapshot,
+)
 
 keras = th.keras
 layers = keras.layers
@@ -183,3 +191,26 @@ def test_the_wrapper_prunes_s_alone():
     )
     inner.build((None, 6))
     assert inner.get_prunable_weights() == [inner.sparse]
+
+
+def test_mobilenetv3_pointwise_convs_strip_exactly_and_float_and_int8_tflite_agree(tmp_path):
+    model = randomize_batchnorm(MODERN["MobileNetV3Large"]())
+    compressed = th.hybrid_compress(
+        model, th.Budget(params=0.9), [th.LowRankSparse(rank=0.25, sparsity=0.8)], search_steps=4
+    )
+    parts = _parts(compressed)
+    assert "expanded_conv/project" in parts and "Logits" in parts
+    assert all(model.get_layer(n).kernel.shape[:-2] in ((1, 1), ()) for n in parts)
+    x = np.random.default_rng(5).normal(size=(4, *model.input_shape[1:])).astype(np.float32)
+    scale = np.abs(model(x).numpy()).max()
+    np.testing.assert_allclose(compressed(x), model(x), atol=1e-4 * scale)
+    compressed.finish_search()
+    small = th.strip(compressed)
+    np.testing.assert_allclose(small(x), compressed(x), atol=1e-4 * scale)
+    assert th.profile(small).nonzero_params <= 0.9 * th.profile(model).params
+    for quantize, sparse in (("none", False), ("int8", True)):
+        report = th.export_tflite(
+            small, tmp_path / f"{quantize}.tflite", quantize, representative_data=x, sparse=sparse
+        )
+        assert report.check["top1_agreement"] == 1.0
+        assert report.check["max_rel_diff"] < (1e-5 if quantize == "none" else 0.15)

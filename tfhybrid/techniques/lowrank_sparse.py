@@ -32,12 +32,16 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
-from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
 
 from tfhybrid import graph, plan
 from tfhybrid._keras import keras
 from tfhybrid.techniques import base
-from tfhybrid.techniques.sparse import SCHEDULES, largest_mask, with_inner_weights
+from tfhybrid.techniques.sparse import (
+    SCHEDULES,
+    PrunedByTFMOT,
+    SparseWrapper,
+    with_inner_weights,
+)
 
 L = keras.layers
 
@@ -127,17 +131,13 @@ class LowRankPlusSparse(L.Layer, tfmot.sparsity.keras.PrunableLayer):
 
 
 @keras.utils.register_keras_serializable(package="tfhybrid")
-class LowRankSparseWrapper(pruning_wrapper.PruneLowMagnitude):
-    """TF-MOT's pruning wrapper around a `LowRankPlusSparse` (which has the original
-    layer's name), with the search's `step` and `decided` counters."""
-
-    def build(self, input_shape):
-        super().build(input_shape)
-        base.add_search_state(self)
+class LowRankSparseWrapper(SparseWrapper):
+    """TF-MOT's pruning wrapper (with the search's counters) around a `LowRankPlusSparse`,
+    which has the original layer's name; its own class keeps it apart from `Sparse`'s."""
 
 
 @base.register_technique
-class LowRankSparse(base.Technique):
+class LowRankSparse(PrunedByTFMOT):
     """Each taken kernel as a low-rank pair plus a sparse correction (W = L + S).
 
     Args:
@@ -159,6 +159,7 @@ class LowRankSparse(base.Technique):
     """
 
     name = "lowrank_sparse"
+    wrapper_class = LowRankSparseWrapper
 
     def __init__(
         self,
@@ -260,21 +261,7 @@ class LowRankSparse(base.Technique):
         kernel, *bias = op.layer.get_weights()
         return with_inner_weights(wrapper, inner.initial_weights(kernel, (bias or [None])[0]))
 
-    def initialize(self, model: Any, original: Any) -> None:
-        for wrapper in self.layers_of(model):
-            wrapper.pruning_step.assign(0)  # as UpdatePruningStep does before the first batch
-
     # -- training ----------------------------------------------------------------------
-    def layers_of(self, model: Any) -> list:
-        return [layer for layer in model.layers if isinstance(layer, LowRankSparseWrapper)]
-
-    def set_search_steps(self, model: Any, steps: int) -> None:
-        """S's sparsity reaches its target at the search's last step."""
-        frequency = self.frequency or max(1, steps // 20)
-        for wrapper in self.layers_of(model):
-            schedule = wrapper.pruning_schedule
-            schedule.end_step, schedule.frequency = int(steps), frequency
-
     def decisions(self, model: Any, hard: bool = False) -> base.Decisions:
         """Each layer's rank and S's density at the search's end."""
         return base.Decisions(
@@ -282,17 +269,6 @@ class LowRankSparse(base.Technique):
                 w.layer.name: (w.layer.rank, 1.0 - self.sparsity) for w in self.layers_of(model)
             }
         )
-
-    def finish(self, model: Any) -> None:
-        """Sets each mask to keep exactly the target share of the entries of S that
-        `strip` keeps (the largest), and applies it (see `Sparse.finish`)."""
-        kept = base.kept_kernel_channels(model)
-        for wrapper in self.layers_of(model):
-            if self.block_size == (1, 1):
-                rows, cols = kept[wrapper.layer.name]
-                weight, mask, _ = wrapper.pruning_vars[0]
-                mask.assign(largest_mask(weight.numpy(), rows, cols, 1.0 - self.sparsity))
-            wrapper.pruning_obj.weight_mask_op()
 
     def plan(self, model: Any) -> plan.Plan:
         """Each layer becomes its parts: the low-rank pair and S times TF-MOT's mask."""
@@ -302,14 +278,6 @@ class LowRankSparse(base.Technique):
             parts = wrapper.layer.parts((weight * mask).numpy())
             replace[wrapper.name] = parts
         return plan.Plan.of(self.name, replace=replace)
-
-    def scalars(self, model: Any) -> dict[str, float]:
-        """The share of zeros in each S now (`sparsity/<layer>`)."""
-        figures = {}
-        for wrapper in self.layers_of(model):
-            mask = wrapper.pruning_vars[0][1].numpy()
-            figures[f"sparsity/{wrapper.layer.name}"] = float(1.0 - mask.mean())
-        return figures
 
 
 def _why_not(layer: Any) -> str | None:

@@ -48,8 +48,63 @@ class SparseWrapper(pruning_wrapper.PruneLowMagnitude):
         base.add_search_state(self)
 
 
+class PrunedByTFMOT(base.Technique):
+    """What the techniques whose layers are TF-MOT pruning wrappers share: the wrappers'
+    steps driven by the search (no `UpdatePruningStep`), their schedules stretched over
+    it, their masks made exact at its end, and their sparsity logged.
+
+    Subclasses set `wrapper_class` (exactly the class of their wrappers) and keep
+    `sparsity`, `block_size` and `frequency` as attributes.
+    """
+
+    wrapper_class: type
+    sparsity: float
+    block_size: tuple
+    frequency: int | None
+
+    def initialize(self, model: Any, original: Any) -> None:
+        for wrapper in self.layers_of(model):
+            wrapper.pruning_step.assign(0)  # as UpdatePruningStep does before the first batch
+
+    # -- training ----------------------------------------------------------------------
+    def layers_of(self, model: Any) -> list:
+        return [layer for layer in model.layers if type(layer) is self.wrapper_class]
+
+    def set_search_steps(self, model: Any, steps: int) -> None:
+        """The sparsity reaches its target at the search's last step."""
+        frequency = self.frequency or max(1, steps // 20)
+        for wrapper in self.layers_of(model):
+            schedule = wrapper.pruning_schedule  # shared with TF-MOT's pruning object
+            schedule.end_step, schedule.frequency = int(steps), frequency
+
+    def finish(self, model: Any) -> None:
+        """Sets each mask to keep exactly the target share of the kernel entries that
+        `strip` keeps (the largest), and applies it to the weights.
+
+        TF-MOT's last mask update may fall a few steps before the search's end (every
+        `frequency` steps), and channels another technique removes take their zeros
+        with them: the kept kernel's density would differ from the one the budget
+        counted. With `block_size` other than (1, 1) TF-MOT's masks are kept as they are.
+        """
+        kept = base.kept_kernel_channels(model)
+        for wrapper in self.layers_of(model):
+            if self.block_size == (1, 1):
+                rows, cols = kept[wrapper.layer.name]
+                weight, mask, _ = wrapper.pruning_vars[0]
+                mask.assign(largest_mask(weight.numpy(), rows, cols, 1.0 - self.sparsity))
+            wrapper.pruning_obj.weight_mask_op()
+
+    def scalars(self, model: Any) -> dict[str, float]:
+        """The share of zeros in each pruned kernel now (`sparsity/<layer>`)."""
+        figures = {}
+        for wrapper in self.layers_of(model):
+            mask = wrapper.pruning_vars[0][1].numpy()
+            figures[f"sparsity/{wrapper.layer.name}"] = float(1.0 - mask.mean())
+        return figures
+
+
 @base.register_technique
-class Sparse(base.Technique):
+class Sparse(PrunedByTFMOT):
     """Unstructured (or block) magnitude pruning of kernels by TF-MOT.
 
     Args:
@@ -70,6 +125,7 @@ class Sparse(base.Technique):
     """
 
     name = "sparse"
+    wrapper_class = SparseWrapper
 
     def __init__(
         self,
@@ -148,55 +204,15 @@ class Sparse(base.Technique):
         wrapper = SparseWrapper(inner, pruning_schedule=schedule, block_size=self.block_size)
         return with_inner_weights(wrapper, op.layer.get_weights())
 
-    def initialize(self, model: Any, original: Any) -> None:
-        for wrapper in self.layers_of(model):
-            wrapper.pruning_step.assign(0)  # as UpdatePruningStep does before the first batch
-
-    # -- training ----------------------------------------------------------------------
-    def layers_of(self, model: Any) -> list:
-        return [layer for layer in model.layers if isinstance(layer, SparseWrapper)]
-
-    def set_search_steps(self, model: Any, steps: int) -> None:
-        """The sparsity reaches its target at the search's last step."""
-        frequency = self.frequency or max(1, steps // 20)
-        for wrapper in self.layers_of(model):
-            schedule = wrapper.pruning_schedule  # shared with TF-MOT's pruning object
-            schedule.end_step, schedule.frequency = int(steps), frequency
-
     def decisions(self, model: Any, hard: bool = False) -> base.Decisions:
         """The density every pruned kernel has at the search's end."""
         densities = {w.layer.name: 1.0 - self.sparsity for w in self.layers_of(model)}
         return base.Decisions(densities=densities)
 
-    def finish(self, model: Any) -> None:
-        """Sets each mask to keep exactly the target share of the kernel entries that
-        `strip` keeps (the largest), and applies it to the weights.
-
-        TF-MOT's last mask update may fall a few steps before the search's end (every
-        `frequency` steps), and channels another technique removes take their zeros
-        with them: the kept kernel's density would differ from the one the budget
-        counted. With `block_size` other than (1, 1) TF-MOT's masks are kept as they are.
-        """
-        kept = base.kept_kernel_channels(model)
-        for wrapper in self.layers_of(model):
-            if self.block_size == (1, 1):
-                rows, cols = kept[wrapper.layer.name]
-                weight, mask, _ = wrapper.pruning_vars[0]
-                mask.assign(largest_mask(weight.numpy(), rows, cols, 1.0 - self.sparsity))
-            wrapper.pruning_obj.weight_mask_op()
-
     def plan(self, model: Any) -> plan.Plan:
         """Each wrapper becomes its layer, its kernel times TF-MOT's mask."""
         replace = {w.name: _masked_layer(w) for w in self.layers_of(model)}
         return plan.Plan.of(self.name, replace=replace)
-
-    def scalars(self, model: Any) -> dict[str, float]:
-        """The share of zeros in each pruned kernel now (`sparsity/<layer>`)."""
-        figures = {}
-        for wrapper in self.layers_of(model):
-            mask = wrapper.pruning_vars[0][1].numpy()
-            figures[f"sparsity/{wrapper.layer.name}"] = float(1.0 - mask.mean())
-        return figures
 
 
 def largest_mask(kernel: np.ndarray, rows, cols, density: float) -> np.ndarray:

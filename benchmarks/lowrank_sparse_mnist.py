@@ -1,0 +1,144 @@
+"""Parameter budgets on MNIST: LowRankSparse against its parts and DF.
+
+    python benchmarks/lowrank_sparse_mnist.py --model=lenet_300_100 --params=0.5,0.25,0.1 \
+        --seeds=0,1,2 --out=docs/results/lowrank_sparse_mnist.json
+
+For every params budget (share of the original's parameters, non-zeros counted) and seed,
+from the same pretrained network and with the same epochs after it (`--search_epochs` of
+search inside `--fit_epochs`, Adam with a cosine-decayed rate):
+  lowrank_sparse  th.LowRankSparse(rank=budget / 2): L at that share of each layer's
+                  break-even rank (about half the budget's weights), S's sparsity the
+                  one that meets the budget
+  sparse          th.Sparse(): TF-MOT's prune_low_magnitude, the sparsity that meets it
+  lowrank         th.DF(filters=False): each layer's rank learned under the budget
+  df              th.DF(): channels and ranks learned under the budget
+Each run reports test error and the measured shares of MACs, non-zero parameters and bits.
+"""
+
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+
+from absl import app, flags  # noqa: E402
+from mnist import compile_model, lenet5, lenet_300_100, mnist  # noqa: E402
+
+import tfhybrid as th  # noqa: E402
+
+keras = th.keras
+METHODS = ["lowrank_sparse", "sparse", "lowrank", "df"]
+MODELS = {"lenet5": lenet5, "lenet_300_100": lenet_300_100}
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line (defined only when run, so tests can import the table)."""
+    flags.DEFINE_enum("model", "lenet_300_100", list(MODELS), "The network.")
+    flags.DEFINE_list("params", ["0.5", "0.25", "0.1"], "Params budgets.")
+    flags.DEFINE_list("methods", METHODS, f"Methods, of {METHODS}.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (each pretrains its own network).")
+    flags.DEFINE_integer("pretrain_epochs", 4, "Epochs of the original model.")
+    flags.DEFINE_integer("search_epochs", 2, "Epochs of search inside the fit.")
+    flags.DEFINE_integer("fit_epochs", 4, "Epochs of the compressed fit (search + fine-tune).")
+    flags.DEFINE_integer("train_batches", 0, "Use only this many training batches (0: all).")
+    flags.DEFINE_string("out", "docs/results/lowrank_sparse_mnist.json", "Result JSON.")
+    flags.DEFINE_list("from_json", [], "Only print the table of these result JSONs (merged).")
+
+
+def techniques(method: str, params: float) -> list:
+    """The techniques of `method` at a params budget (see the module's docstring)."""
+    return {
+        "lowrank_sparse": lambda: [th.LowRankSparse(rank=params / 2)],
+        "sparse": lambda: [th.Sparse()],
+        "lowrank": lambda: [th.DF(filters=False)],
+        "df": lambda: [th.DF()],
+    }[method]()
+
+
+def run_one(method: str, base, params: float, train, test, steps: int) -> dict:
+    chosen, search = techniques(method, params), FLAGS.search_epochs * steps
+    compressed = th.hybrid_compress(base, th.Budget(params=params), chosen, search_steps=search)
+    compile_model(compressed, decay_steps=FLAGS.fit_epochs * steps)
+    start = time.perf_counter()
+    compressed.fit(train, epochs=FLAGS.fit_epochs, callbacks=[th.CompressionScheduler()], verbose=0)
+    seconds = time.perf_counter() - start
+    small = compile_model(th.strip(compressed))
+    original, now = th.profile(base), th.profile(small)
+    return {
+        "test_error": 1 - small.evaluate(test, verbose=0)[1],
+        "mac_ratio": now.macs / original.macs,
+        "param_ratio": now.nonzero_params / original.params,
+        "bits_ratio": now.bits / (32 * original.params),
+        "fit_seconds": seconds,
+    }
+
+
+def main(argv):
+    del argv
+    if FLAGS.from_json:
+        runs = [r for p in FLAGS.from_json for r in json.loads(pathlib.Path(p).read_text())["runs"]]
+        print("\n".join(table(runs)))
+        return
+    test = mnist("test", 1000)
+    runs = []
+    for seed in map(int, FLAGS.seeds):
+        keras.utils.set_random_seed(seed)
+        train = mnist("train", 128, shuffle_seed=seed)
+        if FLAGS.train_batches:
+            train = train.take(FLAGS.train_batches)
+        steps = int(train.cardinality())
+        base = compile_model(MODELS[FLAGS.model](), decay_steps=FLAGS.pretrain_epochs * steps)
+        base.fit(train, epochs=FLAGS.pretrain_epochs, verbose=0)
+        error = 1 - base.evaluate(test, verbose=0)[1]
+        runs.append({"method": "original", "params": 1.0, "seed": seed, "test_error": error})
+        for params in map(float, FLAGS.params):
+            for method in FLAGS.methods:
+                keras.utils.set_random_seed(seed)
+                entry = {"method": method, "params": params, "seed": seed, "model": FLAGS.model}
+                entry.update(run_one(method, base, params, train, test, steps))
+                runs.append(entry)
+                print(json.dumps(entry), flush=True)
+                save(runs)
+    print("\n".join(table(runs)))
+
+
+def save(runs: list[dict]) -> None:
+    """Writes the JSON after every run, so a cut-off benchmark keeps what it measured."""
+    out = pathlib.Path(FLAGS.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/lowrank_sparse_mnist.py " + " ".join(sys.argv[1:])
+    out.write_text(json.dumps({"command": command, "runs": runs}, indent=1))
+
+
+def table(runs: list[dict]) -> list[str]:
+    """Markdown rows: per params budget and method, the mean test error (%) over seeds,
+    its range, and the mean measured shares of MACs, non-zero params and bits."""
+    lines = [
+        "| params budget | method | seeds | test error % (range) | MACs | params | bits |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    keys = dict.fromkeys((r["params"], r["method"]) for r in runs)
+    order = ["original", *METHODS]
+    for params, method in sorted(keys, key=lambda k: (-k[0], order.index(k[1]))):
+        mine = [r for r in runs if r["params"] == params and r["method"] == method]
+        errors = [100 * r["test_error"] for r in mine]
+        shares = [
+            f"{statistics.mean(r[k] for r in mine):.3f}" if k in mine[0] else "-"
+            for k in ("mac_ratio", "param_ratio", "bits_ratio")
+        ]
+        lines.append(
+            f"| {params:g} | {method} | {len(mine)} | {statistics.mean(errors):.2f} "
+            f"({min(errors):.2f}-{max(errors):.2f}) | " + " | ".join(shares) + " |"
+        )
+    return lines
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -171,3 +171,27 @@ def test_a_later_unify_record_replaces_the_same_run_of_an_earlier_one():
         ("both", 0.015),
         ("cluster", 0.01),
     ]
+
+
+_LRS_SPEC = importlib.util.spec_from_file_location(
+    "lowrank_sparse_bench", _PATH.parent / "lowrank_sparse_mnist.py"
+)
+lowrank_sparse_bench = importlib.util.module_from_spec(_LRS_SPEC)
+_LRS_SPEC.loader.exec_module(lowrank_sparse_bench)
+
+
+def test_the_lowrank_sparse_table_has_a_row_per_budget_and_method_in_order():
+    def run(method, params, seed, error):
+        shares = {"mac_ratio": 1.05, "param_ratio": params, "bits_ratio": params + 0.03}
+        return {"method": method, "params": params, "seed": seed, "test_error": error, **shares}
+
+    runs = [
+        {"method": "original", "params": 1.0, "seed": 0, "test_error": 0.02},
+        run("sparse", 0.1, 0, 0.030),
+        run("lowrank_sparse", 0.1, 0, 0.024),
+        run("lowrank_sparse", 0.1, 1, 0.026),
+    ]
+    lines = lowrank_sparse_bench.table(runs)
+    assert lines[2] == "| 1 | original | 1 | 2.00 (2.00-2.00) | - | - | - |"
+    assert lines[3] == "| 0.1 | lowrank_sparse | 2 | 2.50 (2.40-2.60) | 1.050 | 0.100 | 0.130 |"
+    assert lines[4].startswith("| 0.1 | sparse | 1 | 3.00")

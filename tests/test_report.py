@@ -56,3 +56,22 @@ def test_summary_of_a_search_model_shows_each_layer_once_and_what_strip_will_do(
     for name in ("conv1", "conv2", "fc1", "fc2"):
         expected = {"unchanged": "whole", "fewer inputs": "whole"}.get(changes[name], changes[name])
         assert rows[name].endswith(expected), rows[name]
+
+
+def test_summary_names_what_a_wrapped_layer_and_its_parallel_parts_become():
+    model = lenet5()
+    compressed = th.hybrid_compress(
+        model,
+        th.Budget(params=0.5),
+        [th.LowRankSparse(rank=16, sparsity=0.9, layers=["fc1"]), th.Sparse(0.5, layers=["conv2"])],
+        search_steps=4,
+    )
+    search = th.summary(compressed, print_fn=None).splitlines()
+    row = next(line for line in search if line.startswith("low_rank_sparse_wrapper_fc1"))
+    assert "420,800" in row and row.endswith("rank 16 + sparse")
+    pruned = next(line for line in search if line.startswith("sparse_wrapper_conv2"))
+    assert pruned.endswith("whole")  # it was "removed": a wrapper's layer keeps its name
+    compressed.finish_search()
+    rows = th.summary(th.strip(compressed), original=model, print_fn=None).splitlines()
+    fc1 = next(line for line in rows if line.startswith("fc1 "))
+    assert "400,000 → 420,800" in fc1 and fc1.endswith("rank 16 + sparse")

@@ -10,6 +10,8 @@ from tfhybrid.training.model import CompressionModel
 
 #: The names `factorize` gives the two layers a split layer becomes.
 SPLIT_SUFFIXES = ("_u", "_v")
+#: The names of a layer's parallel parts (`LowRankSparse`); the `Add` keeps its name.
+PARALLEL_SUFFIXES = ("_lowrank_in", "_lowrank_out", "_sparse")
 
 
 def summary(model: Any, print_fn: Any = print, original: Any = None) -> str:
@@ -93,9 +95,11 @@ def _search_table(model: CompressionModel) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it counts training-time layers as 0 MACs
         searching = _by_layer(cost.profile(model))
+    layers = {layer.name: layer for layer in model.layers}
     rows = []
     for name, item in searching.items():
-        parts = _parts(name, now)
+        wrapped = getattr(layers.get(name), "layer", None)  # a TF-MOT wrapper's own layer
+        parts = _parts(name if wrapped is None else wrapped.name, now)
         rows.append(
             (
                 name,
@@ -124,7 +128,10 @@ def _by_layer(prof: cost.Profile) -> dict[str, cost.LayerCost]:
 
 
 def _parts(name: str, now: dict[str, cost.LayerCost]) -> list[cost.LayerCost]:
-    """What layer `name` became: itself, its split pair, or nothing (removed)."""
+    """What layer `name` became: itself, its split pair, its parallel parts (then the
+    `Add` of its name last), or nothing (removed)."""
+    if name + PARALLEL_SUFFIXES[0] in now:
+        return [now[name + s] for s in PARALLEL_SUFFIXES] + [now[name]]
     if name in now:
         return [now[name]]
     return [now[name + s] for s in SPLIT_SUFFIXES if name + s in now]
@@ -139,6 +146,8 @@ def _what_was_done(item: cost.LayerCost, parts: list[cost.LayerCost], costed: bo
     done = []
     if len(parts) == 2:
         done.append(f"split at rank {parts[0].output_shape[-1]}")
+    if len(parts) == len(PARALLEL_SUFFIXES) + 1:
+        done.append(f"rank {parts[0].output_shape[-1]} + sparse")
     channels, kept = item.output_shape[-1:], parts[-1].output_shape[-1:]
     if channels != kept:
         done.append(f"{channels[0]} → {kept[0]} channels")

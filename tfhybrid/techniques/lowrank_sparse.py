@@ -192,7 +192,7 @@ class LowRankSparse(PrunedByTFMOT):
         self.block_size = tuple(int(b) for b in block_size)
         self.frequency = None if frequency is None else int(frequency)
         self.layers, self.skip = list(layers or []), list(skip)
-        self.ranks: dict[str, int] = {}
+        self._ranks: dict[str, int] = {}  # layer name -> rank of L, set by `select`
 
     def get_config(self) -> dict:
         return {
@@ -214,17 +214,19 @@ class LowRankSparse(PrunedByTFMOT):
             if getattr(layer, "kernel", None) is None:
                 continue
             reason = _why_not(layer)
+            if reason is None and _break_even(layer) < 2:
+                reason = "its kernel holds fewer weights whole than any pair of factors"
             if layer.name in skip or (only and layer.name not in only):
                 reason = "left out by `layers=`/`skip=`"
             if reason is None:
-                self.ranks[layer.name] = self._rank_of(layer)
+                self._ranks[layer.name] = self._rank_of(layer)
             else:
                 why_not.append(f"{layer.name}: {reason}")
-        if not self.ranks:
+        if not self._ranks:
             raise ValueError(
                 "LowRankSparse finds no layer to take. Per layer:\n  " + "\n  ".join(why_not)
             )
-        return dict.fromkeys(self.ranks, "weights")
+        return dict.fromkeys(self._ranks, "weights")
 
     def _rank_of(self, layer: Any) -> int:
         """The layer's rank of L, checked against its break-even rank.
@@ -233,7 +235,7 @@ class LowRankSparse(PrunedByTFMOT):
             ValueError: for an int rank at or above it, naming the layer.
         """
         rows, cols = int(np.prod(layer.kernel.shape[:-1])), int(layer.kernel.shape[-1])
-        break_even = math.ceil(rows * cols / (rows + cols))
+        break_even = _break_even(layer)
         if isinstance(self.rank, float):
             return max(1, min(break_even - 1, math.floor(self.rank * break_even)))
         if self.rank >= break_even:
@@ -248,10 +250,10 @@ class LowRankSparse(PrunedByTFMOT):
     def prepare(self, setup: base.Setup, others: list[base.Technique]) -> None:
         """Derives the sparsity from the budget if none was given (saved as the option)."""
         if self.sparsity is None:
-            self.sparsity = _sparsity_for_budget(setup, self.ranks)
+            self.sparsity = _sparsity_for_budget(setup, self._ranks)
 
     def replace_layer(self, op: graph.Op) -> graph.Replacement | None:
-        rank = self.ranks.get(op.layer.name)
+        rank = self._ranks.get(op.layer.name)
         if rank is None:
             return None
         plain = {"class_name": type(op.layer).__name__, "config": op.layer.get_config()}
@@ -278,6 +280,12 @@ class LowRankSparse(PrunedByTFMOT):
             parts = wrapper.layer.parts((weight * mask).numpy())
             replace[wrapper.name] = parts
         return plan.Plan.of(self.name, replace=replace)
+
+
+def _break_even(layer: Any) -> int:
+    """The rank from which two factors hold at least the weights of `layer`'s kernel."""
+    rows, cols = int(np.prod(layer.kernel.shape[:-1])), int(layer.kernel.shape[-1])
+    return math.ceil(rows * cols / (rows + cols))
 
 
 def _why_not(layer: Any) -> str | None:

@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 
 from absl import app, flags  # noqa: E402
-from mnist import compile_model, lenet5, lenet_300_100, mnist  # noqa: E402
+from mnist import compile_model, lenet5, lenet_300_100, mnist, pretrained  # noqa: E402
 
 import tfhybrid as th  # noqa: E402
 
@@ -88,13 +88,8 @@ def main(argv):
     test = mnist("test", 1000)
     runs = []
     for seed in map(int, FLAGS.seeds):
-        keras.utils.set_random_seed(seed)
-        train = mnist("train", 128, shuffle_seed=seed)
-        if FLAGS.train_batches:
-            train = train.take(FLAGS.train_batches)
-        steps = int(train.cardinality())
-        base = compile_model(MODELS[FLAGS.model](), decay_steps=FLAGS.pretrain_epochs * steps)
-        base.fit(train, epochs=FLAGS.pretrain_epochs, verbose=0)
+        model = MODELS[FLAGS.model]
+        base, train, steps = pretrained(model, seed, FLAGS.pretrain_epochs, FLAGS.train_batches)
         error = 1 - base.evaluate(test, verbose=0)[1]
         runs.append({"method": "original", "params": 1.0, "seed": seed, "test_error": error})
         for params in map(float, FLAGS.params):

@@ -39,7 +39,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 
 from absl import app, flags  # noqa: E402
-from mnist import compile_model, lenet5, lenet_300_100, mnist, residual_cnn  # noqa: E402
+from mnist import (  # noqa: E402
+    compile_model,
+    lenet5,
+    lenet_300_100,
+    mnist,
+    pretrained,
+    residual_cnn,
+)
 
 import tfhybrid as th  # noqa: E402
 from tfhybrid.techniques.unify import DEFAULT_MAGNITUDE_BITS, DEFAULT_RHO  # noqa: E402
@@ -166,13 +173,8 @@ def main(argv):
     test = mnist("test", 1000)
     runs = []
     for seed in map(int, FLAGS.seeds):
-        keras.utils.set_random_seed(seed)
-        train = mnist("train", 128, shuffle_seed=seed)
-        if FLAGS.train_batches:
-            train = train.take(FLAGS.train_batches)
-        steps = int(train.cardinality())
-        base = compile_model(MODELS[FLAGS.model](), decay_steps=FLAGS.pretrain_epochs * steps)
-        base.fit(train, epochs=FLAGS.pretrain_epochs, verbose=0)
+        model = MODELS[FLAGS.model]
+        base, train, steps = pretrained(model, seed, FLAGS.pretrain_epochs, FLAGS.train_batches)
         original = {"method": "original", "bits": 1.0, "seed": seed, "model": FLAGS.model}
         runs.append({**original, **original_of(base, test)})
         for bits in map(float, FLAGS.bits):

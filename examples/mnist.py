@@ -92,3 +92,25 @@ def compile_model(
         metrics=["accuracy"],
     )
     return model
+
+
+def pretrained(build, seed: int, epochs: int, train_batches: int = 0) -> tuple:
+    """A network the benchmarks compress, trained from a seed.
+
+    Args:
+        build: makes the network (e.g. `lenet5`).
+        seed: sets its initialisation and the order of the training batches.
+        epochs: epochs of Adam with a rate decayed along a cosine over them.
+        train_batches: use only this many training batches (0: all).
+
+    Returns:
+        (the trained network, the training batches, steps per epoch).
+    """
+    keras.utils.set_random_seed(seed)
+    train = mnist("train", 128, shuffle_seed=seed)
+    if train_batches:
+        train = train.take(train_batches)
+    steps = int(train.cardinality())
+    base = compile_model(build(), decay_steps=epochs * steps)
+    base.fit(train, epochs=epochs, verbose=0)
+    return base, train, steps

@@ -43,7 +43,8 @@ _MIRRORED = textwrap.dedent(
     small = th.strip(model)
     assert th.profile(small).macs <= 0.2 * th.profile(lenet5()).macs
     print("MIRRORED OK", int(model.compression_step.numpy()))
-    techniques = [th.DF(ranks=False), th.Sparse(sparsity=0.5, layers=["conv2", "fc1"]),
+    techniques = [th.DF(ranks=False), th.Sparse(sparsity=0.5, layers=["conv2"]),
+                  th.LowRankSparse(rank=16, sparsity=0.8, layers=["fc1"]),
                   th.Cluster(clusters=8, layers=["fc2"])]
     with strategy.scope():
         stacked = th.hybrid_compress(

@@ -471,14 +471,21 @@ def _macs_before_and_after_split(op: graph.Op, rank: int) -> tuple[int, int]:
     return cost.layer_macs(op.layer, in_shape, out_shape), after
 
 
+def split_evenly(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B), A B the rank-`rank` truncated SVD of `matrix`, the singular values split
+    evenly between the two (A = U_r sqrt(s), B = sqrt(s) V_r), so neither factor
+    carries the scale alone when both are trained."""
+    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+    root = np.sqrt(s[:rank])
+    return u[:, :rank] * root, root[:, None] * vt[:rank]
+
+
 def _factorized(layer: Any, rank: int):
     """A replacement computing `layer` through its rank-`rank` truncated SVD."""
     weights = layer.get_weights()
     kernel = weights[0]
-    u, s, vt = np.linalg.svd(_kernel_matrix(kernel), full_matrices=False)
-    root = np.sqrt(s[:rank])
-    first_kernel = (u[:, :rank] * root).reshape(kernel.shape[:-1] + (rank,))
-    second_kernel = root[:, None] * vt[:rank]
+    first_kernel, second_kernel = split_evenly(_kernel_matrix(kernel), rank)
+    first_kernel = first_kernel.reshape(kernel.shape[:-1] + (rank,))
     units = "units" if isinstance(layer, L.Dense) else "filters"
     first = graph.clone_layer(
         layer, name=f"{layer.name}_u", **{units: rank}, use_bias=False, activation="linear"

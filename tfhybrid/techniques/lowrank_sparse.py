@@ -10,8 +10,8 @@ public; the choices here:
   pointwise half of a separable block), whose kernels are matrices. k x k convolutions
   (Tucker-2) and depthwise kernels are left whole, named in `select`'s reasons.
 - L = U V, started at the kernel's truncated SVD with the singular values split evenly
-  (U = U_r sqrt(s), V = sqrt(s) V_r, as `surgery.factorize` splits), trained as two
-  factors at a fixed rank.
+  (U = U_r sqrt(s), V = sqrt(s) V_r: `surgery.split_evenly`, as `factorize` splits),
+  trained as two factors at a fixed rank.
 - S has the kernel's whole shape, starts at the residual W - L (so the compression
   model computes the original function at first) and is pruned by TF-MOT's own
   `prune_low_magnitude` wrapper over the search (its schedules and `block_size`); at the
@@ -33,8 +33,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from tfhybrid import graph, plan
-from tfhybrid._keras import keras
+from tfhybrid import graph, plan, surgery
+from tfhybrid._keras import is_factorable, keras
 from tfhybrid.techniques import base
 from tfhybrid.techniques.sparse import (
     SCHEDULES,
@@ -99,9 +99,7 @@ class LowRankPlusSparse(L.Layer, tfmot.sparsity.keras.PrunableLayer):
         """Weights in `build` order: the kernel's truncated SVD split evenly, and the
         residual, so that U V + S is the kernel."""
         matrix = kernel.reshape(-1, kernel.shape[-1])
-        u, s, vt = np.linalg.svd(matrix, full_matrices=False)
-        root = np.sqrt(s[: self.rank])
-        first, second = u[:, : self.rank] * root, root[:, None] * vt[: self.rank]
+        first, second = surgery.split_evenly(matrix, self.rank)
         return [first, second, matrix - first @ second] + ([bias] if self.use_bias else [])
 
     def parts(self, sparse: np.ndarray) -> plan.Parallel:
@@ -186,7 +184,7 @@ class LowRankSparse(PrunedByTFMOT):
             raise ValueError(
                 f"LowRankSparse(schedule={schedule!r}): give one of {sorted(SCHEDULES)}."
             )
-        self.rank = rank if isinstance(rank, float) else int(rank)
+        self.rank = rank if share else int(rank)
         self.sparsity = None if sparsity is None else float(sparsity)
         self.schedule = schedule
         self.block_size = tuple(int(b) for b in block_size)
@@ -290,15 +288,13 @@ def _break_even(layer: Any) -> int:
 
 def _why_not(layer: Any) -> str | None:
     """Why LowRankSparse cannot take `layer`, or None if it can."""
-    if type(layer) is L.Dense:
-        return None
-    if type(layer) is not L.Conv2D:
-        return f"it takes Dense layers and 1 x 1 Conv2D layers, not {type(layer).__name__}"
-    config = layer.get_config()
-    if tuple(config["kernel_size"]) != (1, 1):
-        return f"its {config['kernel_size']} kernel is not 1 x 1 (Tucker-2 is not built yet)"
-    if config.get("groups", 1) != 1 or config["data_format"] != "channels_last":
-        return "it takes channels-last 1 x 1 convolutions without groups"
+    if not is_factorable(layer):
+        return (
+            "it takes Dense layers and channels-last 1 x 1 Conv2D layers without groups, "
+            f"not {type(layer).__name__}"
+        )
+    if type(layer) is L.Conv2D and tuple(layer.kernel_size) != (1, 1):
+        return f"its {layer.kernel_size} kernel is not 1 x 1 (Tucker-2 is not built yet)"
     return None
 
 

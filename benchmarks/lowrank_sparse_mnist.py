@@ -6,9 +6,11 @@
 For every params budget (share of the original's parameters, non-zeros counted) and seed,
 from the same pretrained network and with the same epochs after it (`--search_epochs` of
 search inside `--fit_epochs`, Adam with a cosine-decayed rate):
-  lowrank_sparse  th.LowRankSparse(rank=budget / 2): L at that share of each layer's
-                  break-even rank (about half the budget's weights), S's sparsity the
-                  one that meets the budget
+  lowrank_sparse  th.LowRankSparse(rank=budget / 2): L holds that share of each layer's
+                  weights (about half the budget's; a Tucker-2 chain on k x k convs),
+                  S's sparsity the one that meets the budget
+  lowrank_sparse_alternating  the same with split="alternating" (L fitted to the kernel
+                  less the entries S keeps)
   sparse          th.Sparse(): TF-MOT's prune_low_magnitude, the sparsity that meets it
   lowrank         th.DF(filters=False): each layer's rank learned under the budget
   df              th.DF(): channels and ranks learned under the budget
@@ -26,13 +28,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 
 from absl import app, flags  # noqa: E402
-from mnist import compile_model, lenet5, lenet_300_100, mnist, pretrained  # noqa: E402
+from mnist import (  # noqa: E402
+    compile_model,
+    lenet5,
+    lenet_300_100,
+    mnist,
+    mobilenet_v3_small,
+    pretrained,
+)
 
 import tfhybrid as th  # noqa: E402
 
 keras = th.keras
-METHODS = ["lowrank_sparse", "sparse", "lowrank", "df"]
-MODELS = {"lenet5": lenet5, "lenet_300_100": lenet_300_100}
+METHODS = ["lowrank_sparse", "lowrank_sparse_alternating", "sparse", "lowrank", "df"]
+MODELS = {
+    "lenet5": lenet5,
+    "lenet_300_100": lenet_300_100,
+    "mobilenet_v3_small": mobilenet_v3_small,
+}
 
 FLAGS = flags.FLAGS
 
@@ -55,6 +68,9 @@ def techniques(method: str, params: float) -> list:
     """The techniques of `method` at a params budget (see the module's docstring)."""
     return {
         "lowrank_sparse": lambda: [th.LowRankSparse(rank=params / 2)],
+        "lowrank_sparse_alternating": lambda: [
+            th.LowRankSparse(rank=params / 2, split="alternating")
+        ],
         "sparse": lambda: [th.Sparse()],
         "lowrank": lambda: [th.DF(filters=False)],
         "df": lambda: [th.DF()],

@@ -60,6 +60,21 @@ def residual_cnn() -> keras.Model:
     return keras.Model(inputs, layers.Dense(10, name="logits")(x), name="residual_cnn")
 
 
+def mobilenet_v3_small() -> keras.Model:
+    """`keras.applications.MobileNetV3Small` (random weights, 10 logits) on MNIST padded
+    to 32 x 32, one functional model: depthwise-separable blocks with squeeze-and-excite
+    and hard-swish, the family low rank alone gains little on."""
+    inputs = keras.Input((28, 28, 1))
+    padded = layers.ZeroPadding2D(2, name="pad")(inputs)
+    return keras.applications.MobileNetV3Small(
+        input_tensor=padded,
+        weights=None,
+        classes=10,
+        classifier_activation=None,
+        include_preprocessing=False,
+    )
+
+
 def _conv_bn(x, filters: int, strides: int, name: str, activation: bool = True):
     """3 x 3 conv (no bias), BatchNorm and, with `activation`, ReLU."""
     x = layers.Conv2D(filters, 3, strides, padding="same", use_bias=False, name=name)(x)

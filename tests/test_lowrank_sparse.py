@@ -6,12 +6,14 @@ import tensorflow_model_optimization as tfmot
 
 import tfhybrid as th
 from tfhybrid.techniques import df, lowrank_sparse
+from tfhybrid.techniques.sparse import largest_mask
 
 from models import (
     MODERN,
     assert_unchanged,
     fit_search,
     lenet5,
+    mnist_like,
     randomize_batchnorm,
     small_vit,
     weights_snapshot,
@@ -48,9 +50,10 @@ def test_it_starts_at_the_original_function_with_l_the_truncated_svd():
         model, th.Budget(params=0.6), [th.LowRankSparse(rank=3, sparsity=0.5)], search_steps=4
     )
     parts = _parts(compressed)
-    assert sorted(parts) == ["hidden", "logits", "pointwise"]  # not the 3 x 3 conv
+    assert sorted(parts) == ["hidden", "logits", "pointwise", "spatial"]
     x = np.random.default_rng(0).normal(size=(4, 8, 8, 6)).astype(np.float32)
     np.testing.assert_allclose(compressed(x), model(x), rtol=1e-4, atol=1e-5)
+    assert parts.pop("spatial").rank == (3, 3)  # a Tucker-2 chain (tested below)
     for name, inner in parts.items():
         kernel = model.get_layer(name).get_weights()[0]
         matrix = kernel.reshape(-1, kernel.shape[-1])
@@ -81,6 +84,7 @@ def test_strip_keeps_the_parts_as_plain_layers_computing_the_searched_model(tmp_
     assert np.mean(sparse == 0) == pytest.approx(0.75, abs=1 / sparse.size)  # exactly the share
     assert small.get_layer("pointwise_lowrank_in").strides == (2, 2)
     assert small.get_layer("pointwise_lowrank_out").kernel.shape == (1, 1, 3, 16)
+    assert small.get_layer("spatial_lowrank_core").kernel.shape == (3, 3, 3, 3)
     np.testing.assert_allclose(small(x), compressed(x), rtol=1e-4, atol=1e-5)
     counted = compressed.ratios(hard=True)
     measured = th.profile(small)
@@ -92,6 +96,124 @@ def test_strip_keeps_the_parts_as_plain_layers_computing_the_searched_model(tmp_
     assert float(counted["bits"]) == pytest.approx(measured.bits / (32 * original.params), rel=1e-6)
     report = th.export_tflite(small, tmp_path / "small.tflite", representative_data=x)
     assert report.check["max_rel_diff"] < 1e-4 and report.check["top1_agreement"] == 1.0
+
+
+def test_a_kxk_conv_keeps_a_tucker2_chain_started_at_its_hosvd():
+    """Strided, padded and dilated 3 x 3 convs: L is the kernel's truncated HOSVD, L + S the
+    kernel; after a search the strip computes the compression model."""
+    inputs = keras.Input((12, 12, 5))
+    x = layers.Conv2D(10, 3, strides=2, padding="same", activation="relu", name="down")(inputs)
+    x = layers.Conv2D(9, 3, dilation_rate=2, padding="same", name="dilated")(x)
+    outputs = layers.Conv2D(8, 3, name="valid", use_bias=False)(x)
+    model = keras.Model(inputs, outputs)
+    compressed = th.hybrid_compress(  # (half of each S: a whole number of entries)
+        model, th.Budget(params=0.9), [th.LowRankSparse(rank=4, sparsity=0.5)], search_steps=4
+    )
+    parts = _parts(compressed)
+    x = np.random.default_rng(6).normal(size=(8, 12, 12, 5)).astype(np.float32)
+    np.testing.assert_allclose(compressed(x), model(x), rtol=1e-4, atol=1e-5)
+    assert parts["down"].rank == (4, 4)
+    kernel = model.get_layer("dilated").kernel.numpy()  # 3 x 3 x 10 x 9
+    inner = parts["dilated"]
+    u, v = inner.u.numpy(), inner.v.numpy().T
+    np.testing.assert_allclose(u.T @ u, np.eye(4), atol=1e-5)  # orthonormal factors
+    input_side = np.linalg.svd(np.moveaxis(kernel, 2, 0).reshape(10, -1))[0][:, :4]
+    np.testing.assert_allclose(np.abs(input_side.T @ u), np.eye(4), atol=1e-4)  # up to sign
+    projected = np.einsum("hwio,ir,os->hwrs", kernel, u, v)
+    np.testing.assert_allclose(inner.core.numpy(), projected, atol=1e-5)
+    low = np.einsum("hwrs,ir,os->hwio", projected, u, v)
+    np.testing.assert_allclose(inner.sparse.numpy(), kernel - low, atol=1e-5)
+    compressed.compile("adam", "mse")
+    y = model(x).numpy()
+    compressed.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[th.CompressionScheduler()])
+    small = th.strip(compressed)
+    assert small.get_layer("down_lowrank_in").kernel.shape == (1, 1, 5, 4)
+    assert small.get_layer("down_lowrank_core").strides == (2, 2)
+    assert small.get_layer("dilated_lowrank_core").dilation_rate == (2, 2)
+    assert small.get_layer("dilated_sparse").kernel.shape == (3, 3, 10, 9)
+    np.testing.assert_allclose(small(x), compressed(x), rtol=1e-4, atol=1e-5)
+    counted, measured = compressed.ratios(hard=True), th.profile(small)
+    original = th.profile(model)
+    assert float(counted["macs"]) == pytest.approx(measured.macs / original.macs, rel=1e-6)
+    assert float(counted["bits"]) == pytest.approx(measured.bits / (32 * original.params), rel=1e-6)
+    table = th.summary(small, print_fn=lambda _: None, original=model)
+    assert "Tucker-2 ranks 4, 4 + sparse" in table
+
+
+def test_folded_layers_strip_whole_with_l_plus_s_as_their_kernel():
+    model = pointwise_model()
+    technique = th.LowRankSparse(rank=3, sparsity=0.5, fold=["spatial", "hidden"])
+    compressed = th.hybrid_compress(model, th.Budget(params=0.9), [technique], search_steps=4)
+    x = np.random.default_rng(8).normal(size=(16, 8, 8, 6)).astype(np.float32)
+    compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    scheduler = [th.CompressionScheduler()]
+    compressed.fit(x, np.arange(16) % 5, batch_size=4, epochs=1, verbose=0, callbacks=scheduler)
+    compressed.finish_search()
+    small = th.strip(compressed)
+    for name in ("spatial", "hidden"):  # the layer as it was, one kernel
+        assert small.get_layer(name).get_config() == model.get_layer(name).get_config()
+    assert isinstance(small.get_layer("pointwise"), layers.Add)  # not folded
+    np.testing.assert_allclose(small(x), compressed(x), rtol=1e-4, atol=1e-5)
+    counted, measured = compressed.ratios(hard=True), th.profile(small)
+    original = th.profile(model)
+    assert float(counted["macs"]) == pytest.approx(measured.macs / original.macs, rel=1e-6)
+    assert float(counted["params"]) == pytest.approx(
+        measured.nonzero_params / original.params, rel=1e-6
+    )
+    with pytest.raises(ValueError, match=r"it does not take \['flatten'\]"):
+        th.hybrid_compress(model, th.Budget(params=0.9), [th.LowRankSparse(fold=["flatten"])])
+    with pytest.raises(ValueError, match=r"folds every layer .* Give LowRankSparse\(sparsity"):
+        th.hybrid_compress(model, th.Budget(params=0.9), [th.LowRankSparse(fold=True)])
+
+
+def test_a_share_of_the_weights_sets_tucker2_ranks_below_break_even():
+    inputs = keras.Input((8, 8, 1))
+    x = layers.Conv2D(6, 5, name="one_channel_in")(inputs)  # 150 weights
+    outputs = layers.Conv2D(32, 3, name="wide")(x)  # 1728 weights
+    model = keras.Model(inputs, outputs)
+    compressed = th.hybrid_compress(
+        model, th.Budget(params=0.95), [th.LowRankSparse(rank=0.9, sparsity=0.9)]
+    )
+    parts = _parts(compressed)
+    assert parts["one_channel_in"].rank == (1, 4)  # 1 + 25*1*4 + 4*6 = 125 < 150
+    r1, r2 = parts["wide"].rank
+    assert r1 / 6 == pytest.approx(r2 / 32, abs=1 / 6)  # the same share of each side
+    assert 0.75 * 1728 < 6 * r1 + 9 * r1 * r2 + 32 * r2 < 1728
+
+
+@pytest.mark.parametrize(
+    "plain, shape, rank",
+    [
+        (layers.Dense(30), (24, 30), 3),
+        (layers.Conv2D(10, 3), (3, 3, 8, 10), [2, 2]),
+    ],
+)
+def test_the_alternating_split_leaves_less_for_s_to_drop(plain, shape, rank):
+    """On a low-rank kernel plus 3% of outliers, L fitted to the kernel less them leaves a
+    residual whose kept 5% holds nearly all of it, unlike the plain SVD's (HOSVD's)."""
+    rng = np.random.default_rng(7)
+    config = {"class_name": type(plain).__name__, "config": plain.get_config()}
+    inner = lowrank_sparse.LowRankPlusSparse(config, rank)
+    factors, kernel = inner.low_part(rng.normal(size=shape))  # a random L of this rank
+    outliers = rng.normal(0, 3, size=shape) * (rng.random(shape) < 0.03)
+    kernel = (kernel + outliers).astype(np.float32)
+    count = len(factors)
+
+    def product(weights):  # L from its factors
+        if count == 2:
+            return weights[0] @ weights[1]
+        return np.einsum("ir,hwrs,so->hwio", *weights[:3])
+
+    def dropped(weights):  # what S loses when it keeps 5% of the residual
+        residual = weights[count]
+        return np.linalg.norm(residual - residual * largest_mask(residual, None, None, 0.05))
+
+    svd = inner.initial_weights(kernel, None)
+    found = lowrank_sparse.robust_outliers(inner, kernel, 0.05)
+    alternating = inner.initial_weights(kernel, None, found)
+    assert dropped(alternating) < 0.1 * dropped(svd)
+    for weights in (svd, alternating):  # either way L + S is the kernel
+        np.testing.assert_allclose(product(weights) + weights[count], kernel, atol=1e-4)
 
 
 def test_the_cost_model_counts_both_parts_by_hand():
@@ -106,12 +228,27 @@ def test_the_cost_model_counts_both_parts_by_hand():
     assert compressed.decisions(hard=True).lowrank_sparse == {"fc": (4, 0.5)}
 
 
+def test_the_cost_model_counts_a_tucker2_chain_by_hand():
+    inputs = keras.Input((8, 8, 4))
+    model = keras.Model(inputs, layers.Conv2D(6, 3, name="conv")(inputs))  # 6 x 6 out
+    compressed = th.hybrid_compress(
+        model, th.Budget(params=0.9), [th.LowRankSparse(rank=2, sparsity=0.5)]
+    )
+    costs = compressed.cost_model.costs(lowrank_sparse={"conv": ((2, 3), 0.5)})
+    # U 4x2 (8) at 64 input positions; core 3x3x2x3 (54) and V 3x6 (18) at 36; bias 6;
+    # S 3x3x4x6 (216 entries, half kept), dense at 36 positions; its 216-bit bitmap.
+    macs = 64 * 8 + 36 * (54 + 18) + 36 * 216
+    assert costs == {"macs": macs, "params": 8 + 54 + 18 + 6 + 108, "bits": 32 * 194 + 216}
+    assert compressed.decisions(hard=True).lowrank_sparse == {"conv": ((2, 2), 0.5)}
+
+
 def test_a_params_budget_sets_the_sparsity_and_strip_meets_it():
     model = small_vit()
     technique = th.LowRankSparse(rank=0.25)
     compressed = th.hybrid_compress(model, th.Budget(params=0.8), [technique], search_steps=2)
     taken = set(_parts(compressed))
-    assert taken and all(isinstance(model.get_layer(n), layers.Dense) for n in taken)
+    assert "patches" in taken  # the patch embedding, a k x k conv: a Tucker-2 chain
+    assert all(isinstance(model.get_layer(n), layers.Dense) for n in taken - {"patches"})
     sparsity = compressed.technique("lowrank_sparse").sparsity
     assert 0 < sparsity < 1 and technique.sparsity is None  # the user's object unchanged
     compressed.finish_search()
@@ -124,13 +261,12 @@ def test_a_params_budget_sets_the_sparsity_and_strip_meets_it():
 
 def test_it_stacks_with_df_filters_and_strips_exactly():
     """DF removes channels around fc1 (conv2's, which fc1 reads, and fc1's own, which its
-    parts produce): strip slices both parts alike and computes the hard-masked model."""
+    parts produce) and conv2 (a Tucker-2 chain): strip slices every part alike and computes
+    the hard-masked model."""
     model = lenet5()
+    technique = th.LowRankSparse(rank=16, sparsity=0.8, layers=["conv2", "fc1"])
     compressed = th.hybrid_compress(
-        model,
-        th.Budget(macs=0.35, params=0.5),
-        [th.DF(ranks=False), th.LowRankSparse(rank=16, sparsity=0.8, layers=["fc1"])],
-        search_steps=8,
+        model, th.Budget(macs=0.5, params=0.5), [th.DF(ranks=False), technique], search_steps=8
     )
     rng = np.random.default_rng(3)
     for logits in df.gates_of(compressed).logits:
@@ -141,25 +277,34 @@ def test_it_stacks_with_df_filters_and_strips_exactly():
     assert rows < 800 and small.get_layer("fc1_sparse").kernel.shape[0] == rows
     assert small.get_layer("fc1_sparse").kernel.shape[1] < 500
     assert small.get_layer("fc1_lowrank_out").kernel.shape[1] < 500
+    assert small.get_layer("conv2_lowrank_in").kernel.shape[2] < 20
+    assert small.get_layer("conv2_sparse").kernel.shape[2:] == (
+        small.get_layer("conv2_lowrank_in").kernel.shape[2],
+        small.get_layer("conv2_lowrank_out").kernel.shape[3],
+    )
     x = np.random.default_rng(4).normal(size=(8, 28, 28, 1)).astype(np.float32)
     scale = np.abs(compressed(x).numpy()).max()
     np.testing.assert_allclose(small(x), compressed(x), atol=1e-5 * scale)
     measured = th.profile(small)
     counted = compressed.ratios(hard=True)
     assert float(counted["macs"]) == pytest.approx(measured.macs / th.profile(model).macs)
-    assert float(counted["macs"]) <= 0.35 and float(counted["params"]) <= 0.5
+    assert float(counted["macs"]) <= 0.5 and float(counted["params"]) <= 0.5
 
 
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
 def test_a_search_saves_loads_and_resumes(tmp_path, suffix):
-    technique = th.LowRankSparse(rank=8, sparsity=0.5, layers=["fc1", "fc2"])
-    compressed = th.hybrid_compress(lenet5(), th.Budget(params=0.9), [technique], search_steps=8)
+    technique = th.LowRankSparse(rank=8, sparsity=0.5, layers=["fc1", "fc2"], split="alternating")
+    model = lenet5()
+    compressed = th.hybrid_compress(model, th.Budget(params=0.9), [technique], search_steps=8)
+    x = mnist_like(8)[0]
+    np.testing.assert_allclose(compressed(x), model(x), rtol=1e-4, atol=1e-5)  # L + S = W
     x = fit_search(compressed, epochs=1)
     path = str(tmp_path / f"lowrank_sparse{suffix}")
     compressed.save(path)
     with th.custom_object_scope():
         loaded = keras.models.load_model(path)
     assert int(loaded.compression_step.numpy()) == 4
+    assert loaded.technique("lowrank_sparse").split == "alternating"
     np.testing.assert_allclose(loaded(x[:4]), compressed(x[:4]), rtol=1e-5, atol=1e-6)
     fit_search(loaded, epochs=1)
     assert loaded.search_finished()
@@ -173,12 +318,25 @@ def test_bad_input_gets_a_clear_error_and_leaves_the_model_alone():
         th.LowRankSparse(rank=0)
     with pytest.raises(ValueError, match=r"rank=1.5"):
         th.LowRankSparse(rank=1.5)
+    with pytest.raises(ValueError, match=r"split='rpca'.*'svd', 'alternating'"):
+        th.LowRankSparse(split="rpca")
     with pytest.raises(ValueError, match=r"sparsity=1.0"):
         th.LowRankSparse(sparsity=1.0)
     with pytest.raises(ValueError, match=r"layer 'fc2' \(500 x 10 kernel\).*below 10"):
+        th.hybrid_compress(
+            model, th.Budget(params=0.5), [th.LowRankSparse(rank=12, layers=["fc2"])]
+        )
+    with pytest.raises(
+        ValueError, match=r"'conv1' \(5 x 5 x 1 x 20 kernel\).*Tucker-2 chain from rank 12 on"
+    ):
         th.hybrid_compress(model, th.Budget(params=0.5), [th.LowRankSparse(rank=12)])
-    with pytest.raises(ValueError, match=r"no layer to take(.|\n)*conv1: its \(5, 5\) kernel"):
-        th.hybrid_compress(model, th.Budget(params=0.5), [th.LowRankSparse(layers=["conv1"])])
+    blocks = th.LowRankSparse(sparsity=0.5, block_size=(1, 4))
+    with pytest.raises(ValueError, match=r"conv2: TF-MOT prunes blocks \(\(1, 4\)\) only in 2-D"):
+        th.hybrid_compress(model, th.Budget(params=0.5), [blocks], layers=["conv1", "conv2"])
+    inputs = keras.Input((8, 8, 3))
+    depthwise = keras.Model(inputs, layers.DepthwiseConv2D(3, name="dw")(inputs))
+    with pytest.raises(ValueError, match=r"no layer to take(.|\n)*dw: .*not DepthwiseConv2D"):
+        th.hybrid_compress(depthwise, th.Budget(params=0.5), [th.LowRankSparse()])
     with pytest.raises(ValueError, match="needs a params or bits budget"):
         th.hybrid_compress(model, th.Budget(macs=0.5), [th.LowRankSparse()])
     other = lenet5()
@@ -209,7 +367,8 @@ def test_mobilenetv3_pointwise_convs_strip_exactly_and_int8_sparse_tflite_agrees
     )
     parts = _parts(compressed)
     assert "expanded_conv/project" in parts and "Logits" in parts
-    assert all(model.get_layer(n).kernel.shape[:-2] in ((1, 1), ()) for n in parts)
+    assert parts["Conv"].rank == (1, 4)  # the 3 x 3 stem, 3 -> 16 channels, as Tucker-2
+    assert not any(isinstance(model.get_layer(n), layers.DepthwiseConv2D) for n in parts)
     x = np.random.default_rng(5).normal(size=(4, *model.input_shape[1:])).astype(np.float32)
     scale = np.abs(model(x).numpy()).max()
     np.testing.assert_allclose(compressed(x), model(x), atol=1e-4 * scale)

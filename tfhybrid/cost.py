@@ -437,9 +437,10 @@ class CostModel:
                 pruned ones nothing, the rest float32, plus a code per block saying
                 which. The pruned weights do not count as parameters; MACs stay dense
                 (see `tfhybrid.techniques.unify`).
-            lowrank_sparse: layer name -> (rank, density): the layer as a low-rank pair
-                (split at that rank, whatever it costs) plus a parallel sparse kernel of
-                its whole shape with that share of non-zeros (bitmap indexed). MACs add
+            lowrank_sparse: layer name -> (rank, density): the layer as a low-rank part
+                (a pair split at that rank, or for a rank (r1, r2) a Tucker-2 chain as in
+                `tucker`; whatever it costs) plus a parallel sparse kernel of its whole
+                shape with that share of non-zeros (bitmap indexed). MACs add
                 both branches, the sparse one dense (see `tfhybrid.techniques.sparse`).
 
         Returns:
@@ -521,11 +522,21 @@ class CostModel:
             paired = np.array(
                 [t.factored is not None and t.name in lowrank_sparse for t in self.terms], float
             )
-            pair_rank = xp.stack([lowrank_sparse.get(t.name, (0, 1.0))[0] for t in self.terms])
-            pair_density = xp.stack([lowrank_sparse.get(t.name, (0, 1.0))[1] for t in self.terms])
-            factors = arr["area"] * cin * pair_rank + pair_rank * cout  # U's and V's weights
-            low_params = (factors + pc * cout) * arr["first"]
-            macs = xp.where(paired > 0, arr["positions"] * factors + full_macs, macs)
+            decided = [lowrank_sparse.get(t.name, (0, 1.0)) for t in self.terms]
+            cored = np.array([isinstance(rank, (tuple, list)) for rank, _ in decided])
+            r1 = xp.stack([rank[0] if chain else rank for (rank, _), chain in zip(decided, cored)])
+            r2 = xp.stack([rank[1] if chain else rank for (rank, _), chain in zip(decided, cored)])
+            pair_density = xp.stack([density for _, density in decided])
+            area, positions = arr["area"], arr["positions"]
+            pair = area * cin * r1 + r1 * cout  # U's and V's weights
+            chain = cin * r1 + area * r1 * r2 + r2 * cout  # U's, the core's and V's
+            low_macs = xp.where(
+                cored,
+                arr["input_positions"] * cin * r1 + positions * (chain - cin * r1),
+                positions * pair,
+            )
+            low_params = (xp.where(cored, chain, pair) + pc * cout) * arr["first"]
+            macs = xp.where(paired > 0, low_macs + full_macs, macs)
             params = xp.where(paired > 0, low_params + entries * pair_density, params)
         shared = np.array([t.name in bits for t in self.terms], float)
         index_bits = np.array([bits.get(t.name, (0, 0))[0] for t in self.terms], float)

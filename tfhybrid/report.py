@@ -11,7 +11,7 @@ from tfhybrid.training.model import CompressionModel
 #: The names `factorize` gives the two layers a split layer becomes.
 SPLIT_SUFFIXES = ("_u", "_v")
 #: The names of a layer's parallel parts (`LowRankSparse`); the `Add` keeps its name.
-PARALLEL_SUFFIXES = ("_lowrank_in", "_lowrank_out", "_sparse")
+PARALLEL_SUFFIXES = ("_lowrank_in", "_lowrank_core", "_lowrank_out", "_sparse")
 
 
 def summary(model: Any, print_fn: Any = print, original: Any = None) -> str:
@@ -131,7 +131,7 @@ def _parts(name: str, now: dict[str, cost.LayerCost]) -> list[cost.LayerCost]:
     """What layer `name` became: itself, its split pair, its parallel parts (then the
     `Add` of its name last), or nothing (removed)."""
     if name + PARALLEL_SUFFIXES[0] in now:
-        return [now[name + s] for s in PARALLEL_SUFFIXES] + [now[name]]
+        return [now[name + s] for s in PARALLEL_SUFFIXES if name + s in now] + [now[name]]
     if name in now:
         return [now[name]]
     return [now[name + s] for s in SPLIT_SUFFIXES if name + s in now]
@@ -146,8 +146,11 @@ def _what_was_done(item: cost.LayerCost, parts: list[cost.LayerCost], costed: bo
     done = []
     if len(parts) == 2:
         done.append(f"split at rank {parts[0].output_shape[-1]}")
-    if len(parts) == len(PARALLEL_SUFFIXES) + 1:
+    if len(parts) == len(PARALLEL_SUFFIXES):  # a pair beside S
         done.append(f"rank {parts[0].output_shape[-1]} + sparse")
+    if len(parts) == len(PARALLEL_SUFFIXES) + 1:  # a Tucker-2 chain beside S
+        ranks = parts[0].output_shape[-1], parts[1].output_shape[-1]
+        done.append(f"Tucker-2 ranks {ranks[0]}, {ranks[1]} + sparse")
     channels, kept = item.output_shape[-1:], parts[-1].output_shape[-1:]
     if channels != kept:
         done.append(f"{channels[0]} → {kept[0]} channels")

@@ -51,8 +51,8 @@ def define_flags() -> None:
     flags.DEFINE_list("from_json", [], "Only print the table of this result JSON.")
 
 
-def files_of(model, block, representative, folder: str) -> dict:
-    """Sizes (and latency) of every file of `model`."""
+def files_of(model, block, representative, folder: str, runs: int) -> dict:
+    """Sizes (and latency, the median of `runs`) of every file of `model`."""
     original = th.profile(model)
     figures = {"bits": th.profile(model, block=block).bits if block else original.bits}
     if block:
@@ -65,7 +65,7 @@ def files_of(model, block, representative, folder: str) -> dict:
             model, path, quantize=quantize, representative_data=representative, sparse=sparse
         )
         content = pathlib.Path(path).read_bytes()
-        timing = th.benchmark_tflite(path, threads=1, runs=FLAGS.runs)
+        timing = th.benchmark_tflite(path, threads=1, runs=runs)
         figures[name] = {
             "bytes": len(content),
             "gzip_bytes": len(gzip.compress(content, 9)),
@@ -91,7 +91,7 @@ def main(argv):
     representative = test.unbatch().map(lambda x, y: x).batch(1).take(100)
     results = {"command": "python benchmarks/unify_export.py " + " ".join(sys.argv[1:])}
     with tempfile.TemporaryDirectory() as folder:
-        results["dense"] = files_of(base, None, representative, folder)
+        results["dense"] = files_of(base, None, representative, folder, FLAGS.runs)
         results["dense"]["test_error"] = 1 - base.evaluate(test, verbose=0)[1]
         for method in FLAGS.methods:
             keras.utils.set_random_seed(0)
@@ -103,7 +103,7 @@ def main(argv):
                 train, epochs=FLAGS.fit_epochs, callbacks=[th.CompressionScheduler()], verbose=0
             )
             small = compile_model(th.strip(compressed))
-            results[method] = files_of(small, block, representative, folder)
+            results[method] = files_of(small, block, representative, folder, FLAGS.runs)
             results[method]["test_error"] = 1 - small.evaluate(test, verbose=0)[1]
             print(method, json.dumps(results[method]), flush=True)
     out = pathlib.Path(FLAGS.out)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from absl import app, flags  # noqa: E402
 from lowrank_sparse_mnist import MODELS  # noqa: E402
 from mnist import mnist  # noqa: E402
-from unify_export import VARIANTS, files_of  # noqa: E402
+from unify_export import files_of, files_table, write_results  # noqa: E402
 
 import tfhybrid as th  # noqa: E402
 
@@ -85,27 +85,17 @@ def main(argv):
             results[method]["params"] = now.nonzero_params / original.params
             results[method]["macs"] = now.macs / original.macs
             print(method, json.dumps(results[method]), flush=True)
-    out = pathlib.Path(FLAGS.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print("\n".join(table(results)))
+    write_results(results, FLAGS.out, table)
 
 
 def table(results: dict) -> list[str]:
     """Markdown: per variant its measured MACs and non-zero params (shares of the
     original's), and per .tflite file its bytes, gzipped bytes and LiteRT median latency."""
-    header = "| variant | MACs | params |"
-    header += "".join(f" {v} bytes (gzip) | {v} ms |" for v in VARIANTS)
-    lines = [header, "|---" * (3 + 2 * len(VARIANTS)) + "|"]
-    for name, r in results.items():
-        if name == "command":
-            continue
-        row = f"| {name} | {r.get('macs', 1.0):.3f} | {r.get('params', 1.0):.3f} |"
-        for variant in VARIANTS:
-            v = r[variant]
-            row += f" {v['bytes']:,} ({v['gzip_bytes']:,}) | {v['median_ms']:.3f} |"
-        lines.append(row)
-    return lines
+
+    def cells(r: dict) -> list[str]:
+        return [f"{r.get('macs', 1.0):.3f}", f"{r.get('params', 1.0):.3f}"]
+
+    return files_table(results, ["variant", "MACs", "params"], cells)
 
 
 if __name__ == "__main__":

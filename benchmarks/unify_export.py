@@ -106,7 +106,12 @@ def main(argv):
             results[method] = files_of(small, block, representative, folder, FLAGS.runs)
             results[method]["test_error"] = 1 - small.evaluate(test, verbose=0)[1]
             print(method, json.dumps(results[method]), flush=True)
-    out = pathlib.Path(FLAGS.out)
+    write_results(results, FLAGS.out, table)
+
+
+def write_results(results: dict, path: str, table) -> None:
+    """Writes `results` as JSON to `path` and prints `table(results)`."""
+    out = pathlib.Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print("\n".join(table(results)))
@@ -115,14 +120,25 @@ def main(argv):
 def table(results: dict) -> list[str]:
     """Markdown: per model, test error, bits, compact file, and per .tflite variant its
     bytes, gzipped bytes and LiteRT median latency."""
-    header = "| model | test error % | counted bits | compact bytes |"
+
+    def cells(r: dict) -> list[str]:
+        compact = f"{r['compact_bytes']:,}" if "compact_bytes" in r else "-"
+        return [f"{100 * r['test_error']:.2f}", f"{r['bits']:,}", compact]
+
+    return files_table(results, ["model", "test error %", "counted bits", "compact bytes"], cells)
+
+
+def files_table(results: dict, first: list[str], cells) -> list[str]:
+    """Markdown rows, one per entry of `results` but "command": the columns `first` (the
+    entry's name, then what `cells(entry)` gives), then per .tflite variant its bytes,
+    gzipped bytes and LiteRT median latency."""
+    header = "| " + " | ".join(first) + " |"
     header += "".join(f" {v} bytes (gzip) | {v} ms |" for v in VARIANTS)
-    lines = [header, "|---" * (4 + 2 * len(VARIANTS)) + "|"]
+    lines = [header, "|---" * (len(first) + 2 * len(VARIANTS)) + "|"]
     for name, r in results.items():
         if name == "command":
             continue
-        compact = f"{r['compact_bytes']:,}" if "compact_bytes" in r else "-"
-        row = f"| {name} | {100 * r['test_error']:.2f} | {r['bits']:,} | {compact} |"
+        row = "| " + " | ".join([name, *cells(r)]) + " |"
         for variant in VARIANTS:
             v = r[variant]
             row += f" {v['bytes']:,} ({v['gzip_bytes']:,}) | {v['median_ms']:.3f} |"

@@ -195,3 +195,31 @@ def test_the_lowrank_sparse_table_has_a_row_per_budget_and_method_in_order():
     assert lines[2] == "| 1 | original | 1 | 2.00 (2.00-2.00) | - | - | - |"
     assert lines[3] == "| 0.1 | lowrank_sparse | 2 | 2.50 (2.40-2.60) | 1.050 | 0.100 | 0.130 |"
     assert lines[4].startswith("| 0.1 | sparse | 1 | 3.00")
+
+
+_EXPORT_SPEC = importlib.util.spec_from_file_location(
+    "lowrank_sparse_export", _PATH.parent / "lowrank_sparse_export.py"
+)
+lowrank_sparse_export = importlib.util.module_from_spec(_EXPORT_SPEC)
+_EXPORT_SPEC.loader.exec_module(lowrank_sparse_export)
+
+
+def test_the_export_table_has_a_row_per_variant_and_a_cell_pair_per_file():
+    def files(scale):
+        variants = ("float", "float_sparse", "int8", "int8_sparse")
+        return {
+            v: {"bytes": 1000 * scale, "gzip_bytes": 900 * scale, "median_ms": 0.5 * scale}
+            for v in variants
+        }
+
+    results = {
+        "command": "python benchmarks/lowrank_sparse_export.py",
+        "dense": files(4),
+        "lowrank_sparse": {**files(1), "macs": 1.2, "params": 0.25},
+    }
+    lines = lowrank_sparse_export.table(results)
+    assert lines[0].startswith("| variant | MACs | params | float bytes (gzip) | float ms |")
+    assert lines[1] == "|---" * 11 + "|"
+    assert lines[2].startswith("| dense | 1.000 | 1.000 | 4,000 (3,600) | 2.000 |")
+    assert lines[3].endswith("| 1,000 (900) | 0.500 |") and "| 1.200 | 0.250 |" in lines[3]
+    assert len(lines) == 4

@@ -98,7 +98,7 @@ def test_strip_keeps_the_parts_as_plain_layers_computing_the_searched_model(tmp_
     assert report.check["max_rel_diff"] < 1e-4 and report.check["top1_agreement"] == 1.0
 
 
-def test_a_kxk_conv_keeps_a_tucker2_chain_started_at_its_hosvd():
+def test_a_kxk_conv_keeps_a_tucker2_chain_started_at_its_hosvd(tmp_path):
     """Strided, padded and dilated 3 x 3 convs: L is the kernel's truncated HOSVD, L + S the
     kernel; after a search the strip computes the compression model."""
     inputs = keras.Input((12, 12, 5))
@@ -138,6 +138,10 @@ def test_a_kxk_conv_keeps_a_tucker2_chain_started_at_its_hosvd():
     assert float(counted["bits"]) == pytest.approx(measured.bits / (32 * original.params), rel=1e-6)
     table = th.summary(small, print_fn=lambda _: None, original=model)
     assert "Tucker-2 ranks 4, 4 + sparse" in table
+    for quantize, tolerance in (("none", 1e-4), ("int8", 0.1)):
+        path = tmp_path / f"{quantize}.tflite"
+        report = th.export_tflite(small, path, quantize, representative_data=x, sparse=True)
+        assert report.check["max_rel_diff"] < tolerance
 
 
 def test_folded_layers_strip_whole_with_l_plus_s_as_their_kernel():

@@ -1,5 +1,7 @@
 """techniques.lowrank_sparse: W = L + S, alone, under a budget and stacked with DF."""
 
+import math
+
 import numpy as np
 import pytest
 import tensorflow_model_optimization as tfmot
@@ -166,7 +168,7 @@ def test_folded_layers_strip_whole_with_l_plus_s_as_their_kernel():
     )
     with pytest.raises(ValueError, match=r"it does not take \['flatten'\]"):
         th.hybrid_compress(model, th.Budget(params=0.9), [th.LowRankSparse(fold=["flatten"])])
-    with pytest.raises(ValueError, match=r"folds every layer .* Give LowRankSparse\(sparsity"):
+    with pytest.raises(ValueError, match=r"folds every layer .* LowRankSparse\(rank=..., sparsity"):
         th.hybrid_compress(model, th.Budget(params=0.9), [th.LowRankSparse(fold=True)])
 
 
@@ -218,6 +220,29 @@ def test_the_alternating_split_leaves_less_for_s_to_drop(plain, shape, rank):
     assert dropped(alternating) < 0.1 * dropped(svd)
     for weights in (svd, alternating):  # either way L + S is the kernel
         np.testing.assert_allclose(product(weights) + weights[count], kernel, atol=1e-4)
+
+
+def test_a_params_budget_sets_the_rank_at_a_given_sparsity():
+    model = lenet5()
+    technique = th.LowRankSparse(rank=None, sparsity=0.9)
+    compressed = th.hybrid_compress(model, th.Budget(params=0.2), [technique], search_steps=2)
+    share = compressed.technique("lowrank_sparse").rank
+    assert 0 < share < 0.2 and technique.rank is None  # the user's object unchanged
+    ranks = {name: inner.rank for name, inner in _parts(compressed).items()}
+    assert ranks["fc1"] == math.floor(share * math.ceil(800 * 500 / 1300))
+    compressed.finish_search()
+    measured = th.profile(th.strip(compressed)).nonzero_params / th.profile(model).params
+    assert 0.19 < measured <= 0.2
+    looser = th.hybrid_compress(
+        model, th.Budget(params=0.3), [th.LowRankSparse(rank=None, sparsity=0.9)]
+    )
+    assert looser.technique("lowrank_sparse").rank > share
+    with pytest.raises(ValueError, match=r"rank=None, sparsity=None\): give one of them"):
+        th.LowRankSparse(rank=None)
+    with pytest.raises(ValueError, match=r"at sparsity 0.1: at rank 1"):
+        th.hybrid_compress(
+            model, th.Budget(params=0.2), [th.LowRankSparse(rank=None, sparsity=0.1)]
+        )
 
 
 def test_the_cost_model_counts_both_parts_by_hand():

@@ -214,7 +214,8 @@ class LowRankSparse(PrunedByTFMOT):
         rank: components of L per layer: an int (below each layer's break-even rank,
             from which L holds as many weights as the kernel; r1 = r2 = rank capped at
             the channels for a Tucker-2 chain), or a share in (0, 1) of each kernel's
-            weights that L holds.
+            weights that L holds; None: the one share that meets the budget's params or
+            bits target at the given `sparsity`.
         sparsity: share of S's entries set to zero at the search's end; None: the one
             share that meets the budget's params or bits target.
         split: how L starts: "svd", the kernel's truncated SVD (HOSVD for a k x k
@@ -232,7 +233,7 @@ class LowRankSparse(PrunedByTFMOT):
 
     Raises:
         ValueError: for a rank below 1 or a share outside (0, 1), a sparsity outside
-            [0, 1), an unknown schedule or split.
+            [0, 1), neither a rank nor a sparsity, an unknown schedule or split.
     """
 
     name = "lowrank_sparse"
@@ -251,10 +252,15 @@ class LowRankSparse(PrunedByTFMOT):
         fold: bool | list = False,
     ):
         share = isinstance(rank, float)
-        if (share and not 0 < rank < 1) or (not share and rank < 1):
+        if rank is not None and ((share and not 0 < rank < 1) or (not share and rank < 1)):
             raise ValueError(
                 f"LowRankSparse(rank={rank!r}): give a number of components (>= 1) or a "
-                "share of each layer's break-even rank in (0, 1)."
+                "share of each kernel's weights in (0, 1)."
+            )
+        if rank is None and sparsity is None:
+            raise ValueError(
+                "LowRankSparse(rank=None, sparsity=None): give one of them; the budget "
+                "derives the other."
             )
         if sparsity is not None and not 0 <= sparsity < 1:
             raise ValueError(
@@ -267,7 +273,7 @@ class LowRankSparse(PrunedByTFMOT):
             )
         if split not in SPLITS:
             raise ValueError(f"LowRankSparse(split={split!r}): give one of {list(SPLITS)}.")
-        self.rank = rank if share else int(rank)
+        self.rank = rank if share or rank is None else int(rank)
         self.sparsity = None if sparsity is None else float(sparsity)
         self.schedule = schedule
         self.block_size = tuple(int(b) for b in block_size)
@@ -275,7 +281,8 @@ class LowRankSparse(PrunedByTFMOT):
         self.layers, self.skip = list(layers or []), list(skip)
         self.split = split
         self.fold = fold if isinstance(fold, bool) else list(fold)
-        self._ranks: dict[str, int] = {}  # layer name -> rank of L, set by `select`
+        self._ranks: dict[str, Any] = {}  # layer name -> rank of L, set by `select`
+        self._taken: dict[str, Any] = {}  # layer name -> layer, set by `select`
 
     def get_config(self) -> dict:
         return {
@@ -307,7 +314,8 @@ class LowRankSparse(PrunedByTFMOT):
             if layer.name in skip or (only and layer.name not in only):
                 reason = "left out by `layers=`/`skip=`"
             if reason is None:
-                self._ranks[layer.name] = self._rank_of(layer)
+                self._taken[layer.name] = layer
+                self._ranks[layer.name] = None if self.rank is None else self._rank_of(layer)
             else:
                 why_not.append(f"{layer.name}: {reason}")
         if not self._ranks:
@@ -343,16 +351,20 @@ class LowRankSparse(PrunedByTFMOT):
         return _rank_form(layer, self.rank)
 
     def prepare(self, setup: base.Setup, others: list[base.Technique]) -> None:
-        """Derives the sparsity from the budget if none was given (saved as the option)."""
+        """Derives the sparsity, or the rank (as a share of each kernel's weights), from
+        the budget if none was given (saved as the option)."""
+        split = {n: la for n, la in self._taken.items() if not self._folds(n)}
+        if not split and None in (self.rank, self.sparsity):
+            raise ValueError(
+                "LowRankSparse(fold=...) folds every layer it takes back into one kernel, "
+                "which costs what the layer did: no rank or sparsity meets the budget. Give "
+                "LowRankSparse(rank=..., sparsity=...), or fold fewer layers."
+            )
+        if self.rank is None:
+            self.rank = _share_for_budget(setup, split, self.sparsity)
+            self._ranks = {n: _rank_for_share(la, self.rank) for n, la in self._taken.items()}
         if self.sparsity is None:
-            split = {name: r for name, r in self._ranks.items() if not self._folds(name)}
-            if not split:
-                raise ValueError(
-                    "LowRankSparse(fold=...) folds every layer it takes back into one kernel, "
-                    "which costs what the layer did: no sparsity meets the budget. Give "
-                    "LowRankSparse(sparsity=...), or fold fewer layers."
-                )
-            self.sparsity = _sparsity_for_budget(setup, split)
+            self.sparsity = _sparsity_for_budget(setup, {n: self._ranks[n] for n in split})
 
     def _folds(self, name: str) -> bool:
         """Whether `strip` folds layer `name`'s L + S into one kernel."""
@@ -504,24 +516,48 @@ def _refuse_tfmot_wrapper(layer: Any) -> None:
         )
 
 
+def _budget_meter(setup: base.Setup, derived: str):
+    """A test of LowRankSparse decisions ({layer: (rank, density)}) against the budget's
+    params and bits targets, for deriving the option `derived`.
+
+    Raises:
+        ValueError: without a params or bits target.
+    """
+    targets = {k: v for k, v in setup.budget.targets().items() if k in ("params", "bits")}
+    if not targets:
+        raise ValueError(
+            f"LowRankSparse() without a {derived} needs a params or bits budget to derive it "
+            f"from, and {setup.budget} has none (S's zeros do not reduce dense MACs). Give "
+            f"LowRankSparse({derived}=...), or Budget(params=...)."
+        )
+
+    def meets(decided: dict) -> bool:
+        costs = setup.cost_model.costs(lowrank_sparse=decided)
+        return all(costs[k] <= share * setup.original[k] for k, share in targets.items())
+
+    return meets
+
+
+def _largest(meets, tolerance: float) -> float:
+    """The largest x in [0, 1) with `meets(x)` (monotone: true up to some x), to
+    `tolerance`, given `meets(0)`."""
+    low, high = 0.0, 1.0
+    while high - low > tolerance:
+        middle = (low + high) / 2
+        low, high = (middle, high) if meets(middle) else (low, middle)
+    return low
+
+
 def _sparsity_for_budget(setup: base.Setup, ranks: dict) -> float:
     """The one sparsity of every S that meets the budget's params and bits targets.
 
     Raises:
         ValueError: without a params or bits target, or when even empty S's miss it.
     """
-    targets = {k: v for k, v in setup.budget.targets().items() if k in ("params", "bits")}
-    if not targets:
-        raise ValueError(
-            f"LowRankSparse() without a sparsity needs a params or bits budget to derive it "
-            f"from, and {setup.budget} has none (S's zeros do not reduce dense MACs). Give "
-            "LowRankSparse(sparsity=0.9), or Budget(params=...)."
-        )
+    meter = _budget_meter(setup, "sparsity")
 
     def meets(density: float) -> bool:
-        paired = {name: (rank, density) for name, rank in ranks.items()}
-        costs = setup.cost_model.costs(lowrank_sparse=paired)
-        return all(costs[k] <= share * setup.original[k] for k, share in targets.items())
+        return meter({name: (rank, density) for name, rank in ranks.items()})
 
     if not meets(0.0):
         raise ValueError(
@@ -529,8 +565,27 @@ def _sparsity_for_budget(setup: base.Setup, ranks: dict) -> float:
             "empty the low-rank pairs alone exceed it. Lower the rank, or stack a technique "
             "that removes channels."
         )
-    low, high = 0.0, 1.0  # meets(low); the largest density that meets, to 1e-4
-    while high - low > 1e-4:
-        middle = (low + high) / 2
-        low, high = (middle, high) if meets(middle) else (low, middle)
-    return float(min(0.99, 1.0 - math.floor(low * 1e4) / 1e4))
+    density = _largest(meets, 1e-4)  # to 1e-4, rounded down
+    return float(min(0.99, 1.0 - math.floor(density * 1e4) / 1e4))
+
+
+def _share_for_budget(setup: base.Setup, layers: dict, sparsity: float) -> float:
+    """The one share of each kernel's weights that L holds (`_rank_for_share`) that meets
+    the budget's params and bits targets with S at `sparsity`.
+
+    Raises:
+        ValueError: without a params or bits target, or when even rank 1 misses it.
+    """
+    meter = _budget_meter(setup, "rank")
+
+    def meets(share: float) -> bool:
+        decided = {n: (_rank_for_share(la, share), 1.0 - sparsity) for n, la in layers.items()}
+        return meter(decided)
+
+    if not meets(0.0):
+        raise ValueError(
+            f"{setup.budget} cannot be met by LowRankSparse at sparsity {sparsity}: at rank 1 "
+            "L and S exceed it. Raise the sparsity, or stack a technique that removes "
+            "channels."
+        )
+    return max(1e-3, _largest(meets, 1e-3))

@@ -305,14 +305,7 @@ class LowRankSparse(PrunedByTFMOT):
             _refuse_tfmot_wrapper(layer)
             if not any("kernel" in w.name for w in layer.weights):
                 continue  # no kernel to keep as L + S (pooling, normalization, ...)
-            reason = _why_not(layer)
-            if reason is None and self.block_size != (1, 1) and _is_tucker(layer):
-                reason = (
-                    f"TF-MOT prunes blocks ({self.block_size}) only in 2-D kernels, and its "
-                    "S is a k x k kernel"
-                )
-            if layer.name in skip or (only and layer.name not in only):
-                reason = "left out by `layers=`/`skip=`"
+            reason = self._why_not(layer, only, skip)
             if reason is None:
                 self._taken[layer.name] = layer
                 self._ranks[layer.name] = None if self.rank is None else self._rank_of(layer)
@@ -329,6 +322,15 @@ class LowRankSparse(PrunedByTFMOT):
                 f"layers it takes: {sorted(self._ranks)}."
             )
         return dict.fromkeys(self._ranks, "weights")
+
+    def _why_not(self, layer: Any, only: set, skip: set) -> str | None:
+        """Why this LowRankSparse leaves `layer` alone, or None if it takes it."""
+        if layer.name in skip or (only and layer.name not in only):
+            return "left out by `layers=`/`skip=`"
+        reason = _why_not(layer)
+        if reason is None and self.block_size != (1, 1) and _is_tucker(layer):
+            return f"TF-MOT prunes blocks ({self.block_size}) only in 2-D kernels; its S is k x k"
+        return reason
 
     def _rank_of(self, layer: Any) -> int | tuple[int, int]:
         """The layer's rank of L (r1, r2 for a Tucker-2 chain), checked against its

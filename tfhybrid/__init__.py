@@ -24,7 +24,9 @@ from tfhybrid.schedules import ExponentialDecay, LinearRamp
 from tfhybrid.surgery import ChannelMask, factorize, prune_channels
 from tfhybrid.techniques.base import Technique, register_technique
 from tfhybrid.techniques.cluster import Cluster
+from tfhybrid.techniques.compressions import Binarize, LowRank, Prune, Quantize, Ternarize
 from tfhybrid.techniques.df import DF
+from tfhybrid.techniques.lc import LC
 from tfhybrid.techniques.lowrank_sparse import LowRankSparse
 from tfhybrid.techniques.sparse import Sparse
 from tfhybrid.techniques.unify import Unify
@@ -41,6 +43,12 @@ __all__ = [
     "CompressionModel",
     "Cluster",
     "DF",
+    "LC",
+    "Binarize",
+    "LowRank",
+    "Prune",
+    "Quantize",
+    "Ternarize",
     "LowRankSparse",
     "Sparse",
     "Unify",

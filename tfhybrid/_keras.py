@@ -69,6 +69,29 @@ def is_factorable(layer) -> bool:
 
 
 @keras.utils.register_keras_serializable(package="tfhybrid")
+def call_with_kernel(layer, inputs, kernel):
+    """`layer` (a Dense, Conv or DepthwiseConv2D) on `inputs`, computing with `kernel` in
+    place of its own (a depthwise kernel for a DepthwiseConv2D), then its bias and
+    activation: for training-time layers that derive the kernel they compute with."""
+    if isinstance(layer, keras.layers.Dense):
+        outputs = tf.tensordot(inputs, kernel, [[inputs.shape.rank - 1], [0]])
+    elif isinstance(layer, keras.layers.DepthwiseConv2D):
+        outputs = keras.backend.depthwise_conv2d(
+            inputs,
+            kernel,
+            strides=layer.strides,
+            padding=layer.padding,
+            data_format=layer.data_format,
+            dilation_rate=layer.dilation_rate,
+        )
+    else:
+        outputs = layer.convolution_op(inputs, kernel)
+    if layer.use_bias:
+        first = getattr(layer, "data_format", None) == "channels_first"
+        outputs = tf.nn.bias_add(outputs, layer.bias, data_format="NCHW" if first else None)
+    return layer.activation(outputs)
+
+
 class HeadWeightedAttention(keras.layers.MultiHeadAttention):
     """A MultiHeadAttention that scales each head's output by `head_weights` (one value
     per head) before the output projection: with 0/1 weights, the layer without the

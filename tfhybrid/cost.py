@@ -415,6 +415,7 @@ class CostModel:
         tucker: dict | None = None,
         blocks: dict | None = None,
         lowrank_sparse: dict | None = None,
+        stored: dict | None = None,
     ) -> dict:
         """{"macs", "params", "bits"} for the decisions (see `evaluate`).
 
@@ -442,13 +443,17 @@ class CostModel:
                 `tucker`; whatever it costs) plus a parallel sparse kernel of its whole
                 shape with that share of non-zeros (bitmap indexed). MACs add
                 both branches, the sparse one dense (see `tfhybrid.techniques.sparse`).
+            stored: layer name -> (params, bits): its kernel counted as that many
+                (non-zero) parameters stored in that many bits, as a technique stores it
+                (e.g. LC's quantized or additive kernels); its bias and the rest of the
+                layer as usual. MACs stay dense.
 
         Returns:
             Floats (float64) for numbers, float32 scalar tensors if any decision is a
             tensor (then differentiable in them), (N,) arrays for (N,) arrays.
         """
         decided = [counts or {}, ranks or {}, densities or {}, bits or {}, tucker or {}]
-        decided += [blocks or {}, lowrank_sparse or {}]
+        decided += [blocks or {}, lowrank_sparse or {}, stored or {}]
         values = [v for d in decided for v in d.values()]
         tensors = any(tf.is_tensor(v) for v in tf.nest.flatten(values))
         return self._evaluate(*decided[:2], _TF if tensors else _NUMPY, *decided[2:])
@@ -486,6 +491,7 @@ class CostModel:
         tucker: dict,
         blocks: dict,
         lowrank_sparse: dict,
+        stored_kernels: dict,
     ) -> dict:
         arr = {k: xp.const(v) for k, v in self._arrays().items()}
         group_counts = xp.stack([counts.get(g, size) for g, size in enumerate(self.sizes)])
@@ -552,6 +558,13 @@ class CostModel:
             )
             # Its kernel's entries store `per_entry` bits each instead of 32 per non-zero.
             stored = stored + blocked * entries * (per_entry - 32.0 * density)
+        if stored_kernels:
+            counted = np.array([t.name in stored_kernels for t in self.terms])
+            kernel_params = xp.stack([stored_kernels.get(t.name, (0, 0))[0] for t in self.terms])
+            kernel_bits = xp.stack([stored_kernels.get(t.name, (0, 0))[1] for t in self.terms])
+            rest = params - entries * density  # the bias and what else is not the kernel
+            params = xp.where(counted, rest + kernel_params, params)
+            stored = xp.where(counted, 32.0 * rest + kernel_bits, stored)
         return {"macs": xp.sum(macs), "params": xp.sum(params), "bits": xp.sum(stored)}
 
     def _arrays(self) -> dict:

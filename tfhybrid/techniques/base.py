@@ -85,6 +85,8 @@ class Decisions:
             for kernels cut into blocks of one magnitude (see `cost.CostModel.costs`).
         lowrank_sparse: layer name -> (rank, density), a kernel kept as a low-rank pair
             plus a parallel sparse kernel (see `cost.CostModel.costs`).
+        stored: layer name -> (non-zero parameters, bits) of its kernel as a technique
+            stores it (see `cost.CostModel.costs`).
     """
 
     counts: dict = dataclasses.field(default_factory=dict)
@@ -94,6 +96,7 @@ class Decisions:
     tucker: dict = dataclasses.field(default_factory=dict)
     blocks: dict = dataclasses.field(default_factory=dict)
     lowrank_sparse: dict = dataclasses.field(default_factory=dict)
+    stored: dict = dataclasses.field(default_factory=dict)
 
     def merged(self, other: Decisions) -> Decisions:
         """Both techniques' decisions (their layers and groups are disjoint)."""
@@ -110,6 +113,7 @@ class Decisions:
             self.tucker,
             self.blocks,
             self.lowrank_sparse,
+            self.stored,
         )
 
 

@@ -54,12 +54,33 @@ class Compressed:
 class Compression(abc.ABC):
     """One part Δ(Θ) of an LC combination and its exact C step."""
 
+    def get_config(self) -> dict:
+        """The options, JSON-able (`deserialize` rebuilds the compression from them)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
     @abc.abstractmethod
     def project(self, weights: list[np.ndarray], mu: float = 1.0) -> Compressed:
         """The C step: Δ(Θ) nearest `weights` (jointly), with the penalty's weight `mu`."""
 
     def __add__(self, other: Compression) -> Additive:
         return Additive([*_parts(self), *_parts(other)])
+
+
+def serialize(compression: Compression) -> dict:
+    """A JSON-able description of `compression`."""
+    config = compression.get_config()
+    if isinstance(compression, Additive):
+        config = {**config, "parts": [serialize(p) for p in compression.parts]}
+    return {"class_name": type(compression).__name__, "config": config}
+
+
+def deserialize(config: dict) -> Compression:
+    """The compression `serialize` described."""
+    kinds = {c.__name__: c for c in (Quantize, Binarize, Ternarize, Prune, LowRank, Additive)}
+    options = dict(config["config"])
+    if config["class_name"] == "Additive":
+        options["parts"] = [deserialize(p) for p in options["parts"]]
+    return kinds[config["class_name"]](**options)
 
 
 def _parts(compression: Compression) -> list[Compression]:

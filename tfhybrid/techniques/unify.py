@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfhybrid import constraints, graph, plan, schedules
-from tfhybrid._keras import is_grouped, keras
+from tfhybrid._keras import call_with_kernel, is_grouped, keras
 from tfhybrid.blocks import (
     BLOCKED_LAYERS,
     FLOAT_MAGNITUDES,
@@ -244,24 +244,7 @@ class UnifyWrapper(L.Wrapper):
         return self.layout.blocks(kept).numpy().sum(1)
 
     def call(self, inputs, training=None):  # noqa: ARG002 - Keras passes training
-        layer, kernel = self.layer, self.effective_kernel()
-        if isinstance(layer, L.Dense):
-            outputs = tf.tensordot(inputs, kernel, [[inputs.shape.rank - 1], [0]])
-        elif isinstance(layer, L.DepthwiseConv2D):
-            outputs = keras.backend.depthwise_conv2d(
-                inputs,
-                kernel,
-                strides=layer.strides,
-                padding=layer.padding,
-                data_format=layer.data_format,
-                dilation_rate=layer.dilation_rate,
-            )
-        else:
-            outputs = layer.convolution_op(inputs, kernel)
-        if layer.use_bias:
-            first = getattr(layer, "data_format", None) == "channels_first"
-            outputs = tf.nn.bias_add(outputs, layer.bias, data_format="NCHW" if first else None)
-        return layer.activation(outputs)
+        return call_with_kernel(self.layer, inputs, self.effective_kernel())
 
     def projected(self, kernel: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         """(`kernel` (the weights by default) projected onto the constraint, its kinds)."""

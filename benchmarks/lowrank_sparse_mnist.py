@@ -12,6 +12,9 @@ search inside `--fit_epochs`, Adam with a cosine-decayed rate):
   lowrank_sparse_alternating  the same with split="alternating" (L fitted to the kernel
                   less the entries S keeps)
   sparse          th.Sparse(): TF-MOT's prune_low_magnitude, the sparsity that meets it
+  lowrank_fixed   L alone: th.LowRankSparse(rank=None, sparsity=0.9999), the one share of
+                  each layer's weights that meets the budget (truncated SVD pairs,
+                  Tucker-2 chains on k x k convs) with S all but empty, fine-tuned
   lowrank         th.DF(filters=False): each layer's rank learned under the budget
   df              th.DF(): channels and ranks learned under the budget
 Each run reports test error and the measured shares of MACs, non-zero parameters and bits.
@@ -40,7 +43,14 @@ from mnist import (  # noqa: E402
 import tfhybrid as th  # noqa: E402
 
 keras = th.keras
-METHODS = ["lowrank_sparse", "lowrank_sparse_alternating", "sparse", "lowrank", "df"]
+METHODS = [
+    "lowrank_sparse",
+    "lowrank_sparse_alternating",
+    "sparse",
+    "lowrank_fixed",
+    "lowrank",
+    "df",
+]
 MODELS = {
     "lenet5": lenet5,
     "lenet_300_100": lenet_300_100,
@@ -72,6 +82,7 @@ def techniques(method: str, params: float) -> list:
             th.LowRankSparse(rank=params / 2, split="alternating")
         ],
         "sparse": lambda: [th.Sparse()],
+        "lowrank_fixed": lambda: [th.LowRankSparse(rank=None, sparsity=0.9999)],
         "lowrank": lambda: [th.DF(filters=False)],
         "df": lambda: [th.DF()],
     }[method]()

@@ -243,7 +243,8 @@ def test_with_both_shares_none_blocks_are_unified_first_then_pruned():
     assert 0 < prune < 1 and unify + prune == pytest.approx(1.0)
 
 
-def test_a_model_saved_mid_admm_resumes_with_its_z_and_u(tmp_path):
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_a_model_saved_mid_admm_resumes_with_its_z_and_u(tmp_path, suffix):
     compressed = th.hybrid_compress(
         lenet5(), th.Budget(bits=0.5), [th.Unify(unify=0.5, update_every=1)], search_steps=20
     )
@@ -254,7 +255,7 @@ def test_a_model_saved_mid_admm_resumes_with_its_z_and_u(tmp_path):
     wrapper = compressed.get_layer("unify_fc2")
     z, u = wrapper.z.numpy(), wrapper.u.numpy()
     assert np.abs(u).max() > 0
-    path = str(tmp_path / "mid.keras")
+    path = str(tmp_path / f"mid{suffix}")
     compressed.save(path)
     with th.custom_object_scope():
         loaded = keras.models.load_model(path)

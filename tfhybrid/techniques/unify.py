@@ -51,6 +51,7 @@ from tfhybrid.blocks import (
     signs,
 )
 from tfhybrid.techniques import base
+from tfhybrid.techniques.sparse import with_inner_weights
 
 L = keras.layers
 
@@ -173,7 +174,8 @@ class UnifyWrapper(L.Wrapper):
 
     def build(self, input_shape):
         if not self.layer.built:
-            self.layer.build(input_shape)
+            with tf.name_scope(self.layer.name):  # its own names, for the optimizer's slots
+                self.layer.build(input_shape)
         shape = tuple(self.kernel.shape)
         self.layout = BlockLayout(blocked_shape(self.layer), self.block)
         self.z = self.add_weight("z", shape=shape, initializer="zeros", trainable=False)
@@ -454,12 +456,9 @@ class Unify(base.Technique):
     def replace_layer(self, op: graph.Op) -> graph.Replacement | None:
         if op.layer.name not in self._taken:
             return None
-        inner = graph.clone_layer(op.layer)
-        inner.build(op.inputs[0].shape)
-        inner.set_weights(op.layer.get_weights())
         rho = schedules.ExponentialDecay(*self.rho, 1)  # set_search_steps stretches it
-        return UnifyWrapper(
-            inner,
+        wrapper = UnifyWrapper(
+            graph.clone_layer(op.layer),
             self.block,
             self.unify,
             self.prune,
@@ -467,6 +466,7 @@ class Unify(base.Technique):
             magnitude_bits=self.magnitude_bits,
             name=f"unify_{op.layer.name}",
         )
+        return with_inner_weights(wrapper, op.layer.get_weights())
 
     def initialize(self, model: Any, original: Any) -> None:
         """Z starts at the projection of the weights, U at zero."""

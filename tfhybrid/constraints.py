@@ -32,3 +32,8 @@ def admm_update(
     new_z = project(w + u)
     z.assign(new_z)
     u.assign(u + w - new_z)
+
+
+def relative_distance(w: tf.Tensor, z: tf.Tensor) -> float:
+    """||w - z|| / ||w||: how far the weights still are from their constrained copy."""
+    return float(tf.norm(w - z) / tf.maximum(tf.norm(w), 1e-12))

@@ -195,8 +195,8 @@ def _next_row(previous: np.ndarray, sse, n: int, clusters: int) -> tuple:
     return cost, split
 
 
-class Binarize(Compression):
-    """Every weight −a or a: a = mean |w| (scaled) or 1 (unscaled); its sign kept.
+class _Scaled(Compression):
+    """A compression to a few fixed multiples of one scale, learned or fixed at 1.
 
     Args:
         scaled: learn the scale a (one float stored) or fix it at 1.
@@ -204,6 +204,10 @@ class Binarize(Compression):
 
     def __init__(self, scaled: bool = True):
         self.scaled = bool(scaled)
+
+
+class Binarize(_Scaled):
+    """Every weight −a or a: a = mean |w| (scaled) or 1 (unscaled); its sign kept."""
 
     def project(self, weights: list[np.ndarray], mu: float = 1.0) -> Compressed:
         flat = _flat(weights)
@@ -213,17 +217,10 @@ class Binarize(Compression):
         return Compressed(_unflat(values, weights), bits, {"scale": scale})
 
 
-class Ternarize(Compression):
+class Ternarize(_Scaled):
     """Every weight −a, 0 or a. Scaled: the a and the zeroed weights that minimise the
     error, i.e. the j largest |w| kept at their mean for the j that maximises
-    (their sum)² / j; unscaled: a = 1, the weights with |w| > 1/2 kept.
-
-    Args:
-        scaled: learn the scale a (one float stored) or fix it at 1.
-    """
-
-    def __init__(self, scaled: bool = True):
-        self.scaled = bool(scaled)
+    (their sum)² / j; unscaled: a = 1, the weights with |w| > 1/2 kept."""
 
     def project(self, weights: list[np.ndarray], mu: float = 1.0) -> Compressed:
         flat = _flat(weights)

@@ -234,9 +234,8 @@ class LC(base.Technique):
         """How far each kernel is from its compressed form, ||w − Δ|| / ||w||, and μ."""
         figures = {}
         for wrapper in self.layers_of(model):
-            kernel = wrapper.kernel
-            distance = tf.norm(kernel - wrapper.target) / tf.maximum(tf.norm(kernel), 1e-12)
-            figures[f"lc/distance/{wrapper.layer.name}"] = float(distance)
+            distance = constraints.relative_distance(wrapper.kernel, wrapper.target)
+            figures[f"lc/distance/{wrapper.layer.name}"] = distance
             figures["lc/mu"] = float(wrapper.mu(wrapper.step))
         return figures
 

@@ -548,9 +548,8 @@ class Unify(base.Technique):
         """How far each kernel is from its constrained copy: ||W - Z|| / ||W||."""
         figures = {}
         for wrapper in self.layers_of(model):
-            kernel = wrapper.kernel
-            distance = tf.norm(kernel - wrapper.z) / tf.maximum(tf.norm(kernel), 1e-12)
-            figures[f"unify/distance/{wrapper.layer.name}"] = float(distance)
+            distance = constraints.relative_distance(wrapper.kernel, wrapper.z)
+            figures[f"unify/distance/{wrapper.layer.name}"] = distance
         return figures
 
 

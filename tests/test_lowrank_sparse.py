@@ -15,6 +15,7 @@ from models import (
     assert_unchanged,
     fit_search,
     lenet5,
+    lenet_300_100,
     mnist_like,
     randomize_batchnorm,
     small_vit,
@@ -411,3 +412,13 @@ def test_mobilenetv3_pointwise_convs_strip_exactly_and_int8_sparse_tflite_agrees
     )
     # (random weights leave near-tied logits, so top-1 agreement says little here)
     assert report.check["max_rel_diff"] < 0.15
+
+
+def test_a_budget_that_needs_s_over_99_percent_sparse_is_met():
+    model = lenet_300_100()
+    compressed = th.hybrid_compress(model, th.Budget(params=0.01), [th.LowRankSparse(rank=1)])
+    assert compressed.technique("lowrank_sparse").sparsity > 0.99
+    compressed.finish_search()
+    assert float(compressed.ratios(hard=True)["params"]) == pytest.approx(0.01, abs=1e-5)
+    measured = th.profile(th.strip(compressed)).nonzero_params / th.profile(model).params
+    assert measured <= 0.01  # (less: profile does not count the zero biases)

@@ -8,7 +8,7 @@ from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wra
 import tfhybrid as th
 from tfhybrid.techniques import sparse
 
-from models import assert_unchanged, fit_search, lenet5, mnist_like, weights_snapshot
+from models import assert_unchanged, fit_search, lenet5, lenet_300_100, mnist_like, weights_snapshot
 
 keras = th.keras
 
@@ -126,3 +126,13 @@ def test_the_constant_schedule_prunes_to_the_target_from_the_first_step():
     assert fc1.pruning_vars[0][1].numpy().mean() == pytest.approx(0.4, abs=0.01)
     with pytest.raises(ValueError, match=r"schedule='cubic'"):
         th.Sparse(schedule="cubic")
+
+
+def test_a_budget_that_needs_over_99_percent_sparsity_is_met():
+    model = lenet_300_100()
+    compressed = th.hybrid_compress(model, th.Budget(params=0.01), [th.Sparse()])
+    assert compressed.technique("sparse").sparsity > 0.99
+    compressed.finish_search()
+    assert float(compressed.ratios(hard=True)["params"]) == pytest.approx(0.01, abs=1e-5)
+    measured = th.profile(th.strip(compressed)).nonzero_params / th.profile(model).params
+    assert measured <= 0.01  # (less: profile does not count the zero biases)

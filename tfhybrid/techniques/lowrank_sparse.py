@@ -43,6 +43,7 @@ from tfhybrid.techniques.sparse import (
     PrunedByTFMOT,
     SparseWrapper,
     largest_mask,
+    sparsity_for_density,
     with_inner_weights,
 )
 
@@ -567,8 +568,7 @@ def _sparsity_for_budget(setup: base.Setup, ranks: dict) -> float:
             "empty the low-rank pairs alone exceed it. Lower the rank, or stack a technique "
             "that removes channels."
         )
-    density = _largest(meets, 1e-4)  # to 1e-4, rounded down
-    return float(min(0.99, 1.0 - math.floor(density * 1e4) / 1e4))
+    return sparsity_for_density(_largest(meets, 1e-7))
 
 
 def _share_for_budget(setup: base.Setup, layers: dict, sparsity: float) -> float:

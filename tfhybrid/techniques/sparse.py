@@ -283,4 +283,11 @@ def _sparsity_for_budget(setup: base.Setup, taken: list[str]) -> float:
             "the budget or stack a technique that removes channels."
         )
     share_kept = (allowed - empty) / (full - empty) if full > empty else 1.0
-    return float(min(0.99, max(0.0, 1.0 - math.floor(share_kept * 1e4) / 1e4)))
+    return sparsity_for_density(share_kept)
+
+
+def sparsity_for_density(density: float) -> float:
+    """The sparsity that keeps at most `density` of the entries (to 1e-6), below 1 as
+    TF-MOT's schedules need: a budget's derived sparsity is never rounded below it."""
+    kept = math.floor(min(1.0, max(0.0, density)) * 1e6) / 1e6
+    return float(min(1.0 - 1e-6, 1.0 - kept))

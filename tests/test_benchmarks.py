@@ -223,3 +223,21 @@ def test_the_export_table_has_a_row_per_variant_and_a_cell_pair_per_file():
     assert lines[2].startswith("| dense | 1.000 | 1.000 | 4,000 (3,600) | 2.000 |")
     assert lines[3].endswith("| 1,000 (900) | 0.500 |") and "| 1.200 | 0.250 |" in lines[3]
     assert len(lines) == 4
+
+
+_LC_SPEC = importlib.util.spec_from_file_location("lc_mnist", _PATH.parent / "lc_mnist.py")
+lc_mnist = importlib.util.module_from_spec(_LC_SPEC)
+_LC_SPEC.loader.exec_module(lc_mnist)
+
+
+def test_the_lc_table_has_a_row_per_method_with_counted_and_measured_bits():
+    runs = [
+        {"method": "original", "seed": 0, "test_error": 0.02},
+        {"method": "quantize_k2", "seed": 0, "test_error": 0.025},
+        {"method": "quantize_k2", "seed": 1, "test_error": 0.027},
+    ]
+    for run in runs[1:]:
+        run.update(counted_bits_ratio=0.0328, measured_bits_ratio=0.0330)
+    lines = lc_mnist.table(runs)
+    assert lines[2] == "| original | 1 | 2.00 (2.00-2.00) | - | - |"
+    assert lines[3] == "| quantize_k2 | 2 | 2.60 (2.50-2.70) | 0.0328 | 0.0330 |"

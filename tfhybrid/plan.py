@@ -93,6 +93,44 @@ class Parallel:
         return call
 
 
+def part_of(
+    plain: dict, name: str, weights: list, width: int | None = None, pointwise: bool = False
+) -> PlainLayer:
+    """One part of a layer kept as `Parallel` parts: the layer `plain` describes
+    ({"class_name", "config"}), named `name`, linear, with a bias only if `weights` holds
+    one.
+
+    Args:
+        plain: the layer's class name and config.
+        name: the part's name.
+        weights: its kernel (and bias), in the shape the part needs (a pointwise part's
+            kernel may be a matrix).
+        width: its output units or filters (None: the layer's).
+        pointwise: for a Conv2D, make it a 1 x 1 conv (stride 1, no padding).
+    """
+    conv = plain["class_name"] == "Conv2D"
+    config = {**plain["config"], "name": name, "activation": "linear"}
+    config["use_bias"] = len(weights) > 1
+    if width is not None:
+        config["filters" if conv else "units"] = int(width)
+    if pointwise and conv:
+        config.update(kernel_size=(1, 1), strides=(1, 1), padding="valid", dilation_rate=(1, 1))
+        weights = [weights[0].reshape(1, 1, *weights[0].shape[-2:]), *weights[1:]]
+    return PlainLayer(plain["class_name"], config, weights)
+
+
+def factor_pair(plain: dict, name: str, first: np.ndarray, second: np.ndarray, bias: list):
+    """A Dense or Conv2D layer's kernel as the product `first @ second` (first: the
+    kernel's rows x r, second: r x its columns), as two parts: the layer itself to r
+    channels (`<name>_in`, its kernel size and stride), then a 1 x 1 (or Dense) back
+    with `bias` (`<name>_out`)."""
+    kernel_size = tuple(plain["config"].get("kernel_size", ()))
+    rank = first.shape[-1]
+    into = part_of(plain, f"{name}_in", [first.reshape(*kernel_size, -1, rank)], rank)
+    back = part_of(plain, f"{name}_out", [second, *bias], pointwise=True)
+    return into, back
+
+
 #: Replace a layer by its first input (a gate that `strip` removes).
 IDENTITY = "identity"
 

@@ -169,36 +169,21 @@ class LowRankPlusSparse(L.Layer, tfmot.sparsity.keras.PrunableLayer):
         """The plain layers `strip` keeps: L's chain beside a layer of kernel `sparse`
         (the bias rides on L's last layer), summed by an `Add` of this layer's name, then
         the activation."""
-        name = self.name
-        config = self.plain["config"]
-        conv = self.plain["class_name"] == "Conv2D"
-        width = "filters" if conv else "units"
-
-        def layer(suffix, units, weights, **changes):
-            layer_config = {**config, "name": f"{name}_{suffix}", width: units, **changes}
-            layer_config.update(activation="linear", use_bias=len(weights) > 1)
-            return plan.PlainLayer(self.plain["class_name"], layer_config, weights)
-
-        def pointwise(matrix):
-            return matrix.reshape(1, 1, *matrix.shape) if conv else matrix
-
+        name, plain = self.name, self.plain
         bias = [self.bias.numpy()] if self.use_bias else []
-        one = {"kernel_size": (1, 1), "strides": (1, 1), "padding": "valid"} if conv else {}
-        one.update({"dilation_rate": (1, 1)} if conv else {})
+        u, v = self.u.numpy(), self.v.numpy()
         if self.tucker:
             low = (
-                layer("lowrank_in", self.rank[0], [pointwise(self.u.numpy())], **one),
-                layer("lowrank_core", self.rank[1], [self.core.numpy()]),
-                layer("lowrank_out", self.units, [pointwise(self.v.numpy()), *bias], **one),
+                plan.part_of(plain, f"{name}_lowrank_in", [u], self.rank[0], pointwise=True),
+                plan.part_of(plain, f"{name}_lowrank_core", [self.core.numpy()], self.rank[1]),
+                plan.part_of(plain, f"{name}_lowrank_out", [v, *bias], pointwise=True),
             )
         else:
-            low = (
-                layer("lowrank_in", self.rank, [pointwise(self.u.numpy())]),
-                layer("lowrank_out", self.units, [pointwise(self.v.numpy()), *bias], **one),
-            )
+            low = plan.factor_pair(plain, f"{name}_lowrank", u, v, bias)
+        conv = plain["class_name"] == "Conv2D"
         kernel_shape = (*self.kernel_size, -1, self.units) if conv else sparse.shape
-        sparse_layer = (layer("sparse", self.units, [sparse.reshape(kernel_shape)]),)
-        return plan.Parallel(name, (low, sparse_layer), config.get("activation"))
+        sparse_layer = (plan.part_of(plain, f"{name}_sparse", [sparse.reshape(kernel_shape)]),)
+        return plan.Parallel(name, (low, sparse_layer), plain["config"].get("activation"))
 
 
 @keras.utils.register_keras_serializable(package="tfhybrid")

@@ -44,11 +44,13 @@ class Compressed:
         values: Δ(Θ), one array per array given, of its shape.
         bits: bits that Θ takes to store.
         detail: what was chosen (codebook, scale, ranks, kept share), for reports.
+        parts: for an additive combination, each part's values (as `values`).
     """
 
     values: list
     bits: int
     detail: dict = dataclasses.field(default_factory=dict)
+    parts: list = dataclasses.field(default_factory=list)
 
 
 class Compression(abc.ABC):
@@ -381,7 +383,8 @@ class Additive(Compression):
                 others = _summed(found[:index] + found[index + 1 :], weights)
                 found[index] = part.project([w - o for w, o in zip(weights, others)], mu)
         details = {"parts": [f.detail for f in found]}
-        return Compressed(_summed(found, weights), sum(f.bits for f in found), details)
+        bits = sum(f.bits for f in found)
+        return Compressed(_summed(found, weights), bits, details, [f.values for f in found])
 
 
 def _summed(found: list[Compressed], weights: list[np.ndarray]) -> list[np.ndarray]:

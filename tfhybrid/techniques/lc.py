@@ -32,10 +32,16 @@ import numpy as np
 import tensorflow as tf
 
 from tfhybrid import constraints, graph, plan, schedules
-from tfhybrid._keras import call_with_kernel, keras
+from tfhybrid._keras import call_with_kernel, is_factorable, keras
 from tfhybrid.blocks import kernel_of
 from tfhybrid.techniques import base
-from tfhybrid.techniques.compressions import Compression, LowRank, deserialize, serialize
+from tfhybrid.techniques.compressions import (
+    Additive,
+    Compression,
+    LowRank,
+    deserialize,
+    serialize,
+)
 from tfhybrid.techniques.sparse import with_inner_weights
 
 L = keras.layers
@@ -57,11 +63,14 @@ class LCWrapper(L.Wrapper):
     Args:
         layer: the layer.
         mu: schedule config of the penalty's weight μ over the search (see `schedules`).
+        parts: the parts of an additive compression (1 otherwise); their values are kept
+            apart too (`part_0`, ...), for `strip`.
     """
 
-    def __init__(self, layer, mu, **kwargs):
+    def __init__(self, layer, mu, parts=1, **kwargs):
         super().__init__(layer, **kwargs)
         self.mu = schedules.deserialize(mu)
+        self.parts = int(parts)
 
     def build(self, input_shape):
         if not self.layer.built:
@@ -75,6 +84,10 @@ class LCWrapper(L.Wrapper):
         self.counted = self.add_weight(  # (non-zero params, bits) of Δ, as LC counts them
             "counted", shape=(2,), dtype=tf.float64, initializer="zeros", trainable=False
         )
+        self.part_values = [
+            self.add_weight(f"part_{i}", shape=shape, initializer="zeros", trainable=False)
+            for i in range(self.parts if self.parts > 1 else 0)
+        ]
         base.add_search_state(self)
         super().build(input_shape)
 
@@ -94,7 +107,7 @@ class LCWrapper(L.Wrapper):
         return constraints.admm_penalty(self.kernel, self.target, -self.multipliers / mu, weight)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "mu": schedules.serialize(self.mu)}
+        return {**super().get_config(), "mu": schedules.serialize(self.mu), "parts": self.parts}
 
     def compression_note(self) -> str:
         return "trained by LC toward its compressed kernel"
@@ -166,8 +179,12 @@ class LC(base.Technique):
         if not any(op.layer.name in names for names in self.parts):
             return None
         mu = schedules.ExponentialDecay(*self.mu, 1)  # set_search_steps stretches it
+        compression = next(c for names, c in self.parts.items() if op.layer.name in names)
         wrapper = LCWrapper(
-            graph.clone_layer(op.layer), schedules.serialize(mu), name=f"lc_{op.layer.name}"
+            graph.clone_layer(op.layer),
+            schedules.serialize(mu),
+            len(compression.parts) if isinstance(compression, Additive) else 1,
+            name=f"lc_{op.layer.name}",
         )
         return with_inner_weights(wrapper, op.layer.get_weights())
 
@@ -208,9 +225,11 @@ class LC(base.Technique):
             shifted = [k - w.multipliers.numpy() / mu for k, w in zip(weights, chosen)]
             found = compression.project(shifted, mu)
             sizes = np.array([k.size for k in weights], float)
-            for wrapper, kernel, value, size in zip(chosen, weights, found.values, sizes):
+            for index, (wrapper, kernel, value) in enumerate(zip(chosen, weights, found.values)):
                 wrapper.target.assign(value.astype(np.float32))
-                share = found.bits * size / sizes.sum()  # a joint codebook's bits, by size
+                for variable, part in zip(wrapper.part_values, found.parts):
+                    variable.assign(part[index].astype(np.float32))
+                share = found.bits * sizes[index] / sizes.sum()  # a joint codebook's, by size
                 wrapper.counted.assign([np.count_nonzero(value), share])
                 if update_multipliers:
                     wrapper.multipliers.assign(wrapper.multipliers - mu * (kernel - value))
@@ -222,9 +241,14 @@ class LC(base.Technique):
         )
 
     def plan(self, model: Any) -> plan.Plan:
-        """Each layer with Δ as its kernel (mid-search: Δ of the last C step)."""
+        """Each layer with Δ as its kernel, or for an additive compression its parts
+        apart (`_parts`); mid-search, Δ of the last C step."""
         replace = {}
         for wrapper in self.layers_of(model):
+            compression = next(c for n, c in self.parts.items() if wrapper.layer.name in n)
+            if wrapper.part_values:
+                replace[wrapper.name] = _parts(wrapper, compression.parts)
+                continue
             weights = [w.numpy() for w in wrapper.layer.weights]
             weights[0] = wrapper.target.numpy()
             replace[wrapper.name] = plan.PlainLayer.of(wrapper.layer, weights)
@@ -238,6 +262,29 @@ class LC(base.Technique):
             figures[f"lc/distance/{wrapper.layer.name}"] = distance
             figures["lc/mu"] = float(wrapper.mu(wrapper.step))
         return figures
+
+
+def _parts(wrapper: LCWrapper, compressions: list[Compression]) -> plan.Parallel:
+    """The layer of an additive compression as `plan.Parallel` parts, summed by an `Add`
+    of its name: a low-rank part of a Dense or Conv2D as a factor pair at its rank
+    (`<name>_part<i>_in`, `_out`), every other part as the layer with that part's values
+    as its kernel (`<name>_part<i>`); the bias on the first part."""
+    layer = wrapper.layer
+    plain = {"class_name": type(layer).__name__, "config": layer.get_config()}
+    bias = [w.numpy() for w in layer.weights[1:]]
+    branches = []
+    for index, (compression, variable) in enumerate(zip(compressions, wrapper.part_values)):
+        name, values = f"{layer.name}_part{index}", variable.numpy()
+        extra = [] if branches else bias
+        if isinstance(compression, LowRank) and is_factorable(layer):
+            matrix = values.reshape(-1, values.shape[-1])
+            u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+            rank = max(1, int(np.sum(s > s[0] * 1e-5))) if s[0] > 0 else 1
+            pair = plan.factor_pair(plain, name, u[:, :rank] * s[:rank], vt[:rank], extra)
+            branches.append(pair)
+        else:
+            branches.append((plan.part_of(plain, name, [values, *extra]),))
+    return plan.Parallel(layer.name, tuple(branches), plain["config"].get("activation"))
 
 
 def _check_layer(layer: Any, compression: Compression) -> None:

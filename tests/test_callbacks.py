@@ -45,7 +45,7 @@ _MIRRORED = textwrap.dedent(
     print("MIRRORED OK", int(model.compression_step.numpy()))
     techniques = [th.DF(ranks=False), th.Sparse(sparsity=0.5, layers=["conv2"]),
                   th.LowRankSparse(rank=16, sparsity=0.8, layers=["fc1"]),
-                  th.Cluster(clusters=8, layers=["fc2"])]
+                  th.Cluster(clusters=8, layers=["fc2"]), th.LC({"conv1": th.Quantize(4)})]
     with strategy.scope():
         stacked = th.hybrid_compress(
             lenet5(), th.Budget(macs=0.3, params=0.3), techniques, search_steps=4)
@@ -55,8 +55,10 @@ _MIRRORED = textwrap.dedent(
         for var in layer.weights:
             replicas = [v.numpy() for v in getattr(var, "values", [var])]
             assert all(np.array_equal(replicas[0], r) for r in replicas), var.name
-    ratios = th.profile(th.strip(stacked)).ratios(th.profile(lenet5()))
+    small = th.strip(stacked)
+    ratios = th.profile(small).ratios(th.profile(lenet5()))
     assert ratios["macs"] <= 0.3 and ratios["params"] <= 0.3
+    assert len(np.unique(small.get_layer("conv1").kernel.numpy())) <= 4  # LC's codebook
     print("STACKED OK", int(stacked.compression_step.numpy()))
     """
 )

@@ -68,7 +68,6 @@ def is_factorable(layer) -> bool:
     return conv and layer.groups == 1 and layer.data_format == "channels_last"
 
 
-@keras.utils.register_keras_serializable(package="tfhybrid")
 def call_with_kernel(layer, inputs, kernel):
     """`layer` (a Dense, Conv or DepthwiseConv2D) on `inputs`, computing with `kernel` in
     place of its own (a depthwise kernel for a DepthwiseConv2D), then its bias and
@@ -92,6 +91,7 @@ def call_with_kernel(layer, inputs, kernel):
     return layer.activation(outputs)
 
 
+@keras.utils.register_keras_serializable(package="tfhybrid")
 class HeadWeightedAttention(keras.layers.MultiHeadAttention):
     """A MultiHeadAttention that scales each head's output by `head_weights` (one value
     per head) before the output projection: with 0/1 weights, the layer without the

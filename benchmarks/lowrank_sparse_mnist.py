@@ -11,6 +11,8 @@ search inside `--fit_epochs`, Adam with a cosine-decayed rate):
                   S's sparsity the one that meets the budget
   lowrank_sparse_alternating  the same with split="alternating" (L fitted to the kernel
                   less the entries S keeps)
+  lowrank_sparse_fifth  th.LowRankSparse(rank=budget / 5): L holds a fifth of the budget's
+                  share of each layer's weights, S the rest
   sparse          th.Sparse(): TF-MOT's prune_low_magnitude, the sparsity that meets it
   lowrank_fixed   L alone: th.LowRankSparse(rank=None, sparsity=0.9999), the one share of
                   each layer's weights that meets the budget (truncated SVD pairs,
@@ -46,6 +48,7 @@ keras = th.keras
 METHODS = [
     "lowrank_sparse",
     "lowrank_sparse_alternating",
+    "lowrank_sparse_fifth",
     "sparse",
     "lowrank_fixed",
     "lowrank",
@@ -78,6 +81,7 @@ def techniques(method: str, params: float) -> list:
     """The techniques of `method` at a params budget (see the module's docstring)."""
     return {
         "lowrank_sparse": lambda: [th.LowRankSparse(rank=params / 2)],
+        "lowrank_sparse_fifth": lambda: [th.LowRankSparse(rank=params / 5)],
         "lowrank_sparse_alternating": lambda: [
             th.LowRankSparse(rank=params / 2, split="alternating")
         ],

@@ -46,6 +46,8 @@ def test_a_search_ends_with_the_compressed_kernels_which_strip_keeps():
     kernel, target = wrappers["fc1"].kernel.numpy(), wrappers["fc1"].target.numpy()
     expected = -mu * (kernel - target)  # lambda after its first update, from 0
     np.testing.assert_allclose(wrappers["fc1"].multipliers.numpy(), expected, atol=1e-7)
+    figures = compressed.technique("lc").scalars(compressed)
+    assert 0 < figures["lc/distance/fc1"] < 1 and figures["lc/mu"] == pytest.approx(mu)
     fit_search(compressed, epochs=2)
     assert compressed.search_finished()
     small = th.strip(compressed)
@@ -131,6 +133,8 @@ def test_bad_input_gets_a_clear_error_and_leaves_the_model_alone():
         th.LC({"fc1": th.Quantize(2)}, mu=(0.1, 0.01))
     with pytest.raises(ValueError, match=r"names 'fc9' \(did you mean"):
         th.hybrid_compress(model, budget, [th.LC({"fc9": th.Quantize(2)})])
+    with pytest.raises(ValueError, match=r"names layer 'fc2', which .* leave out"):
+        th.hybrid_compress(model, budget, [th.LC({"fc2": th.Quantize(2)})], skip=["fc2"])
     with pytest.raises(ValueError, match=r"layer 'flatten' \(Flatten\) has no Dense, Conv"):
         th.hybrid_compress(model, budget, [th.LC({"flatten": th.Quantize(2)})])
     with pytest.raises(ValueError, match=r"LowRank\(20\) for layer 'fc2'.*500 x 10 matrix"):

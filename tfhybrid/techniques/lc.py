@@ -172,6 +172,11 @@ class LC(base.Technique):
         for names, compression in self.parts.items():
             base.expand_names(setup.analysis, "LC(parts=...)", names)
             for name in names:
+                if not setup.allowed(name):
+                    raise ValueError(
+                        f"LC(parts=...) names layer '{name}', which hybrid_compress's "
+                        "`layers=`/`skip=` leave out; drop it from the parts or from skip."
+                    )
                 _check_layer(layers[name], compression)
         return {name: "weights" for names in self.parts for name in names}
 

@@ -65,3 +65,12 @@ def test_an_attention_head_is_scored_by_its_slice_of_the_output_projection():
     output_kernel = attention.get_weights()[6]  # (heads, value_dim, out)
     expected = np.abs(output_kernel).sum(axis=(1, 2))
     np.testing.assert_allclose(magnitude.channel_l1_norms(model)[heads.id], expected, rtol=1e-6)
+
+
+def test_a_separable_convolution_is_scored_by_its_pointwise_kernel():
+    inputs = keras.Input((8, 8, 4))
+    outputs = keras.layers.SeparableConv2D(8, 3, name="separable")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(outputs)))
+    norms = magnitude.channel_l1_norms(model)[_group(model, "separable").id]
+    pointwise = model.get_layer("separable").pointwise_kernel.numpy()
+    np.testing.assert_allclose(norms, np.abs(pointwise).sum(axis=(0, 1, 2)), rtol=1e-6)

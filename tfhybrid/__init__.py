@@ -26,6 +26,7 @@ from tfhybrid.techniques.base import Technique, register_technique
 from tfhybrid.techniques.cluster import Cluster
 from tfhybrid.techniques.compressions import Binarize, LowRank, Prune, Quantize, Ternarize
 from tfhybrid.techniques.df import DF
+from tfhybrid.techniques.dhp import DHP
 from tfhybrid.techniques.lc import LC
 from tfhybrid.techniques.lowrank_sparse import LowRankSparse
 from tfhybrid.techniques.sparse import Sparse
@@ -43,6 +44,7 @@ __all__ = [
     "CompressionModel",
     "Cluster",
     "DF",
+    "DHP",
     "LC",
     "Binarize",
     "LowRank",

@@ -205,6 +205,12 @@ class Technique(abc.ABC):
     def after_step(self, model: Any) -> None:  # noqa: B027
         """In the training step's graph, after the update (e.g. advance its counters)."""
 
+    def search_done(self, model: Any) -> bool:
+        """Eagerly, after each batch of the search: True once this technique's search has
+        reached its end by a rule of its own (DHP: the budget is met). The search ends
+        early when every technique says so; by default it lasts its `search_steps`."""
+        return False
+
     def on_epoch_end(self, model: Any, epoch: int) -> None:  # noqa: B027
         """Eagerly, after each epoch of a `fit` driven by `CompressionScheduler` (e.g. an
         LC C step, an ADMM Z/U update)."""

@@ -125,16 +125,25 @@ class ChannelGates(base.SharedWithinAStep, L.Layer):
         """The masks of all gated groups (see `mask`)."""
         return [self.mask(i, hard) for i in range(len(self.sizes))]
 
+    def scores(self, index: int) -> np.ndarray:
+        """Eagerly, gated group `index`'s channels' scores for the projection onto the
+        budget (see `_Projection`): positive for a channel the search keeps."""
+        return LOGIT_SCALE * self.logits[index].numpy()
+
     def _mask_vector(self, layout) -> tf.Tensor:
-        """The mask of a tensor with `layout` (see the class): its groups' masks
-        (each repeated `mult` times) and ones for ungated segments, concatenated."""
+        """The mask of a tensor with `layout` (see the class)."""
+        return self.laid_out(layout, self.mask)
+
+    def laid_out(self, layout, vector_of) -> tf.Tensor:
+        """One value per channel of a tensor with `layout` (see the class): each gated
+        group's `vector_of(index)` (repeated `mult` times), ones for ungated segments."""
         parts = []
         for index, size, mult in layout:
             if index < 0:
                 parts.append(tf.ones((size * mult,)))
             else:
-                mask = self.mask(index)
-                parts.append(mask if mult == 1 else tf.repeat(mask, mult))
+                vector = vector_of(index)
+                parts.append(vector if mult == 1 else tf.repeat(vector, mult))
         return tf.concat(parts, 0)
 
     @tf.autograph.experimental.do_not_convert
@@ -391,9 +400,19 @@ class _Projection:
     stops), and budget left unused is capacity the fine-tuning could have used.
     """
 
-    def __init__(self, model: Any, round_to: int):
+    def __init__(
+        self,
+        model: Any,
+        round_to: int,
+        gates: Any,
+        factored: list,
+        least: int = 1,
+        gives_back: bool = True,
+    ):
         self.model = model
         self.round_to = round_to
+        self.gives_back = gives_back
+        self.least = {}  # key -> fewest units kept (a group's minimum channels)
         hard = model.decisions(hard=True)  # e.g. other layers' sparsity and clusters
         self.others = base.Decisions(
             **{
@@ -402,15 +421,15 @@ class _Projection:
             }
         )
         self.scores: dict = {}  # ("group", gid) or ("rank", name) -> scores
-        gates = gates_of(model)
         if gates is not None:
-            for gid, logits in zip(gates.group_ids, gates.logits):
-                self.scores["group", gid] = LOGIT_SCALE * logits.numpy()
-        for layer in factored_layers_of(model):
+            for index, gid in enumerate(gates.group_ids):
+                self.scores["group", gid] = gates.scores(index)
+                self.least["group", gid] = least
+        for layer in factored:
             self.scores["rank", layer.name] = layer.component_logits().numpy()
 
     def minimum(self, key) -> int:
-        return min(self.round_to, len(self.scores[key]))
+        return min(max(self.round_to, self.least.get(key, 1)), len(self.scores[key]))
 
     def rounded(self, key, count: int) -> int:
         size = len(self.scores[key])
@@ -430,7 +449,7 @@ class _Projection:
         while not self.model.budget.met_by(self.ratios(counts)):
             key, chunk = self.cheapest_cut(counts)
             counts[key] -= chunk
-        while (addition := self.best_fitting_addition(counts)) is not None:
+        while self.gives_back and (addition := self.best_fitting_addition(counts)) is not None:
             key, chunk = addition
             counts[key] += chunk
         keep, active = {}, {}
@@ -519,7 +538,7 @@ class _Projection:
 
 def gates_of(model: Any) -> ChannelGates | None:
     """The channel gates of a compression model under DF, or None."""
-    return next((la for la in model.layers if isinstance(la, ChannelGates)), None)
+    return next((la for la in model.layers if type(la) is ChannelGates), None)
 
 
 def factored_layers_of(model: Any) -> list[_Factored]:
@@ -581,8 +600,9 @@ class DF(base.Technique):
         chosen = _Choice(setup.analysis, self.filters, self.ranks, only, skip, named)
         chosen.check()
         original = setup.original
-        _check_reachable(chosen, setup.cost_model, original, setup.budget, self.round_to)
-        smallest = _smallest(chosen, self.round_to)
+        fewest = max(self.round_to, self.least)
+        _check_reachable(chosen, setup.cost_model, original, setup.budget, fewest)
+        smallest = _smallest(chosen, fewest)
         chosen.ranks = {
             name: min(rank, keepable_rank(name, smallest, setup.cost_model, original, setup.budget))
             for name, rank in chosen.ranks.items()
@@ -596,17 +616,19 @@ class DF(base.Technique):
         held = self._setup
         groups = held.chosen.groups
         held.temperature = temperature = setup.temperature
-        held.gates = None
-        if groups:
-            held.gates = ChannelGates(
-                [g.id for g in groups],
-                [list(g.key()) for g in groups],
-                [g.size for g in groups],
-                temperature,
-                name="channel_gates",
-            )
+        held.gates = self.make_gates(groups, temperature) if groups else None
         held.gate_index = {g.id: i for i, g in enumerate(groups)}
         held.deferred = _masks_deferred(held.analysis.model)
+
+    def make_gates(self, groups: list, temperature: dict) -> ChannelGates:
+        """The layer holding the searched groups' channel decisions."""
+        return ChannelGates(
+            [g.id for g in groups],
+            [list(g.key()) for g in groups],
+            [g.size for g in groups],
+            temperature,
+            name="channel_gates",
+        )
 
     def replace_layer(self, op: graph.Op) -> graph.Replacement | None:
         if isinstance(op.layer, L.LayerNormalization):
@@ -682,13 +704,30 @@ class DF(base.Technique):
         return gated
 
     def initialize(self, model: Any, original: Any) -> None:
-        gates = gates_of(model)
+        gates = self.gates_of(model)
         if gates is None:
             return
         norms = magnitude.channel_l1_norms(original, self._setup.analysis)
         for gid, logits in zip(gates.group_ids, gates.logits):
             if gid in norms:
                 logits.assign(staggered_logits(norms[gid]) / LOGIT_SCALE)
+
+    # -- its layers ----------------------------------------------------------------------
+    def gates_of(self, model: Any) -> ChannelGates | None:
+        """The layer holding this technique's channel decisions, or None."""
+        return gates_of(model)
+
+    def factored_of(self, model: Any) -> list:
+        """This technique's factored layers."""
+        return factored_layers_of(model)
+
+    @property
+    def least(self) -> int:
+        """The fewest channels a searched group keeps."""
+        return 1
+
+    #: Whether the projection at the search's end gives back units that fit the budget.
+    gives_back = True
 
     # -- training ----------------------------------------------------------------------
     def set_search_steps(self, model: Any, steps: int) -> None:
@@ -697,34 +736,34 @@ class DF(base.Technique):
             layer.temperature = model.temperature()
 
     def layers_of(self, model: Any) -> list:
-        gates = gates_of(model)
-        return ([gates] if gates is not None else []) + factored_layers_of(model)
+        gates = self.gates_of(model)
+        return ([gates] if gates is not None else []) + self.factored_of(model)
 
     def compression_variables(self, model: Any) -> list[tf.Variable]:
-        gates = gates_of(model)
+        gates = self.gates_of(model)
         logits = list(gates.logits) if gates is not None else []
-        return logits + [layer.tau for layer in factored_layers_of(model)]
+        return logits + [layer.tau for layer in self.factored_of(model)]
 
     def decisions(self, model: Any, hard: bool = False) -> base.Decisions:
-        gates = gates_of(model)
+        gates = self.gates_of(model)
         counts = {}
         if gates is not None:
             counts = {
                 gid: tf.reduce_sum(gates.mask(index, hard))
                 for index, gid in enumerate(gates.group_ids)
             }
-        ranks = {la.name: la.soft_rank(hard) for la in factored_layers_of(model)}
+        ranks = {la.name: la.soft_rank(hard) for la in self.factored_of(model)}
         return base.Decisions(counts=counts, ranks=ranks)
 
     def finish(self, model: Any) -> None:
         """Freezes the hard decisions, projected onto the budget: from then on every
         mask and gate reads them."""
         keep, active = self.hard_decisions(model)
-        gates = gates_of(model)
+        gates = self.gates_of(model)
         if gates is not None:
             for var, gid in zip(gates.keep, gates.group_ids):
                 var.assign(keep[gid].astype(np.float32))
-        for layer in factored_layers_of(model):
+        for layer in self.factored_of(model):
             layer.active.assign(active[layer.name].astype(np.float32))
 
     def kept_channels(self, model: Any) -> dict:
@@ -740,7 +779,7 @@ class DF(base.Technique):
             (group id -> bool array over its channels,
              layer name -> bool array over its searched components)
         """
-        gates, factored = gates_of(model), factored_layers_of(model)
+        gates, factored = self.gates_of(model), self.factored_of(model)
         if model.search_finished():
             keep = (
                 {}
@@ -748,21 +787,22 @@ class DF(base.Technique):
                 else {gid: var.numpy() > 0.5 for gid, var in zip(gates.group_ids, gates.keep)}
             )
             return keep, {la.name: la.active.numpy() > 0.5 for la in factored}
-        return _Projection(model, self.round_to).run()
+        projection = _Projection(model, self.round_to, gates, factored, self.least, self.gives_back)
+        return projection.run()
 
     def plan(self, model: Any) -> plan_lib.Plan:
         """The gates go, masked channels and heads are removed, factored layers become
         plain ones kept at their rank (split where that needs fewer MACs), and the layer
         norms and attention layers that read the gates become plain ones again."""
         keep, active = self.hard_decisions(model)
-        replace = {la.name: la.to_plain(active[la.name]) for la in factored_layers_of(model)}
+        replace = {la.name: la.to_plain(active[la.name]) for la in self.factored_of(model)}
         for layer in model.layers:
             if isinstance(layer, surgery.MaskedLayerNormalization):
                 replace[layer.name] = layer.plain()
             if isinstance(layer, HeadWeightedAttention):
                 config, weights = layer.get_config(), layer.get_weights()
                 replace[layer.name] = plan_lib.PlainLayer("MultiHeadAttention", config, weights)
-        remove, gates = {}, gates_of(model)
+        remove, gates = {}, self.gates_of(model)
         if gates is not None:
             replace[gates.name] = plan_lib.IDENTITY
             for gid, key in zip(gates.group_ids, gates.group_keys):
@@ -777,7 +817,7 @@ class DF(base.Technique):
         search's own hard decisions before the projection (`search/...`), and the
         temperature."""
         keep, active = self.hard_decisions(model)
-        gates, figures = gates_of(model), {}
+        gates, figures = self.gates_of(model), {}
         if gates is not None:
             figures["compression/temperature"] = float(gates.temperature(gates.step))
             for index, (gid, key) in enumerate(zip(gates.group_ids, gates.group_keys)):
@@ -785,7 +825,7 @@ class DF(base.Technique):
                 figures[f"kept_channels/{producers}"] = int(np.sum(keep[gid]))
                 current = int(np.sum(gates.mask(index, hard=True).numpy()))
                 figures[f"search/kept_channels/{producers}"] = current
-        for layer in factored_layers_of(model):
+        for layer in self.factored_of(model):
             figures[f"rank/{layer.name}"] = int(np.sum(active[layer.name]))
             figures[f"search/rank/{layer.name}"] = int(layer.soft_rank(hard=True).numpy())
         return figures

@@ -55,10 +55,13 @@ def channel_l1_norms(
 
 def _output_kernel(layer: Any) -> np.ndarray:
     """The kernel whose last axis holds the layer's output channels (an attention
-    layer's output projection; the first weight of any other producer)."""
+    layer's output projection, a separable convolution's pointwise kernel; the first
+    weight of any other producer)."""
     for weight in layer.weights:
         if "/attention_output/kernel" in weight.name:
             return weight.numpy()
+    if hasattr(layer, "pointwise_kernel"):
+        return layer.pointwise_kernel.numpy()
     return layer.get_weights()[0]
 
 

@@ -28,6 +28,8 @@ class CompressionScheduler(keras.callbacks.Callback):
     A search made without `search_steps` lasts the first half of the first `fit`
     (its epochs times its steps per epoch). A `fit` that ends before the search does
     warns: the masks and ranks are still soft, a later `fit` resumes the search.
+    A search whose techniques all end it early (`Technique.search_done`, DHP once
+    the budget is met) ends after that batch.
     """
 
     drives_compression = True
@@ -81,9 +83,13 @@ class CompressionScheduler(keras.callbacks.Callback):
             )
 
     def _decide_at(self, step: int) -> None:
-        """Takes the decisions once, if the model (at `step`) has trained the search."""
-        if step >= self.model.search_steps and not self._decided:
-            self.model.finish_search()
+        """Takes the decisions once, if the model (at `step`) has trained the search or
+        every technique has ended its search early (`Technique.search_done`)."""
+        if self._decided:
+            return
+        model = self.model
+        if step >= model.search_steps or all(t.search_done(model) for t in model.techniques):
+            model.finish_search()
             self._decided = True
 
 

@@ -8,6 +8,9 @@ For every model, MAC budget and seed, from the same pretrained network and with 
 same number of epochs after pretraining (search + fine-tune):
   hybrid        hybrid_compress(filters and ranks)
   filters_only  hybrid_compress(ranks=False)
+  dhp           hybrid_compress(techniques=[th.DHP()]): hypernetwork-generated kernels
+                and sparse latents; its search ends when the budget is met (at most
+                --search_epochs), then it fine-tunes for the remaining epochs
   ranks_only    hybrid_compress(filters=False)
   l1_uniform    the same share of every group's channels removed by L1 norm, the
                 largest share that meets the budget; fine-tuned
@@ -18,7 +21,7 @@ same number of epochs after pretraining (search + fine-tune):
   tfmot         TF-MOT prune_low_magnitude at the hybrid's parameter share
                 (its dense MACs do not fall: reported as they are)
 Every training phase uses Adam (1e-3) with a cosine decay to 0 over the phase.
-Also the steady-state ms/step of plain training, the hybrid search and TF-MOT
+Also the steady-state ms/step of plain training, the hybrid and DHP searches and TF-MOT
 pruning (same model and batch, median over steps). Writes JSON and a PNG of test
 error vs MACs under --out.
 """
@@ -36,15 +39,24 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # timing, when
 import numpy as np  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 from absl import app, flags  # noqa: E402
-from mnist import compile_model, lenet5, lenet_300_100, mnist  # noqa: E402
+from mnist import compile_model, lenet5, lenet_300_100, mnist, resnet20  # noqa: E402
 from timing import StepTimer  # noqa: E402
 
 import tfhybrid as th  # noqa: E402
 from tfhybrid.techniques import magnitude  # noqa: E402
 
 keras = th.keras
-MODELS = {"lenet5": lenet5, "lenet_300_100": lenet_300_100}
-METHODS = ["hybrid", "filters_only", "ranks_only", "l1_uniform", "svd_uniform", "scratch", "tfmot"]
+MODELS = {"lenet5": lenet5, "lenet_300_100": lenet_300_100, "resnet20": resnet20}
+METHODS = [
+    "hybrid",
+    "filters_only",
+    "ranks_only",
+    "dhp",
+    "l1_uniform",
+    "svd_uniform",
+    "scratch",
+    "tfmot",
+]
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["lenet5", "lenet_300_100"], "Models to compress.")
@@ -145,14 +157,18 @@ def run_method(method, base, budget, train, test, steps_per_epoch, found, log_di
     after_epochs = FLAGS.search_epochs + FLAGS.finetune_epochs
     original = th.profile(base)
     decay = after_epochs * steps_per_epoch
-    if method in ("hybrid", "filters_only", "ranks_only"):
+    if method in ("hybrid", "filters_only", "ranks_only", "dhp"):
+        options = (
+            {"techniques": [th.DHP()]}
+            if method == "dhp"
+            else {"filters": method != "ranks_only", "ranks": method != "filters_only"}
+        )
         compressed = th.hybrid_compress(
             base,
             th.Budget(macs=budget),
-            filters=method != "ranks_only",
-            ranks=method != "filters_only",
             search_steps=FLAGS.search_epochs * steps_per_epoch,
             compression_optimizer=compression_optimizer(decay),
+            **options,
         )
         compile_model(compressed, decay_steps=decay)
         callbacks = search_callbacks(log_dir)
@@ -209,6 +225,9 @@ def step_times(build, train, steps: int) -> dict:
     compressed = compile_model(
         th.hybrid_compress(build(), th.Budget(macs=0.1), search_steps=10 * steps)
     )
+    generated = compile_model(
+        th.hybrid_compress(build(), th.Budget(macs=0.1), [th.DHP()], search_steps=10 * steps)
+    )
     pruned = compile_model(
         tfmot.sparsity.keras.prune_low_magnitude(
             build(), pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(0.9, 0)
@@ -217,6 +236,7 @@ def step_times(build, train, steps: int) -> dict:
     runs = {
         "plain": (plain, []),
         "hybrid_search": (compressed, [th.CompressionScheduler()]),
+        "dhp_search": (generated, [th.CompressionScheduler()]),
         "tfmot_pruning": (pruned, [tfmot.sparsity.keras.UpdatePruningStep()]),
     }
     for _ in range(2):  # interleaved twice: the machine's drift hits all alike

@@ -60,6 +60,19 @@ _MIRRORED = textwrap.dedent(
     assert ratios["macs"] <= 0.3 and ratios["params"] <= 0.3
     assert len(np.unique(small.get_layer("conv1").kernel.numpy())) <= 4  # LC's codebook
     print("STACKED OK", int(stacked.compression_step.numpy()))
+    with strategy.scope():
+        generated = th.hybrid_compress(
+            lenet5(), th.Budget(macs=0.5), [th.DHP(gamma=20.0)], search_steps=6)
+        generated.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    generated.fit(x, y, batch_size=16, epochs=3, verbose=0, callbacks=[th.CompressionScheduler()])
+    assert generated.search_finished()
+    for layer in generated.technique_layers():
+        for var in layer.weights:
+            replicas = [v.numpy() for v in getattr(var, "values", [var])]
+            assert all(np.array_equal(replicas[0], r) for r in replicas), var.name
+    small = th.strip(generated)
+    assert th.profile(small).macs <= 0.5 * th.profile(lenet5()).macs
+    print("DHP OK", int(generated.compression_step.numpy()))
     """
 )
 
@@ -71,6 +84,7 @@ def test_searches_under_mirrored_strategy_take_identical_decisions_on_both_repli
     )
     assert "MIRRORED OK 12" in result.stdout, result.stderr[-3000:]
     assert "STACKED OK 8" in result.stdout, result.stderr[-3000:]
+    assert "DHP OK 12" in result.stdout, result.stderr[-3000:]
 
 
 def _scalar_events(log_dir: pathlib.Path) -> list:

@@ -81,8 +81,9 @@ class Latents(df.ChannelGates):
         self.least = int(least)
 
     def build(self, input_shape):
+        first = tf.VariableAggregation.ONLY_FIRST_REPLICA  # the proximal step runs per replica
         self.latents = [
-            self.add_weight(f"latents_{i}", shape=(n,), initializer="ones")
+            self.add_weight(f"latents_{i}", shape=(n,), initializer="ones", aggregation=first)
             for i, n in enumerate(self.sizes)
         ]
         self.keep = [
@@ -90,7 +91,12 @@ class Latents(df.ChannelGates):
             for i, n in enumerate(self.sizes)
         ]
         self.reached = self.add_weight(  # 1 once the search's decisions met the budget
-            "reached", shape=(), dtype=tf.int64, initializer="zeros", trainable=False
+            "reached",
+            shape=(),
+            dtype=tf.int64,
+            initializer="zeros",
+            trainable=False,
+            aggregation=first,
         )
         base.add_search_state(self)
         L.Layer.build(self, input_shape)
@@ -202,7 +208,9 @@ class HyperKernel(L.Wrapper):
         """The kernel the hypernetwork generates from these latents."""
         z = self.latent_product(latent_in, latent_out) + self.b0
         embedded = z[..., None] * self.w1 + self.b1
-        taps = tf.einsum("iote,ioe->iot", self.w2, embedded) + self.b2
+        # An elementwise product summed, not an einsum: that runs a (1, e) x (e, 1) matmul
+        # per channel pair, 3.5x slower for a Dense kernel on a CPU.
+        taps = tf.reduce_sum(self.w2 * embedded[:, :, None, :], axis=-1) + self.b2
         return self._as_kernel(taps)
 
     def _as_kernel(self, taps: tf.Tensor) -> tf.Tensor:
@@ -234,7 +242,11 @@ class HyperKernel(L.Wrapper):
             bias.assign(tf.zeros_like(bias))
 
     def call(self, inputs, latent_in=None, latent_out=None, training=None):  # noqa: ARG002
-        kernel = tf.where(self.decided > 0, self.kernel, self.generated(latent_in, latent_out))
+        kernel = tf.cond(  # once decided, the hypernetwork is not run at all
+            self.decided > 0,
+            lambda: tf.identity(self.kernel),
+            lambda: self.generated(latent_in, latent_out),
+        )
         return call_with_kernel(self.layer, inputs, kernel)
 
     def get_config(self) -> dict:

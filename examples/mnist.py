@@ -64,9 +64,10 @@ def resnet20() -> keras.Model:
     """A ResNet-20 for MNIST (He et al.'s CIFAR design): a 3 x 3 stem to 16 channels, three
     stages of three residual blocks at 16, 32 and 64 channels (the second and third start
     with a stride of 2 and a 1 x 1 projection shortcut), BatchNorm after every conv, global
-    pooling and a Dense classifier (28 x 28 inputs: 31M MACs, 0.27M params)."""
+    pooling and a Dense classifier. The stem strides by 2 (stages at 14, 7 and 4 pixels),
+    which keeps a CPU epoch short: 8.5M MACs, 0.27M params."""
     inputs = keras.Input((28, 28, 1))
-    x = _conv_bn(inputs, 16, 1, "stem")
+    x = _conv_bn(inputs, 16, 2, "stem")
     for stage, filters in enumerate((16, 32, 64)):
         for block in range(3):
             name, strides = f"stage{stage + 1}_block{block + 1}", 2 if stage and not block else 1

@@ -11,6 +11,8 @@ same number of epochs after pretraining (search + fine-tune):
   dhp           hybrid_compress(techniques=[th.DHP()]): hypernetwork-generated kernels
                 and sparse latents; its search ends when the budget is met (at most
                 --search_epochs), then it fine-tunes for the remaining epochs
+  dhp_scratch   DHP on the untrained network (the paper's setting), for the pretraining +
+                search + fine-tune epochs, searching over the pretraining + search ones
   ranks_only    hybrid_compress(filters=False)
   l1_uniform    the same share of every group's channels removed by L1 norm, the
                 largest share that meets the budget; fine-tuned
@@ -52,6 +54,7 @@ METHODS = [
     "filters_only",
     "ranks_only",
     "dhp",
+    "dhp_scratch",
     "l1_uniform",
     "svd_uniform",
     "scratch",
@@ -157,16 +160,20 @@ def run_method(method, base, budget, train, test, steps_per_epoch, found, log_di
     after_epochs = FLAGS.search_epochs + FLAGS.finetune_epochs
     original = th.profile(base)
     decay = after_epochs * steps_per_epoch
-    if method in ("hybrid", "filters_only", "ranks_only", "dhp"):
-        options = (
-            {"techniques": [th.DHP()]}
-            if method == "dhp"
-            else {"filters": method != "ranks_only", "ranks": method != "filters_only"}
-        )
+    if method in ("hybrid", "filters_only", "ranks_only", "dhp", "dhp_scratch"):
+        search_epochs = FLAGS.search_epochs
+        options = {"filters": method != "ranks_only", "ranks": method != "filters_only"}
+        if method.startswith("dhp"):
+            options = {"techniques": [th.DHP()]}
+        if method == "dhp_scratch":
+            base = keras.models.clone_model(base)  # fresh random weights
+            search_epochs += FLAGS.pretrain_epochs
+            after_epochs += FLAGS.pretrain_epochs
+            decay = after_epochs * steps_per_epoch
         compressed = th.hybrid_compress(
             base,
             th.Budget(macs=budget),
-            search_steps=FLAGS.search_epochs * steps_per_epoch,
+            search_steps=search_epochs * steps_per_epoch,
             compression_optimizer=compression_optimizer(decay),
             **options,
         )

@@ -48,14 +48,7 @@ def residual_cnn() -> keras.Model:
     inputs = keras.Input((28, 28, 1))
     x = _conv_bn(inputs, 16, 2, "stem")
     for index, (filters, strides) in enumerate([(16, 1), (16, 1), (32, 2)]):
-        name = f"block{index + 1}"
-        shortcut = x
-        if strides > 1:
-            shortcut = layers.Conv2D(filters, 1, strides, use_bias=False, name=f"{name}_proj")(x)
-            shortcut = layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
-        y = _conv_bn(x, filters, strides, f"{name}_conv1")
-        y = _conv_bn(y, filters, 1, f"{name}_conv2", activation=False)
-        x = layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
+        x = _residual_block(x, filters, strides, f"block{index + 1}")
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, layers.Dense(10, name="logits")(x), name="residual_cnn")
 
@@ -70,16 +63,8 @@ def resnet20() -> keras.Model:
     x = _conv_bn(inputs, 16, 2, "stem")
     for stage, filters in enumerate((16, 32, 64)):
         for block in range(3):
-            name, strides = f"stage{stage + 1}_block{block + 1}", 2 if stage and not block else 1
-            shortcut = x
-            if strides > 1:
-                shortcut = layers.Conv2D(filters, 1, strides, use_bias=False, name=f"{name}_proj")(
-                    x
-                )
-                shortcut = layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
-            y = _conv_bn(x, filters, strides, f"{name}_conv1")
-            y = _conv_bn(y, filters, 1, f"{name}_conv2", activation=False)
-            x = layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
+            strides = 2 if stage and not block else 1
+            x = _residual_block(x, filters, strides, f"stage{stage + 1}_block{block + 1}")
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, layers.Dense(10, name="logits")(x), name="resnet20")
 
@@ -112,6 +97,18 @@ def _conv_bn(x, filters: int, strides: int, name: str, activation: bool = True):
     x = layers.Conv2D(filters, 3, strides, padding="same", use_bias=False, name=name)(x)
     x = layers.BatchNormalization(name=f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x) if activation else x
+
+
+def _residual_block(x, filters: int, strides: int, name: str):
+    """Two 3 x 3 conv-BN layers added to the input (through a 1 x 1 projection and BatchNorm
+    where the block strides), then ReLU."""
+    shortcut = x
+    if strides > 1:
+        shortcut = layers.Conv2D(filters, 1, strides, use_bias=False, name=f"{name}_proj")(x)
+        shortcut = layers.BatchNormalization(name=f"{name}_proj_bn")(shortcut)
+    y = _conv_bn(x, filters, strides, f"{name}_conv1")
+    y = _conv_bn(y, filters, 1, f"{name}_conv2", activation=False)
+    return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
 
 
 def mnist(split: str, batch_size: int, shuffle_seed: int | None = None) -> tf.data.Dataset:

@@ -125,6 +125,23 @@ def test_latents_start_at_the_channels_norms_and_the_proximal_step_shrinks_them(
         np.testing.assert_array_equal(latent.numpy(), start)
 
 
+def test_a_step_that_overshoots_the_budget_is_undone_and_the_weakest_channels_cut():
+    model = resnet_style()
+    compressed = th.hybrid_compress(
+        model, th.Budget(macs=0.6), [th.DHP(gamma=950.0)], search_steps=100
+    )
+    technique, latents = compressed.technique("dhp"), _latents(compressed)
+    for latent in latents.latents:  # close together: one step of 0.95 zeroes most of them
+        latent.assign(np.linspace(0.9, 1.0, latent.shape[0]).astype(np.float32))
+    technique.after_step(compressed)
+    assert float(compressed.ratios(hard=True)["macs"]) < 0.3
+    technique.after_step(compressed)
+    assert technique.search_done(compressed)
+    compressed.finish_search()
+    macs = th.profile(th.strip(compressed)).ratios(th.profile(model))["macs"]
+    assert 0.5 < macs <= 0.6
+
+
 def test_the_default_gamma_zeroes_a_latent_without_gradient_in_half_the_search():
     compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.2), [th.DHP()], search_steps=40)
     shrink = compressed.technique("dhp").proximal_threshold(compressed)

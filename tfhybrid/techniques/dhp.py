@@ -90,6 +90,16 @@ class Latents(df.ChannelGates):
             self.add_weight(f"keep_{i}", shape=(n,), initializer="ones", trainable=False)
             for i, n in enumerate(self.sizes)
         ]
+        self.before_last_step = [  # the latents before the last proximal step
+            self.add_weight(
+                f"before_last_step_{i}",
+                shape=(n,),
+                initializer="ones",
+                trainable=False,
+                aggregation=first,
+            )
+            for i, n in enumerate(self.sizes)
+        ]
         self.reached = self.add_weight(  # 1 once the search's decisions met the budget
             "reached",
             shape=(),
@@ -398,9 +408,12 @@ class DHP(df.DF):
         if latents is None:
             return
         norms = magnitude.channel_l1_norms(original, self._setup.analysis)
-        for gid, latent in zip(latents.group_ids, latents.latents):
+        for gid, latent, before in zip(
+            latents.group_ids, latents.latents, latents.before_last_step
+        ):
             if gid in norms:
                 latent.assign((norms[gid] / max(np.max(norms[gid]), 1e-12)).astype(np.float32))
+            before.assign(latent)
         for hyper in self.hypers_of(model):
             read = (latents.laid_out(lay, latents.relative) for lay in hyper.layouts)
             hyper.reproduce(hyper.kernel.numpy(), *read)
@@ -448,7 +461,8 @@ class DHP(df.DF):
         latents.reached.assign(tf.cast(reached, tf.int64))
         shrink = self.proximal_threshold(model)
         searching = tf.logical_and(tf.logical_not(reached), latents.decided < 1)
-        for latent in latents.latents:
+        for latent, before in zip(latents.latents, latents.before_last_step):
+            before.assign(tf.where(searching, latent, before))
             magnitude = tf.abs(latent)
             least = min(latents.least, int(latent.shape[0]))
             kept = tf.reduce_min(tf.math.top_k(magnitude, least).values)
@@ -473,8 +487,18 @@ class DHP(df.DF):
 
     def finish(self, model: Any) -> None:
         """The channels projected onto the budget; each kernel emitted once, from then on
-        trained as a plain one."""
+        trained as a plain one.
+
+        A search that met the budget goes back to its latents before the last proximal
+        step: that step may have zeroed many channels at once (latents close together
+        cross zero together) and overshot the budget; the projection then removes the
+        weakest of them, one at a time, until the budget holds."""
         latents = self.gates_of(model)
+        if latents is None:
+            return
+        if self.search_done(model):
+            for latent, before in zip(latents.latents, latents.before_last_step):
+                latent.assign(before)
         for hyper in self.hypers_of(model):
             hyper.kernel.assign(self.emitted(latents, hyper))
         super().finish(model)

@@ -17,7 +17,8 @@ HyperNetworks" (arXiv 2003.13683), and their public PyTorch code.
   its `min_channels` largest latents are never shrunk (one step of a large γ would
   otherwise zero a whole group at once).
 - The search ends when the hard MACs/params ratios meet the budget (within `tolerance`),
-  or at `search_steps`; the decisions are then projected onto the budget, the kernels
+  or at `search_steps`; the latents go back to before the last proximal step (which may
+  have overshot), the decisions are projected onto the budget, the kernels
   emitted once, and from then on each layer trains its emitted kernel as a plain one
   (the hypernetworks are dropped) with the pruned channels masked. `strip` removes them.
 

@@ -314,20 +314,30 @@ def tables(results: dict) -> str:
             ]
             hybrid_macs = f"{max(macs):.3f}" if macs else "-"
             lines.append(f"| {budget} | {hybrid_macs} | " + " | ".join(cells) + " |")
-        lines += ["", *paired(entry.get("budgets", {}))]
+        lines += ["", *mac_ratios(entry.get("budgets", {})), "", *paired(entry.get("budgets", {}))]
         if "timing" in entry:
             ms, ratio = entry["timing"]["ms_per_step"], entry["timing"]["ratio_to_plain"]
-            lines += [
-                "",
-                f"ms/step (median, batch {FLAGS.batch_size}): plain {ms['plain']:.1f}, hybrid "
-                f"search {ms['hybrid_search']:.1f} ({ratio['hybrid_search']:.2f}x), TF-MOT "
-                f"pruning {ms['tfmot_pruning']:.1f} ({ratio['tfmot_pruning']:.2f}x)",
-            ]
+            kinds = ", ".join(f"{k} {ms[k]:.1f} ({ratio[k]:.2f}x)" for k in ms)
+            lines += ["", f"ms/step (median, batch {FLAGS.batch_size}): {kinds}"]
         lines.append("")
     return "\n".join(lines)
 
 
-def paired(budgets: dict, rivals=("filters_only", "ranks_only", "scratch")) -> list[str]:
+def mac_ratios(budgets: dict) -> list[str]:
+    """Markdown: per budget, each method's mean MAC ratio after strip (a method may stop
+    under its budget)."""
+    lines = ["| MAC budget | " + " | ".join(f"{m} MACs" for m in METHODS) + " |"]
+    lines.append("|---" * (len(METHODS) + 1) + "|")
+    for budget, runs in budgets.items():
+        cells = []
+        for method in METHODS:
+            ratios = [r["mac_ratio"] for r in runs.get(method, []) if "mac_ratio" in r]
+            cells.append(f"{statistics.fmean(ratios):.3f}" if ratios else "-")
+        lines.append(f"| {budget} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def paired(budgets: dict, rivals=("filters_only", "ranks_only", "dhp", "scratch")) -> list[str]:
     """Markdown: per budget, the hybrid's error minus each rival's on the same seed
     (mean, in points; negative: the hybrid is better) and on how many seeds the
     hybrid is at least as accurate."""

@@ -1,15 +1,19 @@
-"""Read a `.tflite` file's main graph: operators (with versions) and tensors.
+"""Read a `.tflite` file's main graph: operators (with versions) and tensors; cut
+one operator out as a model of its own.
 
 Both the export report (op counts, I/O dtypes) and the Edge TPU check read the
 model this way, from LiteRT's own flatbuffer schema, so they see exactly what a
-runtime or the Edge TPU compiler sees, op versions included.
+runtime or the Edge TPU compiler sees, op versions included. The per-op profile
+times each operator as its own one-op model (`single_op_model`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import pathlib
 
+import flatbuffers
 from ai_edge_litert import schema_py_generated as schema
 
 _OP_NAMES = {code: name for name, code in vars(schema.BuiltinOperator).items() if name.isupper()}
@@ -92,6 +96,77 @@ def read(model: str | pathlib.Path | bytes) -> Graph:
         tuple(int(t) for t in _seq(main.outputs)),
         len(parsed.subgraphs),
     )
+
+
+def single_op_model(model: bytes, index: int) -> bytes:
+    """The `.tflite` bytes of a model that runs only operator `index` of `model`'s main graph.
+
+    The operator keeps its options, constant inputs (weights, biases, quantization) and
+    tensor types; its other inputs become the model's inputs and its outputs the model's
+    outputs. Only the buffers it reads are kept, so the file is small.
+
+    Args:
+        model: the bytes of a `.tflite` file with one subgraph (control flow is refused).
+        index: the operator's position in the main graph's execution order.
+
+    Returns:
+        The one-operator model's bytes.
+
+    Raises:
+        ValueError: if `model` is not a `.tflite` file, has several subgraphs, or has no
+            operator `index`.
+    """
+    parsed = _parsed(model)
+    if len(parsed.subgraphs) != 1:
+        raise ValueError(
+            f"single_op_model: the model has {len(parsed.subgraphs)} subgraphs (control flow); "
+            "only single-graph models can be cut into operators."
+        )
+    main = parsed.subgraphs[0]
+    operators = main.operators or []
+    if not 0 <= index < len(operators):
+        raise ValueError(
+            f"single_op_model: operator index {index} is out of range; the model has "
+            f"{len(operators)} operators."
+        )
+    op = copy.deepcopy(operators[index])
+    used = sorted({int(t) for t in [*_seq(op.inputs), *_seq(op.outputs)] if t >= 0})
+    renumbered = {old: new for new, old in enumerate(used)}
+    buffers = [schema.BufferT()]
+    tensors = []
+    for old in used:
+        tensor = copy.deepcopy(main.tensors[old])
+        constant = _has_data(parsed, tensor.buffer)
+        buffers.append(
+            copy.deepcopy(parsed.buffers[tensor.buffer]) if constant else schema.BufferT()
+        )
+        tensor.buffer = len(buffers) - 1
+        tensors.append(tensor)
+    op.inputs = [renumbered.get(int(t), -1) for t in _seq(op.inputs)]
+    op.outputs = [renumbered[int(t)] for t in _seq(op.outputs)]
+    graph = schema.SubGraphT()
+    graph.tensors = tensors
+    graph.operators = [op]
+    graph.inputs = [
+        t for t in op.inputs if t >= 0 and not _has_data(parsed, main.tensors[used[t]].buffer)
+    ]
+    graph.outputs = list(op.outputs)
+    graph.name = main.name
+    cut = schema.ModelT()
+    cut.version = parsed.version
+    cut.operatorCodes = parsed.operatorCodes
+    cut.subgraphs = [graph]
+    cut.buffers = buffers
+    cut.description = parsed.description
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(cut.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def _parsed(model: bytes):
+    if len(model) < 8 or model[4:8] != b"TFL3":
+        raise ValueError("The data is not a .tflite file.")
+    return schema.ModelT.InitFromPackedBuf(model, 0)
 
 
 def _op_name(code) -> str:

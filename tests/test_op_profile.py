@@ -69,7 +69,7 @@ def test_each_one_op_model_computes_its_operator_as_in_the_whole_model(pruned_mo
 
 
 def test_the_profile_times_every_operator(pruned_mobilenet_file):
-    profile = op_profile.profile_ops(pruned_mobilenet_file, runs=3, warmup=1)
+    profile = th.profile_ops(pruned_mobilenet_file, runs=3, warmup=1)
     graph = flatbuffer.read(pruned_mobilenet_file)
     assert [t.op for t in profile.ops] == [op.name for op in graph.operators]
     assert all(t.median_ms > 0 and t.kernels == "xnnpack" for t in profile.ops)
@@ -84,3 +84,9 @@ def test_cutting_a_missing_operator_or_not_a_tflite_file_is_refused(pruned_mobil
         flatbuffer.single_op_model(pruned_mobilenet_file, count)
     with pytest.raises(ValueError, match="not a .tflite file"):
         flatbuffer.single_op_model(b"not a model", 0)
+
+
+def test_operator_macs_add_up_to_the_keras_profile(pruned_mobilenet, pruned_mobilenet_file):
+    graph = flatbuffer.read(pruned_mobilenet_file)
+    macs = sum(op_profile.op_macs(op, graph) for op in graph.operators)
+    assert macs == th.profile(pruned_mobilenet).macs

@@ -1,8 +1,9 @@
-"""Deployment: verified `.tflite` files, Edge TPU readiness, LiteRT latency, and compact
-weight files in the counted block format."""
+"""Deployment: verified `.tflite` files, Edge TPU readiness, LiteRT latency (whole and per
+operator), and compact weight files in the counted block format."""
 
 from tfhybrid.export.compact import CompactReport, load_compact, save_compact
 from tfhybrid.export.edgetpu import EdgeTPUReport, Finding, check_edgetpu
+from tfhybrid.export.op_profile import OpProfile, profile_ops
 from tfhybrid.export.tflite import ExportReport, benchmark_tflite, export_tflite
 
 __all__ = [
@@ -12,7 +13,9 @@ __all__ = [
     "EdgeTPUReport",
     "ExportReport",
     "Finding",
+    "OpProfile",
     "benchmark_tflite",
     "check_edgetpu",
     "export_tflite",
+    "profile_ops",
 ]

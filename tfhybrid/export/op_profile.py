@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import pathlib
 import tempfile
 
@@ -35,6 +36,8 @@ class OpTiming:
     median_ms: float
     #: "xnnpack", or "builtin" where XNNPACK refused the op.
     kernels: str
+    #: Multiply-accumulates of a convolution or fully-connected op (0 for other ops).
+    macs: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +99,20 @@ def profile_ops(
                     dtype=output.dtype,
                     median_ms=measured["median_ms"],
                     kernels=measured["kernels"],
+                    macs=op_macs(op, graph),
                 )
             )
     return OpProfile(timings, whole_ms, threads)
+
+
+def op_macs(op: flatbuffer.Operator, graph: flatbuffer.Graph) -> int:
+    """Multiply-accumulates of one CONV_2D, DEPTHWISE_CONV_2D or FULLY_CONNECTED op
+    (each output element times its filter's taps per output); 0 for other ops."""
+    if op.name not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+        return 0
+    outputs = math.prod(graph.tensors[op.outputs[0]].shape)
+    # Filters: CONV_2D (out, kh, kw, in); DEPTHWISE_CONV_2D (1, kh, kw, out); FC (out, in).
+    taps = graph.tensors[op.inputs[1]].shape[1:]
+    if op.name == "DEPTHWISE_CONV_2D":
+        taps = taps[:-1]
+    return outputs * math.prod(taps)

@@ -49,8 +49,9 @@ def test_masks_start_near_one_staggered_by_l1_norm_and_freeze_to_the_kept_channe
     compressed = th.hybrid_compress(model, th.Budget(macs=0.5), ranks=False, search_steps=5)
     gates = df.gates_of(compressed)
     norms = magnitude.channel_l1_norms(model)
-    for gid, logits in zip(gates.group_ids, gates.logits):
-        start = df.LOGIT_SCALE * logits.numpy()
+    assert gates.pace == df.PACED_STEPS / 5  # a short search: its logits move faster
+    for index, gid in enumerate(gates.group_ids):
+        start = gates.scores(index)
         # Equal norms (they happen in float32) keep their index order, as in staggered_logits.
         np.testing.assert_array_equal(np.argsort(start), np.argsort(norms[gid], kind="stable"))
         np.testing.assert_allclose(start.min(), df.INITIAL_LOGIT - df.INITIAL_SPREAD, rtol=1e-5)
@@ -313,3 +314,34 @@ def test_a_factored_conv_equals_its_truncated_svd_as_one_conv_or_two(budget, two
     reference = th.factorize(model, ranks, force=True)
     x = np.random.default_rng(0).normal(size=(3, 9, 9, 4)).astype(np.float32)
     np.testing.assert_allclose(compressed(x), reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_pacing_keeps_every_mask_and_gate():
+    compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.3), search_steps=100)
+    layers = th.DF().decision_layers(compressed)
+    assert [layer.pace for layer in layers] == [df.PACED_STEPS / 100] * len(layers)
+    masks = [m.numpy() for m in df.gates_of(compressed).masks()]
+    gates = [la.component_gates().numpy() for la in df.factored_layers_of(compressed)]
+    for layer in layers:
+        layer.set_pace(1.0)
+    for before, after in zip(masks, df.gates_of(compressed).masks()):
+        np.testing.assert_allclose(after, before, rtol=1e-6)
+    for before, layer in zip(gates, df.factored_layers_of(compressed)):
+        np.testing.assert_allclose(layer.component_gates(), before, rtol=1e-6)
+
+
+@pytest.mark.parametrize("pace", ["paced", "usual"])
+def test_a_short_search_meets_the_budget_by_its_own_decisions(pace):
+    """200 steps are too few for logits moving at the usual rate: the search's own hard
+    decisions stay far above the budget and the projection does all the cutting."""
+    x = np.random.default_rng(0).normal(size=(64, 28, 28, 1)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 10, 64)
+    compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.3), ranks=False, search_steps=200)
+    if pace == "usual":
+        for layer in th.DF().decision_layers(compressed):
+            layer.set_pace(1.0)
+    compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    fit = {"batch_size": 8, "epochs": 24, "verbose": 0}  # 192 steps: still searching
+    compressed.fit(x, y, callbacks=[th.CompressionScheduler()], **fit)
+    searched = float(compressed.ratios(hard=True)["macs"])
+    assert searched < 0.4 if pace == "paced" else searched > 0.6

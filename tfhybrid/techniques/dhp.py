@@ -141,6 +141,9 @@ class Latents(df.ChannelGates):
         key = ("latent", tuple(tuple(segment) for segment in layout))
         return tf.cast(self._memo(key, lambda: self.laid_out(layout, self.relative)), inputs.dtype)
 
+    def set_pace(self, pace: float) -> None:
+        """The latents' pace is DHP's proximal step (`gamma`), not a scale of theirs."""
+
     def get_config(self) -> dict:
         return {**super().get_config(), "threshold": self.threshold, "least": self.least}
 

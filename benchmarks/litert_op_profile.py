@@ -4,7 +4,8 @@
 
 MobileNetV2 (224 x 224, random weights: latency does not depend on them) and copies with
 50% of every prunable channel group removed (L1 norm), as is and with kept counts
-rounded up to multiples of 8 (`_r8`), each as float32 and full-integer int8 `.tflite`.
+rounded up to multiples of 8 and 16 (`_r8`, `_r16`: SIMD kernels work on tiles of output
+channels), each as float32 and full-integer int8 `.tflite`.
 Every operator is timed as its own one-op model (`tfhybrid.export.op_profile`, 1 thread,
 median of --runs). Per op type: summed ms in the full and the pruned model, the speed-up,
 and for convolutions the MAC reduction (speed-up ÷ MAC reduction: 1.0 = what the MACs
@@ -32,6 +33,7 @@ flags.DEFINE_integer("runs", 30, "Timed inferences per operator and per whole mo
 flags.DEFINE_integer("size", 224, "Input height and width.")
 flags.DEFINE_float("share", 0.5, "Share of every prunable group's channels removed.")
 flags.DEFINE_integer("calibration", 20, "Representative inputs for int8.")
+flags.DEFINE_list("round_to", ["1", "8", "16"], "Kept channel counts rounded up to these.")
 flags.DEFINE_integer("worst", 8, "Convolutions listed with the least speed-up per MAC saved.")
 flags.DEFINE_string("out", "benchmarks/results", "Folder for litert_op_profile.json.")
 
@@ -39,21 +41,18 @@ FORMATS = {"fp32": "none", "int8": "int8"}
 
 
 def models() -> dict:
-    """MobileNetV2 and its pruned copies (kept counts as they fall, and rounded to 8)."""
+    """MobileNetV2 and its pruned copies (kept counts rounded up to each --round_to)."""
     size = FLAGS.size
     model = keras.applications.MobileNetV2(
         weights=None, input_shape=(size, size, 3), classifier_activation=None
     )
-    pruned = f"pruned{int(FLAGS.share * 100)}"
-    return {
-        "mobilenet_v2": model,
-        f"mobilenet_v2_{pruned}": th.prune_channels(
-            model, magnitude.l1_removal(model, FLAGS.share)
-        ),
-        f"mobilenet_v2_{pruned}_r8": th.prune_channels(
-            model, magnitude.l1_removal(model, FLAGS.share, 8)
-        ),
-    }
+    family = {"mobilenet_v2": model}
+    for round_to in map(int, FLAGS.round_to):
+        name = f"mobilenet_v2_pruned{int(FLAGS.share * 100)}" + (
+            f"_r{round_to}" if round_to > 1 else ""
+        )
+        family[name] = th.prune_channels(model, magnitude.l1_removal(model, FLAGS.share, round_to))
+    return family
 
 
 def profiled(family: dict, folder: pathlib.Path) -> dict:
@@ -193,7 +192,8 @@ def main(argv):
     results = report(profiles, list(family))
     command = (
         f"python benchmarks/litert_op_profile.py --runs={FLAGS.runs} --size={FLAGS.size} "
-        f"--share={FLAGS.share} --calibration={FLAGS.calibration}"
+        f"--share={FLAGS.share} --calibration={FLAGS.calibration} "
+        f"--round_to={','.join(FLAGS.round_to)}"
     )
     (out / "litert_op_profile.json").write_text(
         json.dumps({"command": command, "results": results}, indent=2)

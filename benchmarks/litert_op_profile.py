@@ -9,8 +9,10 @@ channels), each as float32 and full-integer int8 `.tflite`.
 Every operator is timed as its own one-op model (`tfhybrid.export.op_profile`, 1 thread,
 median of --runs). Per op type: summed ms in the full and the pruned model, the speed-up,
 and for convolutions the MAC reduction (speed-up ÷ MAC reduction: 1.0 = what the MACs
-promise); then the whole-model times and the convolutions that gain least. Writes
-litert_op_profile.json under --out.
+promise); then the whole-model times and the convolutions that gain least. Last, the
+latency of one 1x1 Conv2D (as MobileNetV2's projections) over a sweep of its output channels
+(--sweep_outputs), to see whether int8 time falls with them. Writes litert_op_profile.json
+under --out.
 """
 
 import json
@@ -35,6 +37,12 @@ flags.DEFINE_float("share", 0.5, "Share of every prunable group's channels remov
 flags.DEFINE_integer("calibration", 20, "Representative inputs for int8.")
 flags.DEFINE_list("round_to", ["1", "8", "16"], "Kept channel counts rounded up to these.")
 flags.DEFINE_integer("worst", 8, "Convolutions listed with the least speed-up per MAC saved.")
+flags.DEFINE_list(
+    "sweep_outputs", [str(n) for n in range(4, 68, 4)], "Output channels of the 1x1 conv sweep."
+)
+flags.DEFINE_list(
+    "sweep_shape", ["28", "28", "96"], "Input (height, width, channels) of the sweep."
+)
 flags.DEFINE_string("out", "benchmarks/results", "Folder for litert_op_profile.json.")
 
 FORMATS = {"fp32": "none", "int8": "int8"}
@@ -72,6 +80,29 @@ def profiled(family: dict, folder: pathlib.Path) -> dict:
             profiles[name, fmt] = op_profile.profile_ops(path, runs=FLAGS.runs)
             print(name, fmt, f"{profiles[name, fmt].whole_ms:.3f} ms", flush=True)
     return profiles
+
+
+def pointwise_sweep(folder: pathlib.Path) -> dict:
+    """Median ms of one 1x1 Conv2D per output channel count, per format."""
+    height, width, channels = map(int, FLAGS.sweep_shape)
+    inputs = np.random.default_rng(0).uniform(-1, 1, (FLAGS.calibration, height, width, channels))
+    rows = {}
+    for outputs in map(int, FLAGS.sweep_outputs):
+        conv = keras.Sequential(
+            [keras.Input((height, width, channels)), keras.layers.Conv2D(outputs, 1)]
+        )
+        for fmt, quantize in FORMATS.items():
+            path = folder / f"pointwise_{outputs}_{fmt}.tflite"
+            th.export_tflite(
+                conv,
+                path,
+                quantize=quantize,
+                representative_data=inputs.astype(np.float32),
+                samples=FLAGS.calibration,
+            )
+            timing = th.benchmark_tflite(path, runs=FLAGS.runs * 10)
+            rows.setdefault(fmt, {})[outputs] = timing["median_ms"]
+    return rows
 
 
 def by_type(profile: op_profile.OpProfile) -> dict:
@@ -182,6 +213,20 @@ def tables(results: dict) -> str:
     return "\n".join(lines)
 
 
+def sweep_table(sweep: dict) -> str:
+    shape = "x".join(FLAGS.sweep_shape)
+    counts = list(next(iter(sweep.values())))
+    lines = [
+        f"1x1 Conv2D on {shape} inputs, median ms by output channels:",
+        "",
+        "| format | " + " | ".join(map(str, counts)) + " |",
+        "|---" * (len(counts) + 1) + "|",
+    ]
+    for fmt, row in sweep.items():
+        lines.append(f"| {fmt} | " + " | ".join(f"{row[n]:.4f}" for n in counts) + " |")
+    return "\n".join(lines)
+
+
 def main(argv):
     del argv
     out = pathlib.Path(FLAGS.out)
@@ -189,16 +234,18 @@ def main(argv):
     family = models()
     with tempfile.TemporaryDirectory() as tmp:
         profiles = profiled(family, pathlib.Path(tmp))
+        sweep = pointwise_sweep(pathlib.Path(tmp))
     results = report(profiles, list(family))
     command = (
         f"python benchmarks/litert_op_profile.py --runs={FLAGS.runs} --size={FLAGS.size} "
         f"--share={FLAGS.share} --calibration={FLAGS.calibration} "
-        f"--round_to={','.join(FLAGS.round_to)}"
+        f"--round_to={','.join(FLAGS.round_to)} --sweep_shape={','.join(FLAGS.sweep_shape)}"
     )
     (out / "litert_op_profile.json").write_text(
-        json.dumps({"command": command, "results": results}, indent=2)
+        json.dumps({"command": command, "results": results, "pointwise_sweep": sweep}, indent=2)
     )
     print(tables(results))
+    print(sweep_table(sweep))
 
 
 if __name__ == "__main__":

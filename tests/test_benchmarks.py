@@ -38,12 +38,24 @@ def test_paired_compares_the_hybrid_with_each_rival_on_the_same_seeds():
             "hybrid": [_run(0, 0.010), _run(1, 0.012)],
             "filters_only": [_run(0, 0.011), _run(1, 0.011), _run(2, 0.001)],  # seed 2 unpaired
             "scratch": [_run(0, 0.009), {"seed": 1, "unreachable": True}],
+            "dhp": [_run(1, 0.013)],
         }
     }
     lines = bench.paired(budgets)
-    header = "| MAC budget | hybrid - filters_only | hybrid - ranks_only | hybrid - scratch |"
+    header = (
+        "| MAC budget | hybrid - filters_only | hybrid - ranks_only | hybrid - dhp | "
+        "hybrid - scratch |"
+    )
     assert lines[0] == header
-    assert lines[2] == "| 0.1 | +0.00 (1/2) | - | +0.10 (0/1) |"
+    assert lines[2] == "| 0.1 | +0.00 (1/2) | - | -0.10 (1/1) | +0.10 (0/1) |"
+
+
+def test_mac_ratios_are_each_methods_mean_after_strip():
+    budgets = {"0.5": {"hybrid": [{"mac_ratio": 0.5}, {"mac_ratio": 0.4}], "dhp": [{"seed": 0}]}}
+    lines = bench.mac_ratios(budgets)
+    assert lines[0].startswith("| MAC budget | hybrid MACs | filters_only MACs |")
+    cells = lines[2].split(" | ")
+    assert cells[1] == "0.450" and cells[1 + bench.METHODS.index("dhp")] == "-"
 
 
 _OPT_SPEC = importlib.util.spec_from_file_location(

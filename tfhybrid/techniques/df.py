@@ -73,7 +73,7 @@ INITIAL_THRESHOLD = -(INITIAL_LOGIT - INITIAL_SPREAD) / LOGIT_SCALE
 #: at the usual rate, a 200-step search (ResNet-20, two epochs of 100 batches) could
 #: not move a logit to zero, left the whole cut to the projection, and the projection,
 #: among channels scored alike, removed the costliest group (the first stage's residual
-#: stream, to 1 channel: 34% error at half the MACs).
+#: stream, to 1 channel: 22% error at half the MACs, filters only, mean of 3 seeds).
 PACED_STEPS = 600
 
 

@@ -63,20 +63,22 @@ def models() -> dict:
     return family
 
 
+def exported(model, path: pathlib.Path, quantize: str) -> pathlib.Path:
+    """`model` as a `.tflite` file, calibrated (int8) on random inputs in [-1, 1]."""
+    shape = (FLAGS.calibration, *model.inputs[0].shape[1:])
+    inputs = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+    th.export_tflite(
+        model, path, quantize=quantize, representative_data=inputs, samples=FLAGS.calibration
+    )
+    return path
+
+
 def profiled(family: dict, folder: pathlib.Path) -> dict:
     """Every model in every format, profiled op by op."""
-    inputs = np.random.default_rng(0).uniform(-1, 1, (FLAGS.calibration, FLAGS.size, FLAGS.size, 3))
     profiles = {}
     for name, model in family.items():
         for fmt, quantize in FORMATS.items():
-            path = folder / f"{name}_{fmt}.tflite"
-            th.export_tflite(
-                model,
-                path,
-                quantize=quantize,
-                representative_data=inputs.astype(np.float32),
-                samples=FLAGS.calibration,
-            )
+            path = exported(model, folder / f"{name}_{fmt}.tflite", quantize)
             profiles[name, fmt] = op_profile.profile_ops(path, runs=FLAGS.runs)
             print(name, fmt, f"{profiles[name, fmt].whole_ms:.3f} ms", flush=True)
     return profiles
@@ -85,21 +87,13 @@ def profiled(family: dict, folder: pathlib.Path) -> dict:
 def pointwise_sweep(folder: pathlib.Path) -> dict:
     """Median ms of one 1x1 Conv2D per output channel count, per format."""
     height, width, channels = map(int, FLAGS.sweep_shape)
-    inputs = np.random.default_rng(0).uniform(-1, 1, (FLAGS.calibration, height, width, channels))
     rows = {}
     for outputs in map(int, FLAGS.sweep_outputs):
         conv = keras.Sequential(
             [keras.Input((height, width, channels)), keras.layers.Conv2D(outputs, 1)]
         )
         for fmt, quantize in FORMATS.items():
-            path = folder / f"pointwise_{outputs}_{fmt}.tflite"
-            th.export_tflite(
-                conv,
-                path,
-                quantize=quantize,
-                representative_data=inputs.astype(np.float32),
-                samples=FLAGS.calibration,
-            )
+            path = exported(conv, folder / f"pointwise_{outputs}_{fmt}.tflite", quantize)
             timing = th.benchmark_tflite(path, runs=FLAGS.runs * 10)
             rows.setdefault(fmt, {})[outputs] = timing["median_ms"]
     return rows

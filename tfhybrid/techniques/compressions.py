@@ -137,15 +137,19 @@ def kmeans_1d(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         (codebook, assignment): the cluster means, and the index of each value's mean.
     """
     flat = np.ravel(values).astype(np.float64)
-    order = np.argsort(flat, kind="stable")
-    x = flat[order]
+    # Equal values share a cluster in some optimal clustering, so the splits run over the
+    # distinct values, weighted by their counts: a tie in the error (values too close for
+    # the prefix sums to tell apart) can then never split equal values into two clusters.
+    x, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
     n = x.size
-    k = max(1, min(k, len(np.unique(x))))
-    first = np.concatenate([[0.0], np.cumsum(x)])
-    second = np.concatenate([[0.0], np.cumsum(x * x)])
+    k = max(1, min(k, n))
+    weight = counts.astype(np.float64)
+    first = np.concatenate([[0.0], np.cumsum(weight * x)])
+    second = np.concatenate([[0.0], np.cumsum(weight * x * x)])
+    size = np.concatenate([[0.0], np.cumsum(weight)])
 
-    def sse(start: np.ndarray, end: np.ndarray) -> np.ndarray:  # of x[start:end]
-        count = np.maximum(end - start, 1)
+    def sse(start: np.ndarray, end: np.ndarray) -> np.ndarray:  # of x[start:end], weighted
+        count = np.maximum(size[end] - size[start], 1.0)
         total = first[end] - first[start]
         return np.maximum(second[end] - second[start] - total * total / count, 0.0)
 
@@ -159,11 +163,11 @@ def kmeans_1d(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     for split in reversed(splits):
         bounds.append(int(split[bounds[-1]]))
     bounds = [0, *reversed(bounds)]
-    codebook = np.array([x[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:])])
+    codebook = np.array(
+        [np.average(x[a:b], weights=weight[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    )
     labels = np.repeat(np.arange(k), np.diff(bounds))
-    assignment = np.empty(n, np.int64)
-    assignment[order] = labels
-    return codebook, assignment
+    return codebook, labels[np.ravel(inverse)].astype(np.int64)
 
 
 def _next_row(previous: np.ndarray, sse, n: int, clusters: int) -> tuple:

@@ -110,10 +110,8 @@ def test_logger_writes_ratios_kept_channels_and_ranks(tmp_path):
     x = np.random.default_rng(0).normal(size=(32, 28, 28, 1)).astype(np.float32)
     y = np.random.default_rng(1).integers(0, 10, 32)
     compressed = th.hybrid_compress(model, th.Budget(macs=0.3), search_steps=4)
-    for layer in th.DF().decision_layers(
-        compressed
-    ):  # the usual pace: two steps keep every channel
-        layer.set_pace(1.0)
+    for layer in th.DF().decision_layers(compressed):
+        layer.set_pace(1.0)  # the usual pace: two steps keep every channel
     compressed.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     logger = th.CompressionLogger(str(tmp_path), update_freq=np.int64(2))
     callbacks = [th.CompressionScheduler(), logger]

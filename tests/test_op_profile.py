@@ -8,7 +8,7 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 import tfhybrid as th
-from tfhybrid.export import flatbuffer, op_profile
+from tfhybrid.export import flatbuffer, op_profile, tflite
 from tfhybrid.techniques import magnitude
 
 from models import APPLICATIONS
@@ -48,14 +48,7 @@ def builtin_interpreter(data: bytes, keep_all: bool = False) -> Interpreter:
 def test_each_one_op_model_computes_its_operator_as_in_the_whole_model(pruned_mobilenet_file):
     whole = builtin_interpreter(pruned_mobilenet_file, keep_all=True)
     detail = whole.get_input_details()[0]
-    info = np.iinfo(detail["dtype"]) if np.issubdtype(detail["dtype"], np.integer) else None
-    rng = np.random.default_rng(1)
-    example = (
-        rng.integers(info.min, info.max, detail["shape"], endpoint=True).astype(detail["dtype"])
-        if info
-        else rng.random(detail["shape"], dtype=np.float32)
-    )
-    whole.set_tensor(detail["index"], example)
+    whole.set_tensor(detail["index"], tflite._random_input(detail, np.random.default_rng(1)))
     whole.invoke()
     graph = flatbuffer.read(pruned_mobilenet_file)
     assert {op.name for op in graph.operators} >= {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD"}

@@ -62,11 +62,7 @@ def read(model: str | pathlib.Path | bytes) -> Graph:
         ValueError: if the bytes are not a TFLite flatbuffer.
     """
     data = model if isinstance(model, bytes) else pathlib.Path(model).read_bytes()
-    if len(data) < 8 or data[4:8] != b"TFL3":
-        raise ValueError(
-            f"{model if not isinstance(model, bytes) else 'data'} is not a .tflite file."
-        )
-    parsed = schema.ModelT.InitFromPackedBuf(data, 0)
+    parsed = _parsed(data, "data" if isinstance(model, bytes) else str(model))
     main = parsed.subgraphs[0]
     tensors = [
         Tensor(
@@ -116,7 +112,7 @@ def single_op_model(model: bytes, index: int) -> bytes:
         ValueError: if `model` is not a `.tflite` file, has several subgraphs, or has no
             operator `index`.
     """
-    parsed = _parsed(model)
+    parsed = _parsed(model, "single_op_model: the data")
     if len(parsed.subgraphs) != 1:
         raise ValueError(
             f"single_op_model: the model has {len(parsed.subgraphs)} subgraphs (control flow); "
@@ -132,14 +128,14 @@ def single_op_model(model: bytes, index: int) -> bytes:
     op = copy.deepcopy(operators[index])
     used = sorted({int(t) for t in [*_seq(op.inputs), *_seq(op.outputs)] if t >= 0})
     renumbered = {old: new for new, old in enumerate(used)}
-    buffers = [schema.BufferT()]
-    tensors = []
+    buffers, tensors, constants = [schema.BufferT()], [], set()
     for old in used:
         tensor = copy.deepcopy(main.tensors[old])
-        constant = _has_data(parsed, tensor.buffer)
-        buffers.append(
-            copy.deepcopy(parsed.buffers[tensor.buffer]) if constant else schema.BufferT()
-        )
+        if _has_data(parsed, tensor.buffer):
+            constants.add(renumbered[old])
+            buffers.append(copy.deepcopy(parsed.buffers[tensor.buffer]))
+        else:
+            buffers.append(schema.BufferT())
         tensor.buffer = len(buffers) - 1
         tensors.append(tensor)
     op.inputs = [renumbered.get(int(t), -1) for t in _seq(op.inputs)]
@@ -147,9 +143,7 @@ def single_op_model(model: bytes, index: int) -> bytes:
     graph = schema.SubGraphT()
     graph.tensors = tensors
     graph.operators = [op]
-    graph.inputs = [
-        t for t in op.inputs if t >= 0 and not _has_data(parsed, main.tensors[used[t]].buffer)
-    ]
+    graph.inputs = [t for t in op.inputs if t >= 0 and t not in constants]
     graph.outputs = list(op.outputs)
     graph.name = main.name
     cut = schema.ModelT()
@@ -163,10 +157,11 @@ def single_op_model(model: bytes, index: int) -> bytes:
     return bytes(builder.Output())
 
 
-def _parsed(model: bytes):
-    if len(model) < 8 or model[4:8] != b"TFL3":
-        raise ValueError("The data is not a .tflite file.")
-    return schema.ModelT.InitFromPackedBuf(model, 0)
+def _parsed(data: bytes, what: str):
+    """The flatbuffer's object tree; `what` names the data in the error."""
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise ValueError(f"{what} is not a .tflite file.")
+    return schema.ModelT.InitFromPackedBuf(data, 0)
 
 
 def _op_name(code) -> str:

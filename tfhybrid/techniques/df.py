@@ -90,6 +90,8 @@ class ChannelGates(base.SharedWithinAStep, L.Layer):
         group_keys: each gated group's `ChannelGroup.key()` (stable across rebuilds).
         sizes: channels per gated group.
         temperature: schedule config of T (see `schedules`).
+        pace: the logits are stored divided by it, so optimizer steps move them `pace`
+            times as far (`DF.set_search_steps` sets it for short searches).
     """
 
     def __init__(self, group_ids, group_keys, sizes, temperature, pace=1.0, **kwargs):
@@ -197,7 +199,9 @@ class _Factored(base.SharedWithinAStep, L.Layer):
         rank: number of components searched (at most the kernel's rank).
         temperature: schedule config of the soft rank's temperature.
         s_max: the kernel's largest initial singular value; the threshold is
-            `tau * s_max` and the soft rank's temperature is scaled by `s_max / 10`.
+            `tau * s_max * pace` and the soft rank's temperature is scaled by `s_max / 10`.
+        pace: how many times as far optimizer steps move the threshold (as for
+            `ChannelGates`).
     """
 
     plain_class: type

@@ -18,9 +18,11 @@ from tfhybrid.export import (
     check_edgetpu,
     export_tflite,
     load_compact,
+    measure_latency_table,
     profile_ops,
     save_compact,
 )
+from tfhybrid.latency import LatencyTable
 from tfhybrid.report import summary
 from tfhybrid.schedules import ExponentialDecay, LinearRamp
 from tfhybrid.surgery import ChannelMask, factorize, prune_channels
@@ -70,6 +72,8 @@ __all__ = [
     "check_edgetpu",
     "export_tflite",
     "load_compact",
+    "LatencyTable",
+    "measure_latency_table",
     "profile_ops",
     "save_compact",
     "quantize_aware",

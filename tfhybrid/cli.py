@@ -1,14 +1,17 @@
-"""The command line: `python -m tfhybrid export|report MODEL [flags]`.
+"""The command line: `python -m tfhybrid export|report|latency-table MODEL [flags]`.
 
     python -m tfhybrid export MODEL.keras --quantize int8 --representative mnist \
         --target edgetpu --out model.tflite
     python -m tfhybrid report MODEL.keras [--original ORIGINAL.keras]
+    python -m tfhybrid latency-table MODEL.keras --quantize int8 --threads 1 --out table.json
 
 `export` writes the `.tflite` file and prints the export report (exit status 3
 when `--target edgetpu` finds ops that cannot map). `report` prints the per-layer
 MACs/params table, the totals (non-zero parameters and storage bits too) and, with
 `--original`, the model's share of the original's MACs, params and bits, as a
-`Budget` counts them. `--help` (or `-h`) prints the usage; no arguments print it to
+`Budget` counts them. `latency-table` times the model and each of its layers over a
+grid of kept channels in LiteRT and saves the table `Budget(latency=...)` reads (run
+it where the model will run). `--help` (or `-h`) prints the usage; no arguments print it to
 stderr with exit status 2. Bad input (a missing or non-Keras file, an unknown command
 or flag, `--representative mnist` without MNIST) gives one line on stderr and exit
 status 2.
@@ -28,6 +31,7 @@ from absl import flags
 from tfhybrid import _startup, api, cost, data, tfmot
 from tfhybrid._keras import keras
 from tfhybrid.export import tflite
+from tfhybrid.export.latency_table import measure_latency_table
 from tfhybrid.report import summary
 
 FLAGS = flags.FlagValues()
@@ -41,7 +45,13 @@ flags.DEFINE_string(
 )
 flags.DEFINE_enum("target", None, ["edgetpu"], "Deployment target.", flag_values=FLAGS)
 flags.DEFINE_string(
-    "out", None, "Output .tflite path (default: MODEL with .tflite).", flag_values=FLAGS
+    "out",
+    None,
+    "Output path (default: MODEL with .tflite, or .latency.json for latency-table).",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+    "threads", 1, "latency-table: interpreter threads.", flag_values=FLAGS, lower_bound=1
 )
 flags.DEFINE_bool("sparse", False, "Also use the sparse weight encoding.", flag_values=FLAGS)
 flags.DEFINE_integer(
@@ -54,7 +64,7 @@ flags.DEFINE_string(
     flag_values=FLAGS,
 )
 
-COMMANDS = ("export", "report")
+COMMANDS = ("export", "report", "latency-table")
 EDGETPU_NOT_READY = 3
 USAGE_ERROR = 2
 HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
@@ -65,6 +75,10 @@ commands:
                 LiteRT next to Keras and print the report
   report MODEL  print the per-layer MACs/params table and the totals (with --original,
                 the shares of the original model)
+  latency-table MODEL
+                time MODEL and each of its layers over a grid of kept channels in LiteRT
+                (--quantize none or int8, --threads) and save the table that
+                Budget(latency=..., latency_table=...) reads
 
 flags:
 {flags}
@@ -100,6 +114,8 @@ def run(argv: list[str]) -> int:
         model = load(args[1])
         if args[0] == "report":
             return report(model)
+        if args[0] == "latency-table":
+            return latency_table(model, args[1])
         return export(model, args[1])
     except USER_ERRORS as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -170,6 +186,20 @@ def report(model: Any) -> int:
     if original is not None:
         shares = prof.ratios(cost.profile(original))
         print("share of the original: " + ", ".join(f"{k} {v:.4f}" for k, v in shares.items()))
+    return 0
+
+
+def latency_table(model: Any, model_path: str) -> int:
+    """`latency-table`: measures and saves the model's latency table; returns 0."""
+    data = representative(FLAGS.representative, model, FLAGS.samples)
+    table = measure_latency_table(model, FLAGS.quantize, FLAGS.threads, representative_data=data)
+    out = FLAGS.out or str(pathlib.Path(model_path).with_suffix(".latency.json"))
+    table.save(out)
+    print(
+        f"{out}: {len(table.layers)} layers timed ({table.quantize}, {table.threads} "
+        f"thread(s)); whole model {table.whole_ms:.4f} ms, of which {table.rest_ms:.4f} ms "
+        "stays constant."
+    )
     return 0
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfhybrid import graph
+from tfhybrid import latency as latency_lib
 from tfhybrid._keras import (
     CONV,
     DEPTHWISE_CONV,
@@ -336,11 +337,19 @@ class CostModel:
     Args:
         terms: one `LayerTerms` per layer call.
         sizes: channel count of every group, by id.
+        latency: a measured `latency.LatencyTable` of the model: `costs` then also
+            gives "latency" in ms (see `with_latency`).
     """
 
-    def __init__(self, terms: list[LayerTerms], sizes: list[int]):
+    def __init__(
+        self,
+        terms: list[LayerTerms],
+        sizes: list[int],
+        latency: latency_lib.LatencyTable | None = None,
+    ):
         self.terms = terms
         self.sizes = list(sizes)
+        self.latency = latency
 
     @classmethod
     def from_analysis(cls, analysis: Any) -> CostModel:
@@ -383,6 +392,51 @@ class CostModel:
                 )
             )
         return cls(terms, [g.size for g in analysis.groups])
+
+    def with_latency(self, table: latency_lib.LatencyTable) -> CostModel:
+        """This cost model that also counts latency, from `table`.
+
+        Each layer in the table costs its interpolated latency at its kept channels (and,
+        split at rank r, its first factor's with r outputs plus its second factor's);
+        the rest of the model costs `table.rest_ms`, whatever is kept.
+
+        Raises:
+            ValueError: if the table was measured on another model: a layer it names
+                is not here, has other channel counts, or a layer that multiplies by
+                weights here is not in it.
+        """
+        by_name = {t.name: t for t in self.terms}
+        for name, lat in table.layers.items():
+            if name not in by_name:
+                raise ValueError(
+                    f"The latency table times layer '{name}', which this model does not "
+                    "have: it was measured on another model. Measure this model's table "
+                    "(`python -m tfhybrid latency-table model.keras`)."
+                )
+            full = self._full_channels(by_name[name])
+            if full != (lat.cin[-1], lat.cout[-1]):
+                raise ValueError(
+                    f"Layer '{name}' has {full[0]} input and {full[1]} output channels, "
+                    f"the latency table's {lat.cin[-1]} and {lat.cout[-1]}: it was measured "
+                    "on another model. Measure this model's table."
+                )
+        missing = sorted(
+            {t.name for t in self.terms if any(t.macs)} - set(table.layers) - set(table.untimed)
+        )
+        if missing:
+            raise ValueError(
+                f"The latency table has no latency for {missing}: it was measured on "
+                "another model. Measure this model's table."
+            )
+        return CostModel(self.terms, self.sizes, table)
+
+    def _full_channels(self, term: LayerTerms) -> tuple[int, int]:
+        """(input, output) channels of a layer call with every channel kept."""
+
+        def width(layout):
+            return round(sum(mult * self.sizes[gid] for gid, mult in layout))
+
+        return width(term.inputs), width(term.outputs)
 
     def evaluate(
         self, counts: dict | None = None, ranks: dict | None = None, densities: dict | None = None
@@ -450,7 +504,8 @@ class CostModel:
 
         Returns:
             Floats (float64) for numbers, float32 scalar tensors if any decision is a
-            tensor (then differentiable in them), (N,) arrays for (N,) arrays.
+            tensor (then differentiable in them), (N,) arrays for (N,) arrays; with a
+            latency table (`with_latency`) also "latency", in ms.
         """
         decided = [counts or {}, ranks or {}, densities or {}, bits or {}, tucker or {}]
         decided += [blocks or {}, lowrank_sparse or {}, stored or {}]
@@ -565,7 +620,23 @@ class CostModel:
             rest = params - entries * density  # the bias and what else is not the kernel
             params = xp.where(counted, rest + kernel_params, params)
             stored = xp.where(counted, 32.0 * rest + kernel_bits, stored)
-        return {"macs": xp.sum(macs), "params": xp.sum(params), "bits": xp.sum(stored)}
+        costs = {"macs": xp.sum(macs), "params": xp.sum(params), "bits": xp.sum(stored)}
+        if self.latency is not None:
+            costs["latency"] = self._latency(xp, cin, cout, rank, ranked, split)
+        return costs
+
+    def _latency(self, xp: Any, cin, cout, rank, ranked, split) -> Any:
+        """The table's latency (ms) at these channel counts and ranks (see `with_latency`)."""
+        arr = self._arrays()
+        grids = (arr["lat_cin"], arr["lat_cout"])
+        highs = (arr["lat_cin_high"], arr["lat_cout_high"])
+        table, second_table = xp.const(arr["lat_ms"]), xp.const(arr["lat_split"])
+        interpolate = latency_lib.interpolate
+        whole = interpolate(table, grids, (cin, cout), xp, highs)
+        first = interpolate(table, grids, (cin, rank), xp, highs)
+        second = interpolate(second_table, grids[1:] * 2, (rank, cout), xp, highs[1:] * 2)
+        per_layer = xp.pick(ranked, split, first + second, whole) * arr["lat_timed"]
+        return self.latency.rest_ms + xp.sum(per_layer)
 
     def _arrays(self) -> dict:
         """The terms as arrays: layouts as (terms x groups) matrices of multipliers."""
@@ -591,10 +662,16 @@ class CostModel:
                 "kernel_per_input": np.array([t.kernel_per_input for t in self.terms]),
                 "first": np.array([float(any(t.params)) for t in self.terms]),
             }
+            if self.latency is not None:
+                self._cache.update(_latency_arrays(self.terms, self.latency))
         return self._cache
 
     def get_config(self) -> dict:
-        return {"terms": [dataclasses.asdict(t) for t in self.terms], "sizes": self.sizes}
+        return {
+            "terms": [dataclasses.asdict(t) for t in self.terms],
+            "sizes": self.sizes,
+            "latency": self.latency and self.latency.get_config(),
+        }
 
     @classmethod
     def from_config(cls, config: dict) -> CostModel:
@@ -608,7 +685,32 @@ class CostModel:
             t["params"] = tuple(t["params"])
             t["factored"] = tuple(t["factored"]) if t["factored"] is not None else None
             terms.append(LayerTerms(**t))
-        return cls(terms, config["sizes"])
+        latency = config.get("latency")
+        table = latency and latency_lib.LatencyTable.from_config(latency)
+        return cls(terms, config["sizes"], table)
+
+
+def _latency_arrays(terms: list[LayerTerms], table: latency_lib.LatencyTable) -> dict:
+    """The table per layer call, its grids padded to one size: "lat_cin" (T, I),
+    "lat_cout" (T, J), their real ends "lat_cin_high"/"lat_cout_high" (T,), "lat_ms"
+    (T, I, J), "lat_split" (T, J, J) and "lat_timed" (T,), 1 where the table times
+    the call (the other calls' grids are placeholders)."""
+    timed = [table.layers.get(t.name) for t in terms]
+    placeholder = latency_lib.LayerLatency((1,), (1,), ((0.0,),))
+    timed_or_not = [lat or placeholder for lat in timed]
+    rows = max(len(lat.cin) for lat in timed_or_not)
+    cols = max(len(lat.cout) for lat in timed_or_not)
+    return {
+        "lat_cin": np.array([latency_lib.pad_grid(lat.cin, rows) for lat in timed_or_not]),
+        "lat_cout": np.array([latency_lib.pad_grid(lat.cout, cols) for lat in timed_or_not]),
+        "lat_cin_high": np.array([float(lat.cin[-1]) for lat in timed_or_not]),
+        "lat_cout_high": np.array([float(lat.cout[-1]) for lat in timed_or_not]),
+        "lat_ms": np.stack([latency_lib.pad_values(lat.ms, rows, cols) for lat in timed_or_not]),
+        "lat_split": np.stack(
+            [latency_lib.pad_values(lat.split or lat.ms, cols, cols)[:cols] for lat in timed_or_not]
+        ),
+        "lat_timed": np.array([float(lat is not None) for lat in timed]),
+    }
 
 
 def _attention_terms(layer: Any, analysis: Any, op: Any, heads: int, first: bool) -> list:
@@ -649,6 +751,8 @@ class _NUMPY:
     logical_and = np.logical_and
     where = staticmethod(np.where)
     sum = staticmethod(lambda values: np.sum(values, axis=-1))
+    clip = staticmethod(np.clip)
+    minimum, maximum = staticmethod(np.minimum), staticmethod(np.maximum)
 
 
 class _TF:
@@ -674,7 +778,16 @@ class _TF:
         value = tf.where(split, if_split, if_whole)
         return tf.where(ranked, if_split + tf.stop_gradient(value - if_split), value)
 
-    logical_and, sum = tf.logical_and, tf.reduce_sum
+    logical_and = tf.logical_and
+    minimum, maximum = staticmethod(tf.minimum), staticmethod(tf.maximum)
+
+    @staticmethod
+    def sum(values):
+        return tf.reduce_sum(values, axis=-1)
+
+    @staticmethod
+    def clip(values, low, high):
+        return tf.clip_by_value(values, tf.cast(low, tf.float32), tf.cast(high, tf.float32))
 
     @staticmethod
     def where(condition, yes, no):

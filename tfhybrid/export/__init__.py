@@ -1,8 +1,10 @@
-"""Deployment: verified `.tflite` files, Edge TPU readiness, LiteRT latency (whole and per
-operator), and compact weight files in the counted block format."""
+"""Deployment: verified `.tflite` files, Edge TPU readiness, LiteRT latency (whole, per
+operator, and per layer over kept channels for a latency budget), and compact weight files
+in the counted block format."""
 
 from tfhybrid.export.compact import CompactReport, load_compact, save_compact
 from tfhybrid.export.edgetpu import EdgeTPUReport, Finding, check_edgetpu
+from tfhybrid.export.latency_table import measure_latency_table
 from tfhybrid.export.op_profile import OpProfile, profile_ops
 from tfhybrid.export.tflite import ExportReport, benchmark_tflite, export_tflite
 
@@ -17,5 +19,6 @@ __all__ = [
     "benchmark_tflite",
     "check_edgetpu",
     "export_tflite",
+    "measure_latency_table",
     "profile_ops",
 ]

@@ -86,9 +86,7 @@ def profile_ops(
         whole_ms = benchmark_tflite(whole, threads, runs, warmup)["median_ms"]
         timings = []
         for op in graph.operators:
-            path = pathlib.Path(folder, f"op_{op.index}.tflite")
-            path.write_bytes(flatbuffer.single_op_model(data, op.index))
-            measured = benchmark_tflite(path, threads, runs, warmup)
+            measured = time_op(data, op.index, folder, threads, runs, warmup)
             output = graph.tensors[op.outputs[0]]
             timings.append(
                 OpTiming(
@@ -103,6 +101,16 @@ def profile_ops(
                 )
             )
     return OpProfile(timings, whole_ms, threads)
+
+
+def time_op(
+    data: bytes, index: int, folder: str, threads: int, runs: int, warmup: int
+) -> dict[str, float]:
+    """`benchmark_tflite` of operator `index` of the `.tflite` bytes `data`, cut out as a
+    model of its own (written to `folder`)."""
+    path = pathlib.Path(folder, f"op_{index}.tflite")
+    path.write_bytes(flatbuffer.single_op_model(data, index))
+    return benchmark_tflite(path, threads, runs, warmup)
 
 
 def op_macs(op: flatbuffer.Operator, graph: flatbuffer.Graph) -> int:

@@ -1017,8 +1017,10 @@ def keepable_rank(
     full_rows, full_cols, _ = cost_model.kernel_matrix(name)
     limit = original
     per_weight = {"macs": positions, "params": 1.0, "bits": 32.0}
-    bounds = []
+    bounds = [min(full_rows, full_cols)]
     for kind, share in budget.targets().items():
+        if kind not in per_weight:
+            continue  # latency: not linear in the weights, no bound from it
         room = (share * limit[kind] - rest[kind]) / per_weight[kind]
         whole = _largest_square((rows, full_rows), (cols, full_cols), room)
         bounds.append(max(room / (rows + cols), whole))

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from tfhybrid import budget as budget_lib
-from tfhybrid import channels, cost, graph, schedules
+from tfhybrid import channels, cost, graph, latency, schedules
 from tfhybrid._keras import keras, nested_io
 from tfhybrid.techniques import base
 from tfhybrid.training import model as model_lib
@@ -40,7 +40,7 @@ def compress(
     if search_steps is not None:
         temperature = temperature or model_lib.default_temperature(int(search_steps))
         penalty = penalty or model_lib.default_penalty(int(search_steps))
-    cost_model = cost.CostModel.from_analysis(analysis)
+    cost_model = _with_latency(cost.CostModel.from_analysis(analysis), budget)
     setup = base.Setup(
         analysis=analysis,
         budget=budget,
@@ -151,3 +151,16 @@ def _optimizer_config(optimizer: Any) -> dict:
             f"or its name, e.g. keras.optimizers.Adam(1e-3). {error}"
         ) from error
     return json.loads(json.dumps(keras.optimizers.serialize(optimizer)))
+
+
+def _with_latency(cost_model: cost.CostModel, budget: budget_lib.Budget) -> cost.CostModel:
+    """The cost model, counting latency too where the budget gives a latency table."""
+    if budget.latency_table is None:
+        if budget.latency is not None:
+            raise ValueError(
+                f"Budget(latency={budget.latency}) needs the model's measured latency: pass "
+                "latency_table=<a table from `python -m tfhybrid latency-table model.keras` "
+                "or tfhybrid.measure_latency_table(model)>."
+            )
+        return cost_model
+    return cost_model.with_latency(latency.as_table(budget.latency_table))

@@ -131,6 +131,20 @@ def test_report_gives_a_stacked_models_shares_of_the_original(tmp_path, capsys):
     assert "conv1" in out and "20 → " in out  # the per-layer table, original → now
 
 
+def test_latency_table_saves_the_table_a_latency_budget_reads(model_file, tmp_path, capsys):
+    out_path = tmp_path / "table.json"
+    status, out, err = run(
+        capsys, "latency-table", model_file, "--quantize=int8", "--fractions=0,1",
+        "--runs=2", f"--out={out_path}",
+    )  # fmt: skip
+    assert status == 0, err
+    table = th.LatencyTable.load(out_path)
+    assert table.quantize == "int8" and {"conv1", "conv2", "fc1"} <= set(table.layers)
+    assert f"{out_path}: {len(table.layers)} layers timed (int8, 1 thread(s))" in out
+    budget = th.Budget(latency=0.9, latency_table=out_path)
+    th.hybrid_compress(keras.models.load_model(model_file), budget)  # the table fits
+
+
 @pytest.fixture(scope="module")
 def search_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "searching.keras"
@@ -155,6 +169,9 @@ def write_junk(tmp_path):
         (["export", "MODEL", "--quantize=int4"], "--quantize"),
         (["export", "MODEL", "--representative=imagenet"], "--representative=imagenet"),
         (["export", "MODEL", "--quantize=int8"], "needs representative_data"),
+        (["latency-table", "MODEL", "--quantize=float16"], "quantize='float16'"),
+        (["latency-table", "MODEL", "--fractions=half"], "--fractions=half"),
+        (["latency-table", "SEARCH"], "measure_latency_table needs the plain model"),
         (["compress", "MODEL"], "unknown command 'compress'"),
         (["MODEL"], "unknown command"),
         (["report"], "takes one MODEL path, got 0"),

@@ -31,7 +31,7 @@ from absl import flags
 from tfhybrid import _startup, api, cost, data, tfmot
 from tfhybrid._keras import keras
 from tfhybrid.export import tflite
-from tfhybrid.export.latency_table import measure_latency_table
+from tfhybrid.export.latency_table import FRACTIONS, measure_latency_table
 from tfhybrid.report import summary
 
 FLAGS = flags.FlagValues()
@@ -52,6 +52,15 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer(
     "threads", 1, "latency-table: interpreter threads.", flag_values=FLAGS, lower_bound=1
+)
+flags.DEFINE_list(
+    "fractions",
+    [str(f) for f in FRACTIONS],
+    "latency-table: the shares of each layer's channels to time (0: one channel).",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+    "runs", 30, "latency-table: timed runs per operator.", flag_values=FLAGS, lower_bound=1
 )
 flags.DEFINE_bool("sparse", False, "Also use the sparse weight encoding.", flag_values=FLAGS)
 flags.DEFINE_integer(
@@ -192,7 +201,18 @@ def report(model: Any) -> int:
 def latency_table(model: Any, model_path: str) -> int:
     """`latency-table`: measures and saves the model's latency table; returns 0."""
     data = representative(FLAGS.representative, model, FLAGS.samples)
-    table = measure_latency_table(model, FLAGS.quantize, FLAGS.threads, representative_data=data)
+    try:
+        fractions = [float(f) for f in FLAGS.fractions]
+    except ValueError as error:
+        raise CommandError(f"--fractions={','.join(FLAGS.fractions)}: {error}") from error
+    table = measure_latency_table(
+        model,
+        FLAGS.quantize,
+        FLAGS.threads,
+        fractions=fractions,
+        representative_data=data,
+        runs=FLAGS.runs,
+    )
     out = FLAGS.out or str(pathlib.Path(model_path).with_suffix(".latency.json"))
     table.save(out)
     print(

@@ -84,3 +84,50 @@ def test_operator_macs_add_up_to_the_keras_profile(pruned_mobilenet, pruned_mobi
     graph = flatbuffer.read(pruned_mobilenet_file)
     macs = sum(op_profile.op_macs(op, graph) for op in graph.operators)
     assert macs == th.profile(pruned_mobilenet).macs
+
+
+def test_a_resized_operator_keeps_its_computation_and_takes_the_new_channel_counts(
+    pruned_mobilenet_file,
+):
+    data = pruned_mobilenet_file
+    graph = flatbuffer.read(data)
+    rng = np.random.default_rng(2)
+    for kind in flatbuffer.RESIZABLE:
+        op = next(op for op in graph.operators if op.name == kind)
+        cin = graph.tensors[op.inputs[0]].shape[-1]
+        cout = graph.tensors[op.outputs[0]].shape[-1]
+        same = builtin_interpreter(flatbuffer.resized_op_model(data, op.index, cin, cout))
+        alone = builtin_interpreter(flatbuffer.single_op_model(data, op.index))
+        detail = alone.get_input_details()[0]
+        value = tflite._random_input(detail, rng)
+        for interpreter in (same, alone):
+            interpreter.set_tensor(interpreter.get_input_details()[0]["index"], value)
+            interpreter.invoke()
+        np.testing.assert_array_equal(
+            same.get_tensor(same.get_output_details()[0]["index"]),
+            alone.get_tensor(alone.get_output_details()[0]["index"]),
+            err_msg=kind,
+        )
+        smaller = Interpreter(model_content=flatbuffer.resized_op_model(data, op.index, 3, 5))
+        smaller.allocate_tensors()  # on XNNPACK, as it will be timed
+        smaller.invoke()
+        outputs = 3 * (cout // cin) if kind == "DEPTHWISE_CONV_2D" else 5
+        assert smaller.get_input_details()[0]["shape"][-1] == 3, kind
+        assert smaller.get_output_details()[0]["shape"][-1] == outputs, kind
+
+
+def test_a_pointwise_resize_is_a_one_by_one_convolution_at_the_output_positions(
+    pruned_mobilenet_file,
+):
+    graph = flatbuffer.read(pruned_mobilenet_file)
+    stem = graph.operators[0]  # the 3 x 3, stride-2 stem convolution
+    assert stem.name == "CONV_2D" and graph.tensors[stem.inputs[1]].shape[1:3] == (3, 3)
+    cut = flatbuffer.read(flatbuffer.resized_op_model(pruned_mobilenet_file, 0, 7, 4, True))
+    only = cut.operators[0]
+    positions = graph.tensors[stem.outputs[0]].shape[1:3]
+    assert cut.tensors[only.inputs[0]].shape == (1, *positions, 7)
+    assert cut.tensors[only.inputs[1]].shape == (4, 1, 1, 7)
+    assert cut.tensors[only.outputs[0]].shape == (1, *positions, 4)
+    add = next(op for op in graph.operators if op.name == "ADD")
+    with pytest.raises(ValueError, match="is ADD, not one of"):
+        flatbuffer.resized_op_model(pruned_mobilenet_file, add.index, 1, 1)

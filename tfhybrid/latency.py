@@ -55,6 +55,14 @@ class LayerLatency:
                 f"LayerLatency.split has shape {np.shape(self.split)}, not {(len(self.cout),) * 2}."
             )
 
+    def scaled(self, factor: float) -> LayerLatency:
+        """This layer's times multiplied by `factor`."""
+
+        def times(rows):
+            return None if rows is None else tuple(tuple(v * factor for v in r) for r in rows)
+
+        return LayerLatency(self.cin, self.cout, times(self.ms), times(self.split))
+
     def at(self, cin: float, cout: float) -> float:
         """The interpolated latency (ms) with `cin` inputs and `cout` outputs."""
         ms = np.asarray(self.ms, float)
@@ -68,13 +76,15 @@ class LatencyTable:
     Attributes:
         layers: layer name -> its `LayerLatency`.
         whole_ms: the whole model's median latency, as measured.
-        rest_ms: the part of `whole_ms` the table's layers at full size leave: the
-            ops it counts as constant (adds, pooling, padding, (de)quantization, and
-            layers it does not measure), at least 0.
+        rest_ms: the time of the ops it counts as constant (adds, pooling, padding,
+            (de)quantization, and layers it does not measure).
         quantize: "none" (float32) or "int8" (full-integer), as the model was converted.
         threads: the interpreter's threads.
         untimed: the layers that multiply by weights but are left in `rest_ms` (kinds
             the table does not measure: their cost does not change with the search).
+        in_graph_scale: the factor by which the layers' times alone were multiplied
+            so that the table adds up to `whole_ms` (see
+            `tfhybrid.export.latency_table`).
         machine: where it was measured (free text).
     """
 
@@ -84,6 +94,7 @@ class LatencyTable:
     quantize: str
     threads: int
     untimed: tuple[str, ...] = ()
+    in_graph_scale: float = 1.0
     machine: str = ""
 
     def full_ms(self) -> float:

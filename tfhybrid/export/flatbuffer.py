@@ -14,10 +14,22 @@ import dataclasses
 import pathlib
 
 import flatbuffers
+import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 _OP_NAMES = {code: name for name, code in vars(schema.BuiltinOperator).items() if name.isupper()}
 _TYPE_NAMES = {code: name for name, code in vars(schema.TensorType).items() if name.isupper()}
+_NUMPY_TYPES = {
+    "FLOAT32": np.float32,
+    "FLOAT16": np.float16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "INT16": np.int16,
+    "INT8": np.int8,
+    "UINT8": np.uint8,
+}
+#: The operators `resized_op_model` can give other channel counts.
+RESIZABLE = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +167,80 @@ def single_op_model(model: bytes, index: int) -> bytes:
     builder = flatbuffers.Builder(1024)
     builder.Finish(cut.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+def resized_op_model(
+    model: bytes, index: int, inputs: int, outputs: int, pointwise: bool = False
+) -> bytes:
+    """Operator `index` as a model of its own (`single_op_model`) with other channel counts.
+
+    The operator keeps its kind, options, kernel size, positions, types and quantization
+    scheme; its weights and per-channel quantization parameters are the original ones
+    repeated or cut to the new shape (a latency does not depend on their values).
+
+    Args:
+        model: the bytes of a `.tflite` file with one subgraph.
+        index: a CONV_2D, DEPTHWISE_CONV_2D or FULLY_CONNECTED operator of its main graph.
+        inputs: its input channels in the new model.
+        outputs: its output channels (a depthwise convolution's follow its inputs).
+        pointwise: a CONV_2D becomes a 1 x 1, stride-1 convolution at its output's
+            positions (the second factor of a convolution split by rank).
+
+    Returns:
+        The one-operator model's bytes.
+
+    Raises:
+        ValueError: as `single_op_model`, or for an operator of another kind.
+    """
+    cut = _parsed(single_op_model(model, index), "resized_op_model: the data")
+    graph, op = cut.subgraphs[0], cut.subgraphs[0].operators[0]
+    name = _op_name(cut.operatorCodes[op.opcodeIndex])
+    if name not in RESIZABLE:
+        raise ValueError(f"resized_op_model: operator {index} is {name}, not one of {RESIZABLE}.")
+    tensors = graph.tensors
+    activation, weights, output = (tensors[t] for t in (op.inputs[0], op.inputs[1], op.outputs[0]))
+    in_shape, out_shape = list(activation.shape), list(output.shape)
+    if name == "DEPTHWISE_CONV_2D":
+        outputs = inputs * (int(weights.shape[-1]) // int(in_shape[-1]))
+        kernel = [1, *weights.shape[1:3], outputs]
+    elif name == "FULLY_CONNECTED":
+        kernel = [outputs, inputs]
+    else:
+        area = [1, 1] if pointwise else list(weights.shape[1:3])
+        kernel = [outputs, *area, inputs]
+        if pointwise:
+            in_shape[1:-1] = out_shape[1:-1]
+            options = op.builtinOptions
+            options.strideH = options.strideW = options.dilationHFactor = 1
+            options.dilationWFactor = 1
+    _reshape(cut, activation, [*in_shape[:-1], inputs])
+    _reshape(cut, weights, kernel)
+    _reshape(cut, output, [*out_shape[:-1], outputs])
+    if len(op.inputs) > 2 and op.inputs[2] >= 0:
+        _reshape(cut, tensors[op.inputs[2]], [outputs])
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(cut.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def _reshape(model, tensor, shape: list) -> None:
+    """Gives `tensor` a new shape; a constant's values and a per-channel quantization's
+    parameters are repeated or cut to fit it."""
+    tensor.shape = np.array(shape, np.int32)
+    if tensor.shapeSignature is not None:
+        tensor.shapeSignature = np.array(shape, np.int32)
+    quantization = tensor.quantization
+    if quantization is not None and quantization.scale is not None and len(quantization.scale) > 1:
+        channels = shape[quantization.quantizedDimension]
+        quantization.scale = np.resize(np.asarray(quantization.scale), channels)
+        if quantization.zeroPoint is not None:
+            quantization.zeroPoint = np.resize(np.asarray(quantization.zeroPoint), channels)
+    buffer = model.buffers[tensor.buffer]
+    if buffer.data is not None and len(buffer.data):
+        dtype = _NUMPY_TYPES[_TYPE_NAMES[tensor.type]]
+        values = np.frombuffer(np.asarray(buffer.data, np.uint8).tobytes(), dtype)
+        resized = np.resize(values, int(np.prod(shape))).astype(dtype)
+        buffer.data = np.frombuffer(resized.tobytes(), np.uint8)
 
 
 def _parsed(data: bytes, what: str):

@@ -1,19 +1,28 @@
 """Measure a model's latency table in LiteRT: each layer timed over a grid of kept
 channels (`tfhybrid.latency.LatencyTable`, the cost form of `Budget(latency=...)`).
 
-Per layer, one model holds the layer's variants (every kept input count x every kept
-output count, and for a layer that rank search may split, its second factor at every
-rank x output count); it is converted as the whole model is (float32 or full-integer
-int8), and each variant's operator is cut out and timed on its own
-(`op_profile.time_op`). A one-op model pays one interpreter call, so the time of the
-smallest op LiteRT runs is taken off each, and each layer's times are made
-non-decreasing in its kept channels (timing noise aside, more channels never take
-less time). What the timed layers leave of the whole
-model's measured latency is the table's constant rest.
+The model is converted once, as it will be exported (float32 or full-integer int8).
+Each timed layer's operator is then cut out of that file with other channel counts
+(`flatbuffer.resized_op_model`: every kept input count x every kept output count, and
+for a layer that rank search may split, its second factor at every rank x output count)
+and timed on its own: the same kernel, options and quantization as in the model, with no
+conversion per variant. A one-op model pays the interpreter call that the whole model
+pays once: the time of the model's cheapest operator alone stands for it and is taken
+off each variant. Each layer's times are made non-decreasing in its kept channels
+(timing noise aside, more channels never take less time).
+
+The other operators (adds, pooling, padding, softmax, layers not timed), timed alone
+too (`op_profile.profile_ops`), are the table's constant rest. In the whole model the
+timed layers take longer than alone (their activations come from memory, not cache:
+on MobileNetV2 at 96 x 96 in int8, about a quarter longer), and that extra shrinks with
+the channels too, so each layer's times are scaled by one factor that makes the table
+add up to the whole model's measured latency (`LatencyTable.in_graph_scale`).
 """
 
 from __future__ import annotations
 
+import math
+import pathlib
 import platform
 import tempfile
 import warnings
@@ -26,15 +35,13 @@ import tensorflow as tf
 from tfhybrid import cost, graph
 from tfhybrid._keras import DEPTHWISE_CONV, is_factorable, keras
 from tfhybrid.export import flatbuffer
-from tfhybrid.export.op_profile import time_op
+from tfhybrid.export.op_profile import profile_ops
 from tfhybrid.export.tflite import _converter, _sample_inputs, benchmark_tflite
 from tfhybrid.latency import LatencyTable, LayerLatency
 from tfhybrid.training.model import refuse_search_model
 
 #: The shares of a layer's channels the grid measures (0: one channel).
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
-#: The operators that carry a timed layer's work.
-_TIMED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 
 def is_timed(layer: Any) -> bool:
@@ -67,8 +74,8 @@ def measure_latency_table(
         threads: interpreter threads.
         fractions: the shares of each layer's input and output channels to time
             (0 stands for one channel; the full count is always timed).
-        representative_data: int8 calibration inputs for the whole model (random
-            inputs by default; the latency hardly depends on them).
+        representative_data: int8 calibration inputs (random inputs by default; the
+            latency hardly depends on them).
         runs: timed inferences per operator and for the whole model.
         warmup: untimed inferences before each timing.
 
@@ -85,34 +92,40 @@ def measure_latency_table(
         raise ValueError(f"measure_latency_table: fractions must lie in [0, 1], got {fractions}.")
     timing = {"threads": threads, "runs": runs, "warmup": warmup}
     flat = graph.flatten(model)
-    whole_ms = _time_model(flat, quantize, representative_data, timing)
-    overhead_ms = _time_model(_smallest_model(), quantize, None, timing)
-    layers, untimed = {}, []
-    for op in graph.ops(flat):
-        layer = op.layer
-        in_shape, out_shape = tuple(op.inputs[0].shape), tuple(op.outputs[0].shape)
-        if layer.name in layers or not cost.layer_macs(layer, in_shape, out_shape):
-            continue
-        if not is_timed(layer):
-            untimed.append(layer.name)
-            continue
-        layers[layer.name] = _layer_latency(
-            layer, in_shape, out_shape, quantize, fractions, timing, overhead_ms
-        )
+    inputs = _sample_inputs(flat, representative_data, 8)
+    data = _converter(flat, 1, quantize, inputs, False, tf.int8).convert()
+    whole = profile_ops(data, **timing)
+    overhead_ms = min(op.median_ms for op in whole.ops)  # the cheapest op: ~all call overhead
+    operators = _operators_by_key(flatbuffer.read(data))
+    layers, untimed, timed_ops = {}, [], set()
+    with tempfile.TemporaryDirectory() as folder:
+        for layer, in_shape, out_shape in _layers_with_macs(flat):
+            candidates = operators.get(_op_key(layer, in_shape, out_shape), [])
+            if not is_timed(layer) or not candidates:
+                untimed.append(layer.name)
+                continue
+            timed_ops.add(index := candidates.pop(0))
+            time = _Timer(data, index, pathlib.Path(folder), timing, overhead_ms)
+            layers[layer.name] = _layer_latency(layer, in_shape, out_shape, fractions, time)
     if untimed:
         warnings.warn(
             f"The latency table leaves {untimed} in its constant rest: it times Dense, "
-            "Conv2D and DepthwiseConv2D layers only.",
+            "Conv2D and DepthwiseConv2D layers that convert to one operator of their own.",
             stacklevel=2,
         )
-    timed_ms = sum(lat.ms[-1][-1] for lat in layers.values())
+    rest_ms = sum(
+        max(0.0, op.median_ms - overhead_ms) for op in whole.ops if op.index not in timed_ops
+    )
+    isolated_ms = sum(lat.ms[-1][-1] for lat in layers.values())
+    scale = (whole.whole_ms - rest_ms) / isolated_ms if isolated_ms > 0 else 1.0
     return LatencyTable(
-        layers=layers,
-        whole_ms=whole_ms,
-        rest_ms=max(0.0, whole_ms - timed_ms),
+        layers={name: lat.scaled(scale) for name, lat in layers.items()},
+        whole_ms=whole.whole_ms,
+        rest_ms=rest_ms,
         quantize=quantize,
         threads=threads,
         untimed=tuple(untimed),
+        in_graph_scale=scale,
         machine=f"{platform.machine()} {platform.processor() or platform.platform()}".strip(),
     )
 
@@ -122,108 +135,78 @@ def channel_grid(full: int, fractions: Sequence[float]) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(f * full)) for f in fractions} | {full}))
 
 
-def _layer_latency(layer, in_shape, out_shape, quantize, fractions, timing, overhead_ms):
-    """`layer`'s `LayerLatency`, from one converted model of all its variants."""
+def _layers_with_macs(flat: Any) -> list[tuple]:
+    """(layer, input shape, output shape) of each layer's first call that multiplies."""
+    found, seen = [], set()
+    for op in graph.ops(flat):
+        layer = op.layer
+        if layer.name in seen or not op.inputs:
+            continue
+        in_shape, out_shape = tuple(op.inputs[0].shape), tuple(op.outputs[0].shape)
+        if cost.layer_macs(layer, in_shape, out_shape):
+            seen.add(layer.name)
+            found.append((layer, in_shape, out_shape))
+    return found
+
+
+class _Timer:
+    """Times one operator of the converted model at other channel counts (ms, less the
+    one-op model's overhead)."""
+
+    def __init__(self, data: bytes, index: int, folder: pathlib.Path, timing: dict, overhead):
+        self.data, self.index, self.folder = data, index, folder
+        self.timing, self.overhead_ms = timing, overhead
+
+    def __call__(self, inputs: int, outputs: int, pointwise: bool = False) -> float:
+        path = self.folder / "variant.tflite"
+        path.write_bytes(
+            flatbuffer.resized_op_model(self.data, self.index, inputs, outputs, pointwise)
+        )
+        median = benchmark_tflite(path, **self.timing)["median_ms"]
+        return max(0.0, median - self.overhead_ms)
+
+
+def _layer_latency(layer, in_shape, out_shape, fractions, time: _Timer) -> LayerLatency:
+    """`layer`'s `LayerLatency`: its operator timed over the grid."""
     cin = channel_grid(in_shape[-1], fractions)
     depthwise = isinstance(layer, DEPTHWISE_CONV)
     cout = (out_shape[-1],) if depthwise else channel_grid(out_shape[-1], fractions)
-    inputs = [keras.Input(in_shape[1:])]
-    outputs, keys = [], {}
-    for i, c in enumerate(cin):
-        for j, o in enumerate(cout):
-            variant = _variant(layer, o)
-            outputs.append(variant(inputs[0][..., :c]))
-            keys["ms", i, j] = _op_key(variant, c, o, in_shape)
+    ms = np.array([[time(c, o) for o in cout] for c in cin])
+    split = None
     if is_factorable(layer):
-        inputs.append(keras.Input((*out_shape[1:-1], out_shape[-1])))
-        for i, r in enumerate(cout):
-            for j, o in enumerate(cout):
-                second = _second_factor(layer, o)
-                outputs.append(second(inputs[1][..., :r]))
-                keys["split", i, j] = _op_key(second, r, o, out_shape)
-    timed = _time_ops(keras.Model(inputs, outputs), quantize, timing)
-    table = {"ms": np.zeros((len(cin), len(cout))), "split": np.zeros((len(cout), len(cout)))}
-    for (part, i, j), key in keys.items():
-        if key not in timed:
-            raise RuntimeError(f"Layer '{layer.name}': no converted operator matches {key}.")
-        table[part][i, j] = max(0.0, timed[key] - overhead_ms)
-    table = {part: _non_decreasing(ms) for part, ms in table.items()}
-    return LayerLatency(
-        cin=cin,
-        cout=cout,
-        ms=tuple(map(tuple, table["ms"].tolist())),
-        split=tuple(map(tuple, table["split"].tolist())) if is_factorable(layer) else None,
-    )
+        split = _rows(np.array([[time(r, o, pointwise=True) for o in cout] for r in cout]))
+    return LayerLatency(cin, cout, _rows(ms), split)
 
 
-def _non_decreasing(ms: np.ndarray) -> np.ndarray:
-    """`ms` raised where needed so that it never falls as channels are added along
-    either axis: timing noise must not reward a search for keeping more."""
-    return np.maximum.accumulate(np.maximum.accumulate(ms, axis=0), axis=1)
+def _rows(ms: np.ndarray) -> tuple:
+    """`ms` as nested tuples, raised where needed so that it never falls as channels
+    are added along either axis: timing noise must not reward a search for keeping more."""
+    rising = np.maximum.accumulate(np.maximum.accumulate(ms, axis=0), axis=1)
+    return tuple(map(tuple, rising.tolist()))
 
 
-def _variant(layer: Any, outputs: int) -> Any:
-    """`layer` with `outputs` output channels (a depthwise conv keeps its own), with a
-    bias (where a BatchNormalization follows, the converter folds one in)."""
-    if isinstance(layer, DEPTHWISE_CONV):
-        return graph.clone_layer(layer, use_bias=True, name=None)
-    width = {"units": outputs} if isinstance(layer, keras.layers.Dense) else {"filters": outputs}
-    return graph.clone_layer(layer, use_bias=True, name=None, **width)
-
-
-def _second_factor(layer: Any, outputs: int) -> Any:
-    """The second factor of `layer` split by rank: a Dense, or a 1 x 1 Conv2D."""
+def _op_key(layer: Any, in_shape: tuple, out_shape: tuple) -> tuple:
+    """How a layer's converted operator is found: its kind, input channels, output
+    shape (batch 1) and kernel size (not its input's positions: the converter may fold
+    a ZeroPadding2D before it into its padding)."""
     if isinstance(layer, keras.layers.Dense):
-        return keras.layers.Dense(outputs, activation=layer.activation)
-    return keras.layers.Conv2D(outputs, 1, activation=layer.activation)
+        return ("FULLY_CONNECTED", math.prod(in_shape[1:]), math.prod(out_shape[1:]))
+    kind = "DEPTHWISE_CONV_2D" if isinstance(layer, DEPTHWISE_CONV) else "CONV_2D"
+    return (kind, in_shape[-1], (1, *out_shape[1:]), tuple(layer.kernel_size))
 
 
-def _op_key(layer: Any, inputs: int, outputs: int, in_shape: tuple) -> tuple:
-    """How the converted operator of a variant is found: its filter's shape and, for
-    a convolution, its input's shape."""
-    if isinstance(layer, keras.layers.Dense):
-        return ("FULLY_CONNECTED", (outputs, inputs))
-    area = tuple(layer.kernel_size)
-    spatial = tuple(in_shape[1:-1])
-    if isinstance(layer, DEPTHWISE_CONV):
-        filters = (1, *area, inputs * layer.depth_multiplier)
-        return ("DEPTHWISE_CONV_2D", (1, *spatial, inputs), filters)
-    return ("CONV_2D", (1, *spatial, inputs), (outputs, *area, inputs))
-
-
-def _converted(model: Any, quantize: str, data: Any) -> bytes:
-    inputs = _sample_inputs(model, data, 8)
-    return _converter(model, 1, quantize, inputs, False, tf.int8).convert()
-
-
-def _time_model(model: Any, quantize: str, data: Any, timing: dict) -> float:
-    """The median latency (ms) of `model` converted as the table's model is."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = f"{folder}/model.tflite"
-        with open(path, "wb") as file:
-            file.write(_converted(model, quantize, data))
-        return benchmark_tflite(path, **timing)["median_ms"]
-
-
-def _time_ops(model: Any, quantize: str, timing: dict) -> dict:
-    """Median ms of each timed operator of the converted `model`, by `_op_key`."""
-    data = _converted(model, quantize, None)
-    parsed = flatbuffer.read(data)
-    timed = {}
-    with tempfile.TemporaryDirectory() as folder:
-        for op in parsed.operators:
-            if op.name not in _TIMED_OPS:
-                continue
-            filters = parsed.tensors[op.inputs[1]].shape
-            key = (op.name, filters)
-            if op.name != "FULLY_CONNECTED":
-                key = (op.name, parsed.tensors[op.inputs[0]].shape, filters)
-            if key not in timed:
-                timed[key] = time_op(data, op.index, folder, **timing)["median_ms"]
-    return timed
-
-
-def _smallest_model() -> Any:
-    """A model of one tiny op: what one interpreter call costs without work."""
-    inputs = keras.Input((1,))
-    return keras.Model(inputs, keras.layers.ReLU()(inputs))
+def _operators_by_key(parsed: flatbuffer.Graph) -> dict:
+    """Indices of the CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED operators, in
+    execution order, by the key `_op_key` gives their layers (equal keys: the same
+    computation)."""
+    found = {}
+    for op in parsed.operators:
+        if op.name not in flatbuffer.RESIZABLE:
+            continue
+        first, kernel, out = (parsed.tensors[t].shape for t in (*op.inputs[:2], op.outputs[0]))
+        if op.name == "FULLY_CONNECTED":
+            key = (op.name, math.prod(first[1:]), math.prod(out[1:]))
+        else:
+            key = (op.name, first[-1], tuple(out), tuple(kernel[1:3]))
+        found.setdefault(key, []).append(op.index)
+    return found

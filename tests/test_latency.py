@@ -66,6 +66,12 @@ def test_layer_latency_is_exact_on_the_grid_and_bilinear_between():
     assert lat.at(0.2, 100) == 2.0 and lat.at(100, 100) == 11.0  # clamped to the grid
 
 
+def test_the_grid_times_one_and_two_channels_each_fraction_and_all():
+    assert latency_table.channel_grid(20, latency_table.FRACTIONS) == (1, 2, 5, 10, 15, 20)
+    assert latency_table.channel_grid(1, latency_table.FRACTIONS) == (1,)
+    assert latency_table.channel_grid(8, (0.5, 1.0)) == (4, 8)
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -184,7 +190,8 @@ def measured():
 def test_a_measured_table_times_every_layer_on_its_grid(measured, tmp_path):
     model, table = measured
     assert set(table.layers) == {"conv", "depthwise", "pointwise", "head"}
-    assert table.layers["pointwise"].cin == (1, 8) and table.layers["pointwise"].cout == (1, 16)
+    assert table.layers["pointwise"].cin == (1, 2, 8)
+    assert table.layers["pointwise"].cout == (1, 2, 16)
     assert table.layers["depthwise"].cout == (8,) and table.layers["depthwise"].split is None
     assert table.layers["head"].split is not None and table.quantize == "int8"
     assert table.whole_ms > 0 and table.full_ms() >= table.whole_ms - 1e-12

@@ -24,13 +24,16 @@ import json
 import os
 import pathlib
 import statistics
+import sys
 import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
+from mnist import compile_model, lenet5, mnist, pretrained  # noqa: E402
 
 import tfhybrid as th  # noqa: E402
 from tfhybrid import channels, cost  # noqa: E402
@@ -130,6 +133,53 @@ def measured_row(small, base: dict, quantize: str, scratch, calibration) -> dict
         "ms": timing,
         "mac_ratio": th.profile(small).macs / base["macs"],
     }
+
+
+def train_part(scratch: pathlib.Path, folder: pathlib.Path) -> dict:
+    test = mnist("test", 256)
+    images = next(iter(mnist("train", 100).take(1)))[0].numpy()
+    results = {"model": "LeNet-5 on MNIST", "runs": []}
+    for seed in map(int, FLAGS.seeds):
+        model, train, steps = pretrained(lenet5, seed, FLAGS.pretrain_epochs)
+        original_error = 1 - model.evaluate(test, verbose=0)[1]
+        for fmt in FLAGS.formats:
+            quantize = FORMATS[fmt]
+            table = th.measure_latency_table(
+                model, quantize, representative_data=images, runs=FLAGS.table_runs
+            )
+            table.save(folder / f"lenet5_seed{seed}_{fmt}.latency.json")
+            base = timed(model, "original", quantize, scratch, images)
+            base["macs"] = th.profile(model).macs
+            budgets = [("latency", float(b)) for b in FLAGS.latency_budgets]
+            budgets += [("macs", float(b)) for b in FLAGS.mac_budgets]
+            for kind, share in budgets:
+                row = {"seed": seed, "format": fmt, "budget": kind, "share": share}
+                row["original_test_error"] = original_error
+                row.update(
+                    compressed_run(
+                        model, th.Budget(**{kind: share}, latency_table=table), train, steps, seed
+                    )
+                )
+                small = row.pop("model")
+                row["test_error"] = 1 - small.evaluate(test, verbose=0)[1]
+                row.update(measured_row(small, base, quantize, scratch, images))
+                results["runs"].append(row)
+                print(json.dumps(row), flush=True)
+    return results
+
+
+def compressed_run(model, budget, train, steps: int, seed: int) -> dict:
+    """Search, strip and fine-tune under `budget`; the stripped model and the latency
+    ratio the table predicts for it."""
+    keras.utils.set_random_seed(seed)
+    compressed = th.hybrid_compress(model, budget, search_steps=FLAGS.search_epochs * steps)
+    compile_model(compressed)
+    callbacks = [th.CompressionScheduler()]
+    compressed.fit(train, epochs=FLAGS.fit_epochs, callbacks=callbacks, verbose=0)
+    predicted = float(compressed.ratios(hard=True)["latency"])
+    small = compile_model(th.strip(compressed), decay_steps=FLAGS.finetune_epochs * steps)
+    small.fit(train, epochs=FLAGS.finetune_epochs, verbose=0)
+    return {"model": small, "predicted_ratio": predicted}
 
 
 def main(argv):

@@ -178,6 +178,29 @@ def test_a_latency_budget_the_constant_rest_cannot_meet_is_refused():
         th.hybrid_compress(model, th.Budget(latency=0.5, latency_table=table))
 
 
+def test_the_projection_cuts_through_a_flat_latency_to_the_step_that_saves():
+    """int8 LeNet-5's first convolution: the same time from 2 filters to all, a third of
+    it with one; only that cut meets the budget."""
+    model = small_cnn()
+    table = synthetic_table(model, rest_ms=0.0)
+    layers = {  # every other layer as fast with any channel count: nothing else to cut
+        name: LayerLatency(
+            lat.cin, lat.cout, tuple((lat.ms[-1][-1],) * len(lat.cout) for _ in lat.cin)
+        )
+        for name, lat in table.layers.items()
+    }
+    conv = table.layers["conv"]
+    flat = tuple(tuple(0.002 if o == 1 else 0.006 for o in conv.cout) for _ in conv.cin)
+    layers["conv"] = LayerLatency(conv.cin, conv.cout, flat, None)
+    rest = sum(lat.ms[-1][-1] for name, lat in layers.items() if name != "conv")
+    table = LatencyTable(layers, 0.006 + rest, 0.0, "int8", 1)
+    target = (0.002 + rest) / table.whole_ms + 1e-3
+    compressed = th.hybrid_compress(model, th.Budget(latency=target, latency_table=table))
+    compressed.finish_search()
+    assert float(compressed.ratios(hard=True)["latency"]) <= target
+    assert th.strip(compressed).get_layer("conv").filters == 1
+
+
 @pytest.fixture(scope="module")
 def measured():
     """small_cnn's int8 table, measured in LiteRT on a coarse grid."""

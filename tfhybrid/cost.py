@@ -693,8 +693,9 @@ class CostModel:
 def _latency_arrays(terms: list[LayerTerms], table: latency_lib.LatencyTable) -> dict:
     """The table per layer call, its grids padded to one size: "lat_cin" (T, I),
     "lat_cout" (T, J), their real ends "lat_cin_high"/"lat_cout_high" (T,), "lat_ms"
-    (T, I, J), "lat_split" (T, J, J) and "lat_timed" (T,), 1 where the table times
-    the call (the other calls' grids are placeholders)."""
+    (T, I, J), "lat_split" (T, J, J) (a layer whose split the table did not time costs
+    its whole time more when split) and "lat_timed" (T,), 1 where the table times the
+    call (the other calls' grids are placeholders)."""
     timed = [table.layers.get(t.name) for t in terms]
     placeholder = latency_lib.LayerLatency((1,), (1,), ((0.0,),))
     timed_or_not = [lat or placeholder for lat in timed]
@@ -707,7 +708,12 @@ def _latency_arrays(terms: list[LayerTerms], table: latency_lib.LatencyTable) ->
         "lat_cout_high": np.array([float(lat.cout[-1]) for lat in timed_or_not]),
         "lat_ms": np.stack([latency_lib.pad_values(lat.ms, rows, cols) for lat in timed_or_not]),
         "lat_split": np.stack(
-            [latency_lib.pad_values(lat.split or lat.ms, cols, cols)[:cols] for lat in timed_or_not]
+            [
+                latency_lib.pad_values(lat.split, cols, cols)
+                if lat.split
+                else np.full((cols, cols), lat.ms[-1][-1])  # unmeasured: no faster split
+                for lat in timed_or_not
+            ]
         ),
         "lat_timed": np.array([float(lat is not None) for lat in timed]),
     }

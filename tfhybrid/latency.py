@@ -153,9 +153,8 @@ def hat_weights(grid: Any, x: Any, ops: Any) -> Any:
     """Piecewise-linear interpolation weights of `x` on `grid` (clamped to its ends).
 
     Args:
-        grid: (..., G) ascending points; points past a grid's real end must be
-            larger than its last real point (they then get weight 0 once `x` is
-            clamped to `high`).
+        grid: (..., G) ascending points (padding past a grid's last real point gets
+            weight 0 once `x` is clamped to that point, see `pad_grid`).
         x: values, broadcastable to grid's shape without its last axis.
         ops: `NumpyOps` or the cost model's tensor operations (minimum, maximum).
 

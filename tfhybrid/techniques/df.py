@@ -519,6 +519,26 @@ class _Projection:
         )
         return keys, np.atleast_1d(used), ratios
 
+    def saving_cuts(self, counts: dict) -> tuple[dict, dict]:
+        """(key -> its cut count, key -> the budget that cut uses, negative) for every
+        key with a cut that saves some budget: the next smaller count, else, under a
+        latency budget, smaller ones in turn down to the key's minimum (a measured
+        latency can stay flat over many channels; under the other budgets the
+        projection chooses as it always has)."""
+        smaller, saved = dict(counts), {}
+        pending = set(counts)
+        deeper = "latency" in self.model.budget.targets()  # counts fall with every unit
+        while pending:
+            cuts = {k: self.next_count(k, smaller[k]) for k in pending}
+            cuts = {k: n for k, n in cuts.items() if n < smaller[k]}
+            if not cuts:
+                break
+            keys, used, _ = self.trials(counts, cuts)
+            smaller.update(cuts)
+            saved.update({key: used[j] for j, key in enumerate(keys) if used[j] < 0})
+            pending = {key for j, key in enumerate(keys) if used[j] >= 0} if deeper else set()
+        return smaller, saved
+
     def importance(self, key, start: int, stop: int) -> float:
         """Summed soft decisions (sigmoid of the score) of `key`'s units ranked start..stop."""
         ranked = np.sort(self.scores[key])[::-1][start:stop]
@@ -545,14 +565,15 @@ class _Projection:
         return best
 
     def cheapest_cut(self, counts: dict) -> tuple:
-        """The (unit key, chunk) whose removal buys budget at the least importance."""
-        smaller = {k: self.next_count(k, c) for k, c in counts.items()}
-        keys, used, _ = self.trials(counts, {k: n for k, n in smaller.items() if n < counts[k]})
+        """The (unit key, chunk) whose removal buys budget at the least importance.
+
+        A key's chunk is its next smaller count, or where that buys nothing (a measured
+        latency can stay flat over many channels), the largest smaller count that does.
+        """
+        smaller, saved = self.saving_cuts(counts)
         best, best_price = None, np.inf
-        for j, key in enumerate(keys):
-            if used[j] >= 0:
-                continue
-            price = self.importance(key, smaller[key], counts[key]) / -used[j]
+        for key, used in saved.items():
+            price = self.importance(key, smaller[key], counts[key]) / -used
             if price < best_price:
                 best, best_price = (key, counts[key] - smaller[key]), price
         if best is None:

@@ -8,10 +8,11 @@ from tfhybrid import budget
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"macs": 0.0}, {"macs": 1.5}, {"params": -0.1}, {"bits": 2.0}, {}]
+    "kwargs",
+    [{"macs": 0.0}, {"macs": 1.5}, {"params": -0.1}, {"bits": 2.0}, {"latency": 0.0}, {}],
 )
 def test_budget_outside_unit_interval_is_refused(kwargs):
-    with pytest.raises(ValueError, match=r"outside \(0, 1\]|needs macs=..., params=... or bits"):
+    with pytest.raises(ValueError, match=r"outside \(0, 1\]|needs macs=..., params=..., bits"):
         th.Budget(**kwargs)
 
 
@@ -25,6 +26,9 @@ def test_met_by_checks_every_constrained_quantity():
     assert bits.targets() == {"macs": 0.5, "bits": 1 / 16}
     assert bits.met_by({"macs": 0.5, "params": 1.0, "bits": 0.06})
     assert not bits.met_by({"macs": 0.5, "params": 0.1, "bits": 0.07})
+    latency = th.Budget(macs=0.5, latency=0.4)
+    assert latency.targets() == {"macs": 0.5, "latency": 0.4}
+    assert not latency.met_by({"macs": 0.5, "params": 1.0, "bits": 1.0, "latency": 0.41})
 
 
 def test_penalty_is_zero_inside_and_grows_outside():

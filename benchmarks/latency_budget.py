@@ -56,6 +56,7 @@ flags.DEFINE_integer("search_epochs", 2, "train: epochs of search inside the fit
 flags.DEFINE_integer("fit_epochs", 4, "train: epochs of the compression fit in all.")
 flags.DEFINE_integer("finetune_epochs", 2, "train: epochs after strip.")
 flags.DEFINE_string("out", "benchmarks/results", "Folder for the JSON and the tables.")
+flags.DEFINE_list("from_json", [], "train: print the table of these result files, run nothing.")
 
 FORMATS = {"fp32": "none", "int8": "int8"}
 
@@ -182,8 +183,46 @@ def compressed_run(model, budget, train, steps: int, seed: int) -> dict:
     return {"model": small, "predicted_ratio": predicted}
 
 
+def train_table(paths: list[str]) -> str:
+    """The train part's results as a markdown table: per format and budget, means over
+    seeds (the ranges in brackets)."""
+    runs = [row for path in paths for row in json.loads(pathlib.Path(path).read_text())["runs"]]
+    groups: dict = {}
+    for row in runs:
+        groups.setdefault((row["format"], row["budget"], row["share"]), []).append(row)
+    lines = [
+        "| format | budget | seeds | test error % | latency predicted | latency measured | MACs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (fmt, kind, share), rows in sorted(groups.items()):
+        cells = [
+            _spread([100 * r["test_error"] for r in rows], 2),
+            _spread([r["predicted_ratio"] for r in rows], 3),
+            _spread([r["measured_ratio"] for r in rows], 3),
+            _spread([r["mac_ratio"] for r in rows], 3),
+        ]
+        lines.append(f"| {fmt} | {kind}={share} | {len(rows)} | " + " | ".join(cells) + " |")
+    originals = {r["seed"]: r["original_test_error"] for r in runs}
+    lines.append("")
+    lines.append(
+        f"Uncompressed: {_spread([100 * e for e in originals.values()], 2)}% test error "
+        f"({len(originals)} networks)."
+    )
+    return "\n".join(lines)
+
+
+def _spread(values: list[float], digits: int) -> str:
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
 def main(argv):
     del argv
+    if FLAGS.from_json:
+        print(train_table(FLAGS.from_json))
+        return
     folder = pathlib.Path(FLAGS.out)
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:

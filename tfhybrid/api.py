@@ -41,7 +41,8 @@ def hybrid_compress(
 
     Args:
         model: a functional or built Sequential tf_keras model (not modified).
-        budget: e.g. `Budget(macs=0.1)`: the share of MACs and/or params to keep.
+        budget: e.g. `Budget(macs=0.1)`: the share of MACs, params, storage bits
+            and/or measured latency (`Budget(latency=..., latency_table=...)`) to keep.
         techniques: the techniques to stack, e.g. `[tfhybrid.DF()]` (None: DF with the
             `filters`, `ranks` and `round_to` given here).
         filters: (DF) learn which channels to remove (DML-S).
@@ -70,8 +71,9 @@ def hybrid_compress(
         ValueError: for a budget outside (0, 1], a name in `layers` or `skip` that
             is neither a layer nor a nested model of `model`, nothing compressible
             (with the reason per group), a budget below the model's incompressible
-            part, two techniques claiming one layer's weights, or DF's options given
-            beside `techniques`.
+            part, two techniques claiming one layer's weights, DF's options given
+            beside `techniques`, or a latency budget without a latency table (or with
+            one measured on another model).
     """
     given = {"filters": filters, "ranks": ranks, "round_to": round_to}
     if techniques is None:

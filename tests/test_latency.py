@@ -218,6 +218,7 @@ def test_a_measured_table_times_every_layer_on_its_grid(measured, tmp_path):
     assert table.layers["depthwise"].cout == (8,) and table.layers["depthwise"].split is None
     assert table.layers["head"].split is not None and table.quantize == "int8"
     assert table.whole_ms > 0 and table.full_ms() >= table.whole_ms - 1e-12
+    assert table.full_ms() == pytest.approx(table.whole_ms)  # scaled to the whole model
     for lat in table.layers.values():
         for grid in (lat.ms, lat.split or lat.ms):
             values = np.asarray(grid)

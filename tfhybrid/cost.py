@@ -413,7 +413,8 @@ class CostModel:
                     "have: it was measured on another model. Measure this model's table "
                     "(`python -m tfhybrid latency-table model.keras`)."
                 )
-            full = self._full_channels(by_name[name])
+            term = by_name[name]
+            full = (round(self._width(term.inputs)), round(self._width(term.outputs)))
             if full != (lat.cin[-1], lat.cout[-1]):
                 raise ValueError(
                     f"Layer '{name}' has {full[0]} input and {full[1]} output channels, "
@@ -430,13 +431,10 @@ class CostModel:
             )
         return CostModel(self.terms, self.sizes, table)
 
-    def _full_channels(self, term: LayerTerms) -> tuple[int, int]:
-        """(input, output) channels of a layer call with every channel kept."""
-
-        def width(layout):
-            return round(sum(mult * self.sizes[gid] for gid, mult in layout))
-
-        return width(term.inputs), width(term.outputs)
+    def _width(self, layout: tuple, counts: dict | None = None) -> float:
+        """Channels of a tensor of this `layout` for group `counts` (others whole)."""
+        counts = counts or {}
+        return sum(mult * counts.get(gid, self.sizes[gid]) for gid, mult in layout)
 
     def evaluate(
         self, counts: dict | None = None, ranks: dict | None = None, densities: dict | None = None
@@ -527,14 +525,10 @@ class CostModel:
         calls = [t for t in self.terms if t.name == name and t.factored is not None]
         if not calls:
             raise ValueError(f"Layer {name!r} is not a Dense/Conv2D layer that can be split.")
-        counts = counts or {}
-
-        def width(layout):
-            return sum(mult * counts.get(gid, self.sizes[gid]) for gid, mult in layout)
-
         first = calls[0]
         positions = sum(t.factored[1] for t in calls)
-        return first.factored[0] * width(first.inputs), width(first.outputs), positions
+        rows = first.factored[0] * self._width(first.inputs, counts)
+        return rows, self._width(first.outputs, counts), positions
 
     def _evaluate(
         self,

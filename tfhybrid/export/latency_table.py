@@ -13,10 +13,12 @@ off each variant. Each layer's times are made non-decreasing in its kept channel
 
 The other operators (adds, pooling, padding, softmax, layers not timed), timed alone
 too (`op_profile.profile_ops`), are the table's constant rest. In the whole model the
-timed layers take longer than alone (their activations come from memory, not cache:
-on MobileNetV2 at 96 x 96 in int8, about a quarter longer), and that extra shrinks with
-the channels too, so each layer's times are scaled by one factor that makes the table
-add up to the whole model's measured latency (`LatencyTable.in_graph_scale`).
+timed layers take longer than alone (on MobileNetV2 at 96 x 96 in int8, about a quarter
+longer; likely their activations come from memory rather than cache), and under uniform
+channel removal that extra shrinks with the channels, so each layer's times are scaled
+by one factor that makes the table add up to the whole model's measured latency
+(`LatencyTable.in_graph_scale`). Where a search keeps the layers that carry the extra,
+it does not shrink, and the table predicts too little time (docs/latency.md).
 """
 
 from __future__ import annotations
@@ -30,13 +32,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 from tfhybrid import cost, graph
 from tfhybrid._keras import DEPTHWISE_CONV, is_factorable, keras
 from tfhybrid.export import flatbuffer
-from tfhybrid.export.op_profile import profile_ops
-from tfhybrid.export.tflite import _converter, _sample_inputs, benchmark_tflite
+from tfhybrid.export.op_profile import profile_ops, time_model
+from tfhybrid.export.tflite import converted
 from tfhybrid.latency import LatencyTable, LayerLatency
 from tfhybrid.training.model import refuse_search_model
 
@@ -92,8 +93,7 @@ def measure_latency_table(
         raise ValueError(f"measure_latency_table: fractions must lie in [0, 1], got {fractions}.")
     timing = {"threads": threads, "runs": runs, "warmup": warmup}
     flat = graph.flatten(model)
-    inputs = _sample_inputs(flat, representative_data, 8)
-    data = _converter(flat, 1, quantize, inputs, False, tf.int8).convert()
+    data = converted(flat, quantize, representative_data)
     whole = profile_ops(data, **timing)
     overhead_ms = min(op.median_ms for op in whole.ops)  # the cheapest op: ~all call overhead
     operators = _operators_by_key(flatbuffer.read(data))
@@ -162,12 +162,9 @@ class _Timer:
         self.timing, self.overhead_ms = timing, overhead
 
     def __call__(self, inputs: int, outputs: int, pointwise: bool = False) -> float:
-        path = self.folder / "variant.tflite"
-        path.write_bytes(
-            flatbuffer.resized_op_model(self.data, self.index, inputs, outputs, pointwise)
-        )
-        median = benchmark_tflite(path, **self.timing)["median_ms"]
-        return max(0.0, median - self.overhead_ms)
+        variant = flatbuffer.resized_op_model(self.data, self.index, inputs, outputs, pointwise)
+        timing = time_model(variant, self.folder / "variant.tflite", self.timing)
+        return max(0.0, timing["median_ms"] - self.overhead_ms)
 
 
 def _layer_latency(layer, in_shape, out_shape, fractions, time: _Timer) -> LayerLatency:

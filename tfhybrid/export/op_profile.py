@@ -80,13 +80,13 @@ def profile_ops(
     """
     data = model if isinstance(model, bytes) else pathlib.Path(model).read_bytes()
     graph = flatbuffer.read(data)
+    timing = {"threads": threads, "runs": runs, "warmup": warmup}
     with tempfile.TemporaryDirectory() as folder:
-        whole = pathlib.Path(folder, "model.tflite")
-        whole.write_bytes(data)
-        whole_ms = benchmark_tflite(whole, threads, runs, warmup)["median_ms"]
+        whole_ms = time_model(data, pathlib.Path(folder, "model.tflite"), timing)["median_ms"]
         timings = []
         for op in graph.operators:
-            measured = time_op(data, op.index, folder, threads, runs, warmup)
+            cut = flatbuffer.single_op_model(data, op.index)
+            measured = time_model(cut, pathlib.Path(folder, f"op_{op.index}.tflite"), timing)
             output = graph.tensors[op.outputs[0]]
             timings.append(
                 OpTiming(
@@ -103,14 +103,10 @@ def profile_ops(
     return OpProfile(timings, whole_ms, threads)
 
 
-def time_op(
-    data: bytes, index: int, folder: str, threads: int, runs: int, warmup: int
-) -> dict[str, float]:
-    """`benchmark_tflite` of operator `index` of the `.tflite` bytes `data`, cut out as a
-    model of its own (written to `folder`)."""
-    path = pathlib.Path(folder, f"op_{index}.tflite")
-    path.write_bytes(flatbuffer.single_op_model(data, index))
-    return benchmark_tflite(path, threads, runs, warmup)
+def time_model(data: bytes, path: pathlib.Path, timing: dict) -> dict[str, float]:
+    """`benchmark_tflite(path, **timing)` of the `.tflite` bytes `data`, written to `path`."""
+    path.write_bytes(data)
+    return benchmark_tflite(path, **timing)
 
 
 def op_macs(op: flatbuffer.Operator, graph: flatbuffer.Graph) -> int:

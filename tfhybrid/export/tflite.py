@@ -216,6 +216,16 @@ def benchmark_tflite(
     }
 
 
+def converted(
+    model: Any, quantize: str, representative_data: Any = None, samples: int = 8
+) -> bytes:
+    """`model` converted as `export_tflite` converts it (batch 1, int8 inputs and outputs
+    for "int8"), without writing or checking the file; int8 calibrates on
+    `representative_data` (random normal inputs when None)."""
+    inputs = _sample_inputs(model, representative_data, samples)
+    return _converter(model, 1, quantize, inputs, False, IO_DTYPES["int8"]).convert()
+
+
 def _checked_mode(quantize: str, target: str | None, io_dtype: str) -> str:
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize={quantize!r} is not one of {QUANTIZE_MODES}.")

@@ -527,7 +527,7 @@ class _Projection:
         projection chooses as it always has)."""
         smaller, saved = dict(counts), {}
         pending = set(counts)
-        deeper = "latency" in self.model.budget.targets()  # counts fall with every unit
+        deeper = "latency" in self.model.budget.targets()
         while pending:
             cuts = {k: self.next_count(k, smaller[k]) for k in pending}
             cuts = {k: n for k, n in cuts.items() if n < smaller[k]}

@@ -316,6 +316,60 @@ def test_a_factored_conv_equals_its_truncated_svd_as_one_conv_or_two(budget, two
     np.testing.assert_allclose(compressed(x), reference(x), rtol=1e-4, atol=1e-5)
 
 
+def _reference_factored(layer, x):
+    """A factored layer's output by its definition, op by op: unit-norm U and V,
+    the kernel formed, the plain layer's op."""
+    u = layer.u / tf.norm(layer.u, axis=0)
+    v = layer.v / tf.norm(layer.v, axis=1, keepdims=True)
+    kernel = tf.reshape((u * layer.s * layer.component_gates()) @ v, layer._kernel_shape())
+    config = layer.plain["config"]
+    if isinstance(layer, df.FactoredDense):
+        outputs = x @ kernel
+    else:
+        outputs = tf.nn.conv2d(
+            x,
+            kernel,
+            config["strides"],
+            config["padding"].upper(),
+            dilations=config["dilation_rate"],
+        )
+    return layer.activation(outputs + layer.bias)
+
+
+@pytest.mark.parametrize("two_convs", [False, True])
+def test_factored_layers_compute_their_definition_and_its_gradients(two_convs, monkeypatch):
+    """Whatever the route (1 x 1 convs as matrix products, the scale on the smaller
+    factor, two convs or one, the norms' own gradient), the function and gradients are
+    those of W = U diag(s g) V with unit-norm U columns and V rows."""
+    monkeypatch.setattr(df.FactoredConv2D, "runs_as_two_convs", lambda self, shape: two_convs)
+    inputs = keras.Input((7, 7, 6))
+    x = layers.Conv2D(10, 1, activation="relu", name="pointwise")(inputs)
+    x = layers.Conv2D(9, 3, strides=2, padding="same", name="wide_rows")(x)
+    x = layers.Conv2D(16, 1, strides=2, name="strided_pointwise")(x)
+    x = layers.Conv2D(40, 2, name="wide_cols")(x)
+    outputs = layers.Dense(7, name="fc")(layers.Flatten()(x))
+    compressed = th.hybrid_compress(keras.Model(inputs, outputs), th.Budget(macs=0.6))
+    rng = np.random.default_rng(0)
+    checked = 0
+    for layer in df.factored_layers_of(compressed):
+        layer.u.assign(layer.u * rng.uniform(0.5, 2.0, layer.u.shape[1]))  # not unit norm
+        layer.tau.assign(0.02)  # gates well inside (0, 1)
+        shape = (3, *layer.input.shape[1:])
+        x = tf.constant(rng.normal(size=shape).astype(np.float32))
+        weights = rng.normal(size=layer.compute_output_shape(shape)).astype(np.float32)
+        variables = [layer.u, layer.s, layer.v, layer.tau, layer.bias]
+        results = []
+        for function in (layer, lambda x, la=layer: _reference_factored(la, x)):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(function(x) * weights)
+            results.append([loss, *tape.gradient(loss, [x, *variables])])
+        for got, expected in zip(*results):
+            np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-5, err_msg=layer.name)
+        checked += 1
+    assert checked == 5
+
+
 def test_pacing_keeps_every_mask_and_gate():
     compressed = th.hybrid_compress(lenet5(), th.Budget(macs=0.3), search_steps=100)
     layers = th.DF().decision_layers(compressed)

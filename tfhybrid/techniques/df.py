@@ -439,6 +439,9 @@ def _sum_of_squares(matrix: tf.Tensor, axis: int) -> tf.Tensor:
 def _channel_matmul(inputs: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
     """`inputs` (channels last) times `matrix` over the channels: a 1 x 1 conv."""
     flat = tf.matmul(tf.reshape(inputs, (-1, matrix.shape[0])), matrix)
+    inner = inputs.shape[1:-1]
+    if inner.is_fully_defined():  # one reshape to a constant shape: fewer ops to trace
+        return tf.reshape(flat, (-1, *inner, matrix.shape[1]))
     outputs = tf.reshape(flat, tf.concat([tf.shape(inputs)[:-1], matrix.shape[1:]], 0))
     outputs.set_shape(inputs.shape[:-1].concatenate(matrix.shape[1:]))
     return outputs

@@ -205,6 +205,33 @@ def test_a_training_step_builds_each_mask_and_gate_once_and_trains_them():
     np.testing.assert_allclose(compressed(x), unshared, rtol=1e-5, atol=1e-6)
 
 
+def test_a_layout_extending_one_masked_in_the_step_appends_to_its_mask():
+    from tfhybrid import schedules
+
+    temperature = schedules.serialize(schedules.ExponentialDecay(1.0, 0.05, 10))
+    gates = df.ChannelGates([0, 1, 2], [["a"], ["b"], ["c"]], [2, 3, 4], temperature)
+    gates.build(None)
+    for i, logits in enumerate(gates.logits):
+        logits.assign(np.linspace(-0.3, 0.3, logits.shape[0]) + 0.1 * i)
+    block, grown = [[0, 2, 1], [-1, 5, 1]], [[0, 2, 1], [-1, 5, 1], [2, 4, 2]]
+    whole = gates(tf.ones(15), layout=grown, mask_only=True)  # outside a step: built whole
+
+    @tf.function
+    def step():
+        with gates.shared_decisions():
+            gates(tf.ones(7), layout=block, mask_only=True)
+            return gates(tf.ones(15), layout=grown, mask_only=True)
+
+    np.testing.assert_allclose(step(), whole, rtol=1e-6)
+    graph = step.get_concrete_function().graph
+    joined = [
+        len(op.inputs) - 1
+        for op in graph.get_operations()
+        if op.type == "ConcatV2" and op.outputs[0].dtype == tf.float32  # not shapes
+    ]
+    assert sorted(joined) == [2, 2]  # the block's mask, then it and the new group's
+
+
 def test_shared_decisions_are_per_thread_and_end_with_their_context():
     """MirroredStrategy traces its replicas in threads of one graph: a replica must
     never get another's tensors."""

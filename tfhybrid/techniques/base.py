@@ -348,6 +348,10 @@ class SharedWithinAStep:
             shared[key] = build()
         return shared[key]
 
+    def _memoized(self, key):
+        """The value built for `key` in this step, or None (none built, or no step)."""
+        return (getattr(self._shared, "values", None) or {}).get(key)
+
     @contextlib.contextmanager
     def shared_decisions(self):
         """Within it (nested: the outermost), each decision tensor is built once."""

@@ -33,7 +33,8 @@ keras = th.keras
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["DenseNet121", "ResNet50", "MobileNetV2"], "applications to time.")
 flags.DEFINE_integer("size", 32, "Input height and width.")
-flags.DEFINE_integer("steps", 6, "Training steps timed per model (batch 4).")
+flags.DEFINE_integer("steps", 6, "Training steps timed per model.")
+flags.DEFINE_integer("batch", 4, "Batch size.")
 flags.DEFINE_string("out", "benchmarks/results", "Folder for search_startup.json.")
 
 
@@ -45,7 +46,7 @@ def fit_times(model, x, y, callbacks=()) -> dict:
     )
     timer = StepTimer()
     start = time.perf_counter()
-    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[*callbacks, timer])
+    model.fit(x, y, batch_size=FLAGS.batch, epochs=1, verbose=0, callbacks=[*callbacks, timer])
     return {
         "first_step_s": timer.times[0],
         "later_step_s": statistics.median(timer.times[1:]),
@@ -62,7 +63,7 @@ def measure(name: str) -> dict:
         return application(weights=None, input_shape=shape, classes=10, classifier_activation=None)
 
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(4 * FLAGS.steps, *shape)).astype(np.float32)
+    x = rng.normal(size=(FLAGS.batch * FLAGS.steps, *shape)).astype(np.float32)
     y = rng.integers(0, 10, len(x))
     plain = fit_times(build(), x, y)
     start = time.perf_counter()
@@ -99,7 +100,8 @@ def main(argv):
     out.mkdir(parents=True, exist_ok=True)
     record = {
         "command": "python benchmarks/search_startup.py "
-        f"--models={','.join(FLAGS.models)} --size={FLAGS.size} --steps={FLAGS.steps}",
+        f"--models={','.join(FLAGS.models)} --size={FLAGS.size} --steps={FLAGS.steps} "
+        f"--batch={FLAGS.batch}",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, TF {tf.__version__}",
         "results": results,
     }

@@ -85,7 +85,9 @@ def measure(name: str) -> dict:
 def warm_up() -> None:
     """One tiny fit, so that the first model timed does not also pay TF's start-up."""
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    fit_times(model, np.zeros((8, 4), np.float32), np.zeros(8, np.int64))
+    fit_times(
+        model, np.zeros((2 * FLAGS.batch, 4), np.float32), np.zeros(2 * FLAGS.batch, np.int64)
+    )
 
 
 def main(argv):

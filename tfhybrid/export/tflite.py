@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import pathlib
+import re
 import statistics
 import time
 import warnings
@@ -136,7 +137,7 @@ def export_tflite(
     converter = _converter(model, batch_size, quantize, inputs, sparse, IO_DTYPES[io_dtype])
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(converter.convert())
+    path.write_bytes(_convert(converter))
     graph = flatbuffer.read(path)
     interpreter, fallback = _interpreter(path)
     report = ExportReport(
@@ -145,7 +146,7 @@ def export_tflite(
         quantize=quantize,
         sparse=sparse,
         ops=dict(collections.Counter(op.name for op in graph.operators)),
-        input_dtypes=[d["dtype"].__name__ for d in interpreter.get_input_details()],
+        input_dtypes=[d["dtype"].__name__ for d in _input_details(interpreter)],
         output_dtypes=[d["dtype"].__name__ for d in interpreter.get_output_details()],
         check=_agreement(model, interpreter, inputs),
         notes=[note for note in (SPARSE_NOTE if sparse else None, fallback) if note],
@@ -223,7 +224,7 @@ def converted(
     for "int8"), without writing or checking the file; int8 calibrates on
     `representative_data` (random normal inputs when None)."""
     inputs = _sample_inputs(model, representative_data, samples)
-    return _converter(model, 1, quantize, inputs, False, IO_DTYPES["int8"]).convert()
+    return _convert(_converter(model, 1, quantize, inputs, False, IO_DTYPES["int8"]))
 
 
 def _checked_mode(quantize: str, target: str | None, io_dtype: str) -> str:
@@ -262,11 +263,20 @@ def _converter(model, batch_size, quantize, inputs, sparse, io_dtype) -> tf.lite
     if quantize == "float16":
         converter.target_spec.supported_types = [tf.float16]
     if quantize == "int8":
-        converter.representative_dataset = lambda: _examples(inputs)
+        converter.representative_dataset = lambda: map(_by_name, _examples(inputs))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = io_dtype
         converter.inference_output_type = io_dtype
     return converter
+
+
+def _convert(converter: tf.lite.TFLiteConverter) -> bytes:
+    """`converter.convert()`. int8 calibration by input name (see `_by_name`) runs in
+    TensorFlow's own, deprecated interpreter; its deprecation warning concerns
+    TensorFlow's code, not the user's, and is not passed on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"\s*Warning: tf\.lite\.Interpreter is deprecated")
+        return converter.convert()
 
 
 def _sample_inputs(model: Any, data: Any, limit: int) -> list[np.ndarray]:
@@ -370,9 +380,15 @@ def _examples(inputs: list[np.ndarray]) -> Iterable[list[np.ndarray]]:
         yield [x[i : i + 1] for x in inputs]
 
 
+def _by_name(example: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """One example keyed by the converted function's input names: calibration takes a
+    list in the file's input order, which is not the model's (see `_input_details`)."""
+    return {f"args_{i}": value for i, value in enumerate(example)}
+
+
 def _run(interpreter: Interpreter, example: list[np.ndarray]) -> np.ndarray:
     """One inference; integer inputs are quantized and the first output dequantized."""
-    for detail, value in zip(interpreter.get_input_details(), example):
+    for detail, value in zip(_input_details(interpreter), example):
         interpreter.set_tensor(detail["index"], _quantized(value, detail))
     interpreter.invoke()
     detail = interpreter.get_output_details()[0]
@@ -381,6 +397,20 @@ def _run(interpreter: Interpreter, example: list[np.ndarray]) -> np.ndarray:
     if np.issubdtype(detail["dtype"], np.integer) and scale:
         return (output.astype(np.float32) - zero_point) * scale
     return output.astype(np.float32)
+
+
+def _input_details(interpreter: Interpreter) -> list[dict]:
+    """The interpreter's input details in the model's input order.
+
+    The converted function takes the inputs as args_0, args_1, ...; LiteRT lists them
+    in no fixed order (a 12-input model came back as args_5, args_2, args_3, ...).
+    """
+
+    def position(detail: dict) -> int:
+        found = re.search(r"args_(\d+)", detail["name"])
+        return int(found.group(1)) if found else 0
+
+    return sorted(interpreter.get_input_details(), key=position)
 
 
 def _quantized(value: np.ndarray, detail: dict) -> np.ndarray:

@@ -368,7 +368,13 @@ def test_factored_layers_compute_their_definition_and_its_gradients(two_convs, m
     """Whatever the route (1 x 1 convs as matrix products, the scale on the smaller
     factor, two convs or one, the norms' own gradient), the function and gradients are
     those of W = U diag(s g) V with unit-norm U columns and V rows."""
-    monkeypatch.setattr(df.FactoredConv2D, "runs_as_two_convs", lambda self, shape: two_convs)
+    routed = {}  # layer -> the input shape its route was chosen for
+
+    def route(self, shape):
+        routed[self.name] = tuple(shape)
+        return two_convs
+
+    monkeypatch.setattr(df.FactoredConv2D, "runs_as_two_convs", route)
     inputs = keras.Input((7, 7, 6))
     x = layers.Conv2D(10, 1, activation="relu", name="pointwise")(inputs)
     x = layers.Conv2D(9, 3, strides=2, padding="same", name="wide_rows")(x)
@@ -393,6 +399,8 @@ def test_factored_layers_compute_their_definition_and_its_gradients(two_convs, m
             results.append([loss, *tape.gradient(loss, [x, *variables])])
         for got, expected in zip(*results):
             np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-5, err_msg=layer.name)
+        if isinstance(layer, df.FactoredConv2D):  # chosen for the layer's own input
+            assert routed.pop(layer.name) == shape, layer.name
         checked += 1
     assert checked == 5
 

@@ -378,22 +378,19 @@ class FactoredConv2D(_Factored):
         config = self.plain["config"]
         strides, padding = config["strides"], config["padding"].upper()
         dilations = config["dilation_rate"]
-        pointwise = self.is_pointwise()
-        if pointwise and tuple(strides) != (1, 1):
-            inputs = inputs[:, :: strides[0], :: strides[1], :]
-        u, v = _scaled_smaller_factor(u, s, v)
-        if self.runs_as_two_convs(inputs.shape):
-            first = tf.cast(u, inputs.dtype)
-            if pointwise:
-                hidden = _channel_matmul(inputs, first)
-            else:
-                first = tf.reshape(first, (*config["kernel_size"], self.channels_in, self.rank))
-                hidden = tf.nn.conv2d(inputs, first, strides, padding, dilations=dilations)
-            return _channel_matmul(hidden, tf.cast(v, inputs.dtype))
-        kernel = tf.cast(tf.matmul(u, v), inputs.dtype)
-        if pointwise:
-            return _channel_matmul(inputs, kernel)
-        kernel = tf.reshape(kernel, self._kernel_shape())
+        two_convs = self.runs_as_two_convs(inputs.shape)
+        u, v = (tf.cast(f, inputs.dtype) for f in _scaled_smaller_factor(u, s, v))
+        if self.is_pointwise():
+            if tuple(strides) != (1, 1):
+                inputs = inputs[:, :: strides[0], :: strides[1], :]
+            if two_convs:
+                return _channel_matmul(_channel_matmul(inputs, u), v)
+            return _channel_matmul(inputs, tf.matmul(u, v))
+        if two_convs:
+            first = tf.reshape(u, (*config["kernel_size"], self.channels_in, self.rank))
+            hidden = tf.nn.conv2d(inputs, first, strides, padding, dilations=dilations)
+            return _channel_matmul(hidden, v)
+        kernel = tf.reshape(tf.matmul(u, v), self._kernel_shape())
         return tf.nn.conv2d(inputs, kernel, strides, padding, dilations=dilations)
 
     def is_pointwise(self) -> bool:

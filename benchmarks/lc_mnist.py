@@ -8,7 +8,7 @@ From the same pretrained network per seed (Adam, cosine-decayed rate), each meth
 to end) inside `--fit_epochs` (the rest: the compressed kernels fixed, biases trained):
   quantize_k2        every layer quantized to its own codebook of 2 values
   prune_5            5% of all the weights kept (one budget for every layer)
-  quantize_k2_prune_1  every layer a 2-value codebook plus 1% of its weights as floats
+  quantize_k2_prune_1  one 2-value codebook for all layers plus 1% of all weights as floats
   rank_selection     every layer's rank chosen by LC's rank selection (`--alpha`)
 The toolkit's published LeNet-300-100 errors (reference 2.13%): quantize_k2 2.56%,
 prune_5 2.18%, quantize_k2_prune_1 2.17%, rank_selection 1.90%. Each run reports test
@@ -21,13 +21,16 @@ import os
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from absl import app, flags  # noqa: E402
 from mnist import compile_model, lenet5, lenet_300_100, mnist, pretrained  # noqa: E402
+from unify_export import files_of, files_table  # noqa: E402
 
 import tfhybrid as th  # noqa: E402
 
@@ -48,6 +51,9 @@ def define_flags() -> None:
     flags.DEFINE_list("mu", ["1e-4", "1e-2"], "μ's start and end over the search.")
     flags.DEFINE_float("alpha", 1e-6, "Rank selection's weight of a rank's storage.")
     flags.DEFINE_integer("train_batches", 0, "Use only this many training batches (0: all).")
+    flags.DEFINE_integer(
+        "export_runs", 0, "With > 0: per seed-0 model, its files' sizes and LiteRT latency."
+    )
     flags.DEFINE_string("out", "docs/results/lc_mnist.json", "Result JSON.")
     flags.DEFINE_list("from_json", [], "Only print the table of these result JSONs (merged).")
 
@@ -58,15 +64,16 @@ def parts(method: str, model) -> dict:
     names = [layer.name for layer in model.layers if type(layer) in kinds]
     if method == "prune_5":
         return {tuple(names): th.Prune(keep=0.05)}
+    if method == "quantize_k2_prune_1":
+        return {tuple(names): th.Quantize(2) + th.Prune(keep=0.01)}
     each = {
         "quantize_k2": lambda: th.Quantize(2),
-        "quantize_k2_prune_1": lambda: th.Quantize(2) + th.Prune(keep=0.01),
         "rank_selection": lambda: th.LowRank(alpha=FLAGS.alpha),
     }[method]
     return {name: each() for name in names}
 
 
-def run_one(method: str, base, train, test, steps: int) -> dict:
+def run_one(method: str, base, train, test, steps: int, export: bool) -> dict:
     technique = th.LC(parts(method, base), mu=tuple(float(m) for m in FLAGS.mu))
     search = FLAGS.search_epochs * steps
     compressed = th.hybrid_compress(base, th.Budget(bits=1.0), [technique], search_steps=search)
@@ -76,19 +83,29 @@ def run_one(method: str, base, train, test, steps: int) -> dict:
     seconds = time.perf_counter() - start
     small = compile_model(th.strip(compressed))
     original = th.profile(base)
-    return {
+    entry = {
         "test_error": 1 - small.evaluate(test, verbose=0)[1],
         "counted_bits_ratio": float(compressed.ratios(hard=True)["bits"]),
         "measured_bits_ratio": th.profile(small).bits / (32 * original.params),
         "fit_seconds": seconds,
     }
+    if export:
+        entry["files"] = exported(small, test)
+    return entry
+
+
+def exported(model, test) -> dict:
+    """Sizes of `model`'s compact file and `.tflite` files, and their LiteRT latency."""
+    representative = test.unbatch().map(lambda x, y: x).batch(1).take(100)
+    with tempfile.TemporaryDirectory() as folder:
+        return files_of(model, None, representative, folder, FLAGS.export_runs)
 
 
 def main(argv):
     del argv
     if FLAGS.from_json:
         runs = [r for p in FLAGS.from_json for r in json.loads(pathlib.Path(p).read_text())["runs"]]
-        print("\n".join(table(runs)))
+        print("\n".join(table(runs) + [""] + files_table_of(runs)))
         return
     test = mnist("test", 1000)
     runs = []
@@ -96,18 +113,35 @@ def main(argv):
         model = MODELS[FLAGS.model]
         base, train, steps = pretrained(model, seed, FLAGS.pretrain_epochs, FLAGS.train_batches)
         error = 1 - base.evaluate(test, verbose=0)[1]
+        export = FLAGS.export_runs > 0 and seed == int(FLAGS.seeds[0])
         runs.append({"method": "original", "seed": seed, "test_error": error})
+        if export:
+            runs[-1]["files"] = exported(base, test)
         for method in FLAGS.methods:
             keras.utils.set_random_seed(seed)
             entry = {"method": method, "seed": seed, "model": FLAGS.model}
-            entry.update(run_one(method, base, train, test, steps))
+            entry.update(run_one(method, base, train, test, steps, export))
             runs.append(entry)
             print(json.dumps(entry), flush=True)
             out = pathlib.Path(FLAGS.out)
             out.parent.mkdir(parents=True, exist_ok=True)
             command = "python benchmarks/lc_mnist.py " + " ".join(sys.argv[1:])
             out.write_text(json.dumps({"command": command, "runs": runs}, indent=1))
-    print("\n".join(table(runs)))
+    print("\n".join(table(runs) + [""] + files_table_of(runs)))
+
+
+def files_table_of(runs: list[dict]) -> list[str]:
+    """Markdown: per exported model, its test error, measured bits, compact file bytes and
+    per `.tflite` variant its bytes, gzipped bytes and LiteRT median latency."""
+    exported = {
+        r["method"]: {**r["files"], "test_error": r["test_error"]} for r in runs if "files" in r
+    }
+
+    def cells(r: dict) -> list[str]:
+        return [f"{100 * r['test_error']:.2f}", f"{r['bits']:,}", f"{r['compact_bytes']:,}"]
+
+    columns = ["model", "test error %", "bits measured", "compact bytes"]
+    return files_table(exported, columns, cells) if exported else []
 
 
 def table(runs: list[dict]) -> list[str]:

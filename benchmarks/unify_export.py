@@ -53,12 +53,10 @@ def define_flags() -> None:
 
 def files_of(model, block, representative, folder: str, runs: int) -> dict:
     """Sizes (and latency, the median of `runs`) of every file of `model`."""
-    original = th.profile(model)
-    figures = {"bits": th.profile(model, block=block).bits if block else original.bits}
-    if block:
-        report = th.save_compact(model, os.path.join(folder, "m.thc"), block=block)
-        figures["compact_bytes"] = report.size_bytes
-        figures["compact_payload_bytes"] = report.payload_bytes
+    figures = {"bits": th.profile(model, block=block).bits}
+    report = th.save_compact(model, os.path.join(folder, "m.thc"), block=block)
+    figures["compact_bytes"] = report.size_bytes
+    figures["compact_payload_bytes"] = report.payload_bytes
     for name, (quantize, sparse) in VARIANTS.items():
         path = os.path.join(folder, f"{name}.tflite")
         report = th.export_tflite(

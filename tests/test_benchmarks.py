@@ -253,3 +253,18 @@ def test_the_lc_table_has_a_row_per_method_with_counted_and_measured_bits():
     lines = lc_mnist.table(runs)
     assert lines[2] == "| original | 1 | 2.00 (2.00-2.00) | - | - |"
     assert lines[3] == "| quantize_k2 | 2 | 2.60 (2.50-2.70) | 0.0328 | 0.0330 |"
+
+
+def test_the_lc_files_table_has_a_row_per_exported_model():
+    variants = ("float", "float_sparse", "int8", "int8_sparse")
+    files = {v: {"bytes": 2000, "gzip_bytes": 300, "median_ms": 0.25} for v in variants}
+    runs = [
+        {"method": "original", "seed": 0, "test_error": 0.02},
+        {"method": "quantize_k2", "seed": 0, "test_error": 0.025},
+        {"method": "quantize_k2", "seed": 1, "test_error": 0.027},
+    ]
+    runs[1]["files"] = {**files, "bits": 8736, "compact_bytes": 9100}
+    lines = lc_mnist.files_table_of(runs)
+    assert lines[0].startswith("| model | test error % | bits measured | compact bytes |")
+    assert lines[2].startswith("| quantize_k2 | 2.50 | 8,736 | 9,100 | 2,000 (300) | 0.250 |")
+    assert len(lines) == 3 and lc_mnist.files_table_of(runs[2:]) == []

@@ -36,7 +36,7 @@ def test_it_starts_at_direct_compression_and_computes_the_original_function():
     assert_unchanged(model, snapshot, config)
 
 
-def test_a_search_ends_with_the_compressed_kernels_which_strip_keeps():
+def test_a_search_ends_with_the_compressed_kernels_which_strip_keeps(tmp_path):
     model = lenet_300_100()
     parts = {"fc1": th.Quantize(2) + th.Prune(keep=0.01), ("fc2", "fc3"): th.Quantize(4)}
     compressed = th.hybrid_compress(model, th.Budget(bits=0.1), [th.LC(parts)], search_steps=8)
@@ -70,6 +70,15 @@ def test_a_search_ends_with_the_compressed_kernels_which_strip_keeps():
     assert float(counted) == pytest.approx(bits / (32 * model.count_params()))
     measured = th.profile(small).bits  # stored as counted, but fc3 stores the codebook again
     assert bits <= measured <= bits + 4 * 32
+    report = th.save_compact(small, str(tmp_path / "lc.thc"), block=None)
+    assert report.counted_bits == measured  # written as measured, restored exactly:
+    assert (
+        report.encodings["fc1_part0/0"] == "table" and report.encodings["fc1_part1/0"] == "sparse"
+    )
+    loaded = th.load_compact(str(tmp_path / "lc.thc"))
+    for original, restored in zip(small.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(restored, original)
+    np.testing.assert_array_equal(loaded(x), small(x))
 
 
 def test_a_low_rank_part_strips_as_a_factor_pair_beside_the_others():

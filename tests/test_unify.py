@@ -425,7 +425,9 @@ def test_df_and_unify_stack_on_mobilenet_v2_with_its_depthwise_kernels(tmp_path)
     assert np.sum(kinds_of(kernel, layout) != FREE) > 0
     counted = float(compressed.ratios(hard=True)["bits"])
     report = th.save_compact(small, str(tmp_path / "m.thc"), block=(1, 4))
-    assert report.counted_bits == pytest.approx(counted * 32 * model.count_params(), rel=2e-3)
+    assert report.counted_bits == th.profile(small, block=(1, 4)).bits
+    promised = counted * 32 * model.count_params()  # BatchNorm tensors still at their
+    assert 0.98 * promised < report.counted_bits < 1.002 * promised  # start store cheaper
     loaded = th.load_compact(str(tmp_path / "m.thc"))
     for original, restored in zip(small.get_weights(), loaded.get_weights()):
         np.testing.assert_array_equal(restored, original)

@@ -214,7 +214,7 @@ def profile(model: Any, block: tuple | str | None = None) -> Profile:
         )
     weights = [np.asarray(w) for w in model.weights]
     nonzero = [int(np.count_nonzero(w)) for w in weights]
-    bits = sum(_stored_bits(w, n) for w, n in zip(weights, nonzero))
+    bits = sum(plain_encoding(w)[1] for w in weights)
     multiplied = {}  # blocked layer name -> share of its MACs that multiply
     if block is not None:
         for layer in flat.layers:
@@ -232,26 +232,37 @@ def profile(model: Any, block: tuple | str | None = None) -> Profile:
 
 
 def _in_blocks(layer: Any, block: tuple | str) -> tuple[int, float]:
-    """(bits the block format saves on `layer`'s kernel against `_stored_bits`, at
+    """(bits the block format saves on `layer`'s kernel against `plain_encoding`, at
     least 0; the share of its MACs that multiply: one per free weight and per unified
     block, none in a pruned block)."""
     kernel = kernel_of(layer).numpy()
-    plain = _stored_bits(kernel, int(np.count_nonzero(kernel)))
+    plain = plain_encoding(kernel)[1]
     encoding = encode_blocks(kernel.reshape(blocked_shape(layer)), block)
     multiplied = (encoding.free.size + encoding.magnitudes.size) / kernel.size
     return max(0, plain - encoding.bits), multiplied
 
 
-def _stored_bits(weight: np.ndarray, nonzero: int) -> int:
-    """Bits of `weight` in the cheapest of the encodings `Profile.bits` names."""
-    options = [32 * weight.size, 32 * nonzero + weight.size]
-    if np.unique(weight.ravel()[:1024]).size > 256:  # most float tensors: no table
-        return min(options)
-    distinct = np.unique(weight).size
-    if distinct <= 256:
-        index_bits = max(1, math.ceil(math.log2(max(distinct, 2))))
-        options.append(index_bits * weight.size + 32 * distinct)
-    return min(options)
+def plain_encoding(weight: np.ndarray) -> tuple[str, int]:
+    """The cheapest of the encodings `Profile.bits` names that stores `weight` exactly.
+
+    Returns:
+        (kind, bits): "float32" (32 per entry), "sparse" (32 per non-zero and a
+        one-bit-per-entry bitmap) or "table" (an index of ceil(log2 k) bits, at least 1,
+        per entry and the k distinct values at 32 bits each; only for k <= 256), and its
+        bits. `th.save_compact` writes each tensor in the kind this chooses.
+    """
+    options = {"float32": 32 * weight.size, "sparse": 32 * np.count_nonzero(weight) + weight.size}
+    if np.unique(weight.ravel()[:1024]).size <= 256:  # most float tensors: no table
+        distinct = np.unique(weight).size
+        if distinct <= 256:
+            options["table"] = table_index_bits(distinct) * weight.size + 32 * distinct
+    kind = min(options, key=options.get)
+    return kind, int(options[kind])
+
+
+def table_index_bits(distinct: int) -> int:
+    """Bits of each entry's index into a table of `distinct` values (at least 1)."""
+    return max(1, math.ceil(math.log2(max(distinct, 2))))
 
 
 def _multiplies_unknown_kernel(layer: Any) -> bool:

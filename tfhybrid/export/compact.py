@@ -1,23 +1,28 @@
 """A compact weight file in exactly the storage the budget counts, and its loader.
 
 `save_compact(model, path, block)` writes a plain Keras model: a header (the model's
-architecture and, per weight tensor, how it is stored) and a payload. Each Dense,
-Conv2D and DepthwiseConv2D kernel is cut into blocks (`tfhybrid.blocks`) and stored,
-when that is smaller than float32, as one bit stream and one float32 array:
+architecture and, per weight tensor, how it is stored) and a payload. Each tensor is
+stored in the cheapest encoding that holds it exactly, the one `th.profile` counts
+(`cost.plain_encoding`):
 
-- per block a code saying its kind (0 bits when all blocks are of one kind, 1 for
-  two kinds, 2 for three);
-- per unified block one sign bit per weight, and its magnitude: float32, or, where the
-  kernel's magnitudes lie on a grid of one step (`blocks.magnitude_grid`, as
-  `th.Unify(magnitude_bits=...)` trains them), a code of that many bits in the bit
-  stream and the step once in the float32 array;
-- per free block its weights (float32); pruned blocks store nothing.
+- "float32": 32 bits per value;
+- "sparse": a one-bit-per-entry bitmap of the non-zeros, then the non-zeros (float32);
+- "table": for at most 256 distinct values, an index of ceil(log2 k) bits per entry,
+  then the k values (float32): a quantized kernel (`th.LC`'s `Quantize`, `Binarize`,
+  `Ternarize`, `th.Cluster` after `strip`);
+- "blocks", for a Dense, Conv2D or DepthwiseConv2D kernel cut into blocks of `block`
+  (`tfhybrid.blocks`) where that is cheaper still: one bit stream and one float32 array,
+  - per block a code saying its kind (0 bits when all blocks are of one kind, 1 for
+    two kinds, 2 for three);
+  - per unified block one sign bit per weight, and its magnitude: float32, or, where the
+    kernel's magnitudes lie on a grid of one step (`blocks.magnitude_grid`, as
+    `th.Unify(magnitude_bits=...)` trains them), a code of that many bits in the bit
+    stream and the step once in the float32 array;
+  - per free block its weights (float32); pruned blocks store nothing.
 
-Every other tensor is float32. The payload's size is the bit count (`blocks.Encoding.bits`
-per kernel, 32 per other value) rounded up to whole bytes once per tensor;
-`load_compact` restores the same model, weight for weight. The kinds are read off the
-values, so any model whose kernels are in that form (`th.Unify` after `strip`) writes
-compactly; other kernels stay float32.
+The payload's size is `th.profile(model, block=block).bits` rounded up to whole bytes
+once per tensor; `load_compact` restores the same model, weight for weight. The kinds are
+read off the values, so any model whose tensors are in such a form writes compactly.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import numpy as np
 
 from tfhybrid import blocks
 from tfhybrid._keras import keras
+from tfhybrid.cost import plain_encoding, table_index_bits
 from tfhybrid.training.model import refuse_search_model
 
 MAGIC = b"THC1"
@@ -49,6 +55,8 @@ class CompactReport:
         counted_bits: the weights' storage as counted (blocks and float32 values).
         float32_bits: the same weights at 32 bits each.
         kernels: per kernel stored in blocks, its counts {"free", "unified", "pruned"}.
+        encodings: per tensor ("<layer>/<index>"), its encoding ("float32", "sparse",
+            "table" or "blocks").
     """
 
     path: str
@@ -57,6 +65,7 @@ class CompactReport:
     counted_bits: int
     float32_bits: int
     kernels: dict
+    encodings: dict = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         share = self.counted_bits / self.float32_bits
@@ -66,13 +75,14 @@ class CompactReport:
         )
 
 
-def save_compact(model: Any, path: str, block: tuple | str = (1, 4)) -> CompactReport:
-    """Writes `model`'s weights in the block format (see the module).
+def save_compact(model: Any, path: str, block: tuple | str | None = (1, 4)) -> CompactReport:
+    """Writes `model`'s weights, each tensor in its cheapest exact encoding (see the module).
 
     Args:
-        model: a plain Keras model (e.g. `strip` of a model compressed with `th.Unify`).
+        model: a plain Keras model (e.g. `strip` of a model compressed with `th.Unify`
+            or `th.LC`).
         path: the file to write.
-        block: the blocks the kernels were cut into (`th.Unify`'s `block`).
+        block: the blocks kernels may be cut into (`th.Unify`'s `block`); None for none.
 
     Returns:
         A `CompactReport` with the file's and the counted sizes.
@@ -85,15 +95,15 @@ def save_compact(model: Any, path: str, block: tuple | str = (1, 4)) -> CompactR
     counted = 0
     for layer in model.layers:
         for index, weight in enumerate(layer.get_weights()):
-            is_kernel = index == 0 and blocks.in_blocks(layer, block)
-            shape = blocks.blocked_shape(layer) if is_kernel else None
-            coded = _encoded(weight.reshape(shape), block) if is_kernel else None
             entry = {"layer": layer.name, "index": index, "shape": list(weight.shape)}
-            if coded is None:
-                data, bits = np.asarray(weight, "<f4").tobytes(), 32 * weight.size
-            else:
-                data, bits, entry["blocks"] = coded
-                kernels[layer.name] = entry["blocks"]["counts"]
+            entry["encoding"], bits = plain_encoding(weight)
+            data = ENCODERS[entry["encoding"]](weight, entry)
+            if block is not None and index == 0 and blocks.in_blocks(layer, block):
+                coded = _encoded(weight.reshape(blocks.blocked_shape(layer)), block, bits)
+                if coded is not None:
+                    data, bits, entry["blocks"] = coded
+                    entry["encoding"] = "blocks"
+                    kernels[layer.name] = entry["blocks"]["counts"]
             entry["bytes"] = len(data)
             entries.append(entry)
             payload += data
@@ -102,7 +112,10 @@ def save_compact(model: Any, path: str, block: tuple | str = (1, 4)) -> CompactR
     content = MAGIC + struct.pack("<I", len(header)) + header + bytes(payload)
     pathlib.Path(path).write_bytes(content)
     float32 = 32 * sum(w.size for w in model.get_weights())
-    return CompactReport(str(path), len(content), len(payload), counted, float32, kernels)
+    encodings = {f"{e['layer']}/{e['index']}": e["encoding"] for e in entries}
+    return CompactReport(
+        str(path), len(content), len(payload), counted, float32, kernels, encodings
+    )
 
 
 def load_compact(path: str, custom_objects: dict | None = None) -> Any:
@@ -125,8 +138,8 @@ def load_compact(path: str, custom_objects: dict | None = None) -> Any:
         if "blocks" in entry:
             value = _decoded(data, entry["blocks"]).reshape(shape)
         else:
-            value = np.frombuffer(data, "<f4").reshape(shape)
-        weights[entry["layer"], entry["index"]] = value
+            value = DECODERS[entry.get("encoding", "float32")](data, entry, math.prod(shape))
+        weights[entry["layer"], entry["index"]] = value.reshape(shape)
     for layer in model.layers:
         count = len(layer.weights)
         if count:
@@ -134,11 +147,58 @@ def load_compact(path: str, custom_objects: dict | None = None) -> Any:
     return model
 
 
-def _encoded(kernel: np.ndarray, block: tuple | str) -> tuple | None:
-    """(bytes, counted bits, description) of `kernel` in blocks; None where float32 is
-    as small."""
+def _float32(values: np.ndarray) -> bytes:
+    return np.asarray(values, "<f4").tobytes()
+
+
+def _sparse(weight: np.ndarray, entry: dict) -> bytes:
+    """A bitmap of the non-zeros (little-endian bits), then the non-zeros."""
+    flat = weight.ravel()
+    bitmap = np.packbits(flat != 0, bitorder="little").tobytes()
+    entry["bit_bytes"] = len(bitmap)
+    return bitmap + _float32(flat[flat != 0])
+
+
+def _table(weight: np.ndarray, entry: dict) -> bytes:
+    """Each entry's index into the distinct values (`cost.table_index_bits` each, packed
+    least significant bit first), then the distinct values."""
+    values, indices = np.unique(weight.ravel(), return_inverse=True)
+    stream = np.packbits(_bits_of(indices, table_index_bits(values.size)), bitorder="little")
+    entry["bit_bytes"], entry["values"] = len(stream), int(values.size)
+    return stream.tobytes() + _float32(values)
+
+
+def _unpacked(data: bytes, entry: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(the bit stream, the float32 values) of a "sparse" or "table" tensor's bytes."""
+    stream = np.unpackbits(np.frombuffer(data[: entry["bit_bytes"]], np.uint8), bitorder="little")
+    return stream.astype(bool), np.frombuffer(data[entry["bit_bytes"] :], "<f4")
+
+
+def _from_sparse(data: bytes, entry: dict, size: int) -> np.ndarray:
+    bitmap, nonzero = _unpacked(data, entry)
+    value = np.zeros(size, np.float32)
+    value[bitmap[:size]] = nonzero
+    return value
+
+
+def _from_table(data: bytes, entry: dict, size: int) -> np.ndarray:
+    stream, values = _unpacked(data, entry)
+    return values[_codes_of(stream, size, table_index_bits(entry["values"]))]
+
+
+ENCODERS = {"float32": lambda w, _: _float32(w), "sparse": _sparse, "table": _table}
+DECODERS = {
+    "float32": lambda data, _, size: np.frombuffer(data, "<f4"),
+    "sparse": _from_sparse,
+    "table": _from_table,
+}
+
+
+def _encoded(kernel: np.ndarray, block: tuple | str, plain_bits: int) -> tuple | None:
+    """(bytes, counted bits, description) of `kernel` in blocks; None where its plain
+    encoding (`plain_bits`) is as small."""
     encoding = blocks.encode(kernel, block)
-    if encoding.bits >= 32 * kernel.size:
+    if encoding.bits >= plain_bits:
         return None
     codes = np.searchsorted(encoding.present, encoding.kinds)
     streams = [

@@ -96,6 +96,25 @@ def test_a_low_rank_part_strips_as_a_factor_pair_beside_the_others():
     assert counted == 300 * 100 + 32 + 32 * 2 * (300 + 100)  # signs, a scale, two factors
 
 
+def test_a_low_rank_kernel_strips_as_the_factor_pair_it_is_counted_as():
+    model = lenet_300_100()
+    technique = th.LC({"fc1": th.LowRank(12), "fc2": th.LowRank(alpha=1.5e-7)})  # at mu = 1e-4
+    compressed = th.hybrid_compress(model, th.Budget(bits=0.9), [technique], search_steps=1)
+    compressed.finish_search()
+    small = th.strip(compressed)
+    assert small.get_layer("fc1_u").kernel.shape == (784, 12)
+    rank = small.get_layer("fc2_u").kernel.shape[-1]
+    assert 1 <= rank < 75  # where two factors store less than the kernel
+    x = mnist_like(8)[0]
+    np.testing.assert_allclose(small(x), compressed(x), rtol=1e-4, atol=1e-5)
+    stored = compressed.decisions(hard=True).stored
+    assert float(stored["fc1"][1]) == 32 * 12 * (784 + 300)
+    assert float(stored["fc2"][1]) == 32 * rank * (300 + 100)
+    counted = float(compressed.ratios(hard=True)["bits"]) * 32 * model.count_params()
+    biases = 300 + 100 + 10  # still zero: the cost model counts 32 bits each, profile a bitmap
+    assert th.profile(small).bits == pytest.approx(counted - 31 * biases)
+
+
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
 def test_a_search_saves_loads_and_resumes(tmp_path, suffix):
     parts = {("conv2", "fc2"): th.Quantize(3) + th.Prune(keep=0.02)}

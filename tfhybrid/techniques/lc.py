@@ -46,8 +46,10 @@ from tfhybrid.techniques.sparse import with_inner_weights
 
 L = keras.layers
 #: μ's default (start, end): the toolkit's LeNet-300 run starts at 9.76e-5 and grows
-#: 1.1x per C step over 40 of them (to about 4e-3); fewer, longer steps here end higher.
-DEFAULT_MU = (1e-4, 1e-2)
+#: 1.1x per C step over 40 of them (to about 4e-3) in 800 epochs. A search of 20 epochs
+#: must end higher for the weights to reach Δ: on LeNet-300-100 with k = 2 quantization,
+#: an end of 1e-2 left 3.36% test error, 1e-1 2.47% and 1 2.41% (docs/lc.md).
+DEFAULT_MU = (1e-4, 1e-1)
 #: The layers whose kernel LC trains (exactly these classes: `call_with_kernel` computes them).
 TRAINED = (L.Dense, L.Conv1D, L.Conv2D, L.Conv3D, L.DepthwiseConv2D)
 
@@ -246,18 +248,23 @@ class LC(base.Technique):
         )
 
     def plan(self, model: Any) -> plan.Plan:
-        """Each layer with Δ as its kernel, or for an additive compression its parts
-        apart (`_parts`); mid-search, Δ of the last C step."""
-        replace = {}
+        """Each layer with Δ as its kernel, split at Δ's rank where that is cheaper for a
+        low-rank compression; for an additive compression its parts apart (`_parts`);
+        mid-search, Δ of the last C step."""
+        replace, ranks = {}, {}
         for wrapper in self.layers_of(model):
-            compression = next(c for n, c in self.parts.items() if wrapper.layer.name in n)
+            layer = wrapper.layer
+            compression = next(c for n, c in self.parts.items() if layer.name in n)
             if wrapper.part_values:
                 replace[wrapper.name] = _parts(wrapper, compression.parts)
                 continue
-            weights = [w.numpy() for w in wrapper.layer.weights]
+            weights = [w.numpy() for w in layer.weights]
             weights[0] = wrapper.target.numpy()
-            replace[wrapper.name] = plan.PlainLayer.of(wrapper.layer, weights)
-        return plan.Plan.of(self.name, replace=replace)
+            replace[wrapper.name] = plan.PlainLayer.of(layer, weights)
+            if isinstance(compression, LowRank) and is_factorable(layer):
+                ranks[layer.name] = _rank_of(weights[0])[-1]
+        ranks = {name: rank for name, rank in ranks.items() if rank}  # a zero kernel stays
+        return plan.Plan.of(self.name, replace=replace, ranks=ranks)
 
     def scalars(self, model: Any) -> dict[str, float]:
         """How far each kernel is from its compressed form, ||w − Δ|| / ||w||, and μ."""
@@ -282,14 +289,20 @@ def _parts(wrapper: LCWrapper, compressions: list[Compression]) -> plan.Parallel
         name, values = f"{layer.name}_part{index}", variable.numpy()
         extra = [] if branches else bias
         if isinstance(compression, LowRank) and is_factorable(layer):
-            matrix = values.reshape(-1, values.shape[-1])
-            u, s, vt = np.linalg.svd(matrix, full_matrices=False)
-            rank = max(1, int(np.sum(s > s[0] * 1e-5))) if s[0] > 0 else 1
+            u, s, vt, rank = _rank_of(values)
+            rank = max(rank, 1)
             pair = plan.factor_pair(plain, name, u[:, :rank] * s[:rank], vt[:rank], extra)
             branches.append(pair)
         else:
             branches.append((plan.part_of(plain, name, [values, *extra]),))
     return plan.Parallel(layer.name, tuple(branches), plain["config"].get("activation"))
+
+
+def _rank_of(kernel: np.ndarray) -> tuple:
+    """(u, s, vt, rank): the SVD of `kernel` as a matrix (its last axis the columns) and
+    its numerical rank (singular values above 1e-5 of the largest; 0 for a zero kernel)."""
+    u, s, vt = np.linalg.svd(kernel.reshape(-1, kernel.shape[-1]), full_matrices=False)
+    return u, s, vt, int(np.sum(s > s[0] * 1e-5)) if s[0] > 0 else 0
 
 
 def _check_layer(layer: Any, compression: Compression) -> None:

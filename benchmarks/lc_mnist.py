@@ -1,7 +1,7 @@
 """LC on MNIST: the LC toolkit's LeNet-300-100 compressions, by `th.LC` inside `fit`.
 
     python benchmarks/lc_mnist.py --model=lenet_300_100 --seeds=0,1,2 \
-        --search_epochs=40 --fit_epochs=40 --out=docs/results/lc_mnist.json
+        --search_epochs=20 --fit_epochs=24 --out=docs/results/lc_mnist.json
 
 From the same pretrained network per seed (Adam, cosine-decayed rate), each method runs
 `--search_epochs` L steps (an epoch each, a C step after each, μ rising from `--mu` start
@@ -33,6 +33,7 @@ from mnist import compile_model, lenet5, lenet_300_100, mnist, pretrained  # noq
 from unify_export import files_of, files_table  # noqa: E402
 
 import tfhybrid as th  # noqa: E402
+from tfhybrid.techniques.lc import DEFAULT_MU  # noqa: E402
 
 keras = th.keras
 METHODS = ["quantize_k2", "prune_5", "quantize_k2_prune_1", "rank_selection"]
@@ -46,9 +47,9 @@ def define_flags() -> None:
     flags.DEFINE_list("methods", METHODS, f"Methods, of {METHODS}.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (each pretrains its own network).")
     flags.DEFINE_integer("pretrain_epochs", 10, "Epochs of the original model.")
-    flags.DEFINE_integer("search_epochs", 40, "L steps (epochs), a C step after each.")
-    flags.DEFINE_integer("fit_epochs", 40, "Epochs of the compressed fit (search + rest).")
-    flags.DEFINE_list("mu", ["1e-4", "1e-2"], "μ's start and end over the search.")
+    flags.DEFINE_integer("search_epochs", 20, "L steps (epochs), a C step after each.")
+    flags.DEFINE_integer("fit_epochs", 24, "Epochs of the compressed fit (search + rest).")
+    flags.DEFINE_list("mu", [str(m) for m in DEFAULT_MU], "μ's start and end over the search.")
     flags.DEFINE_float("alpha", 1e-6, "Rank selection's weight of a rank's storage.")
     flags.DEFINE_integer("train_batches", 0, "Use only this many training batches (0: all).")
     flags.DEFINE_integer(

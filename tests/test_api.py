@@ -15,6 +15,7 @@ from models import (
     MODERN,
     assert_unchanged,
     lenet5,
+    lenet_300_100,
     nested_model,
     randomize_batchnorm,
     small_vit,
@@ -408,3 +409,22 @@ def test_a_fit_and_a_strip_before_the_search_ends_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         th.strip(compressed)
+
+
+@pytest.mark.parametrize(
+    "budget, technique, figure",
+    [
+        (th.Budget(bits=0.01), th.LC({("fc1", "fc2", "fc3"): th.Quantize(2)}), "bits 0.03"),
+        (th.Budget(macs=0.5), th.Sparse(sparsity=0.5), "macs 1.0000 (budget 0.5)"),
+    ],
+    ids=["lc_bits", "sparse_macs"],
+)
+def test_a_search_that_ends_over_its_budget_says_where(budget, technique, figure):
+    compressed = th.hybrid_compress(lenet_300_100(), budget, [technique], search_steps=1)
+    with pytest.warns(UserWarning, match="ended over its budget") as caught:
+        compressed.finish_search()
+    assert figure in str(caught[0].message)
+    met = th.hybrid_compress(lenet_300_100(), th.Budget(bits=0.9), [technique], search_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        met.finish_search()

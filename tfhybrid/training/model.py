@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import types
+import warnings
 from typing import Any
 
 import tensorflow as tf
@@ -316,6 +317,28 @@ class CompressionModel(keras.Model):
             technique.finish(self)
             for layer in technique.layers_of(self):
                 layer.decided.assign(1)
+        self._warn_if_over_budget()
+
+    def _warn_if_over_budget(self) -> None:
+        """Warns, naming each target, where the decided model keeps more than the budget:
+        the budget asks for a cut none of the techniques makes (e.g. `bits` with only
+        channel removal, or LC parts fixed at more bits than the budget)."""
+        kept = {k: float(v) for k, v in self.ratios(hard=True).items()}
+        over = {
+            name: target
+            for name, target in self.budget.targets().items()
+            if name in kept and kept[name] > target * (1 + 1e-3)
+        }
+        if over:
+            figures = ", ".join(f"{k} {kept[k]:.4f} (budget {v:g})" for k, v in over.items())
+            names = [t.name for t in self._held.techniques]
+            warnings.warn(
+                f"The search of model '{self.name}' ended over its budget: {figures}. The "
+                f"techniques {names} cut no further there; add one that does (e.g. th.Sparse "
+                "or th.Cluster for bits, th.DF for MACs) or ask them for more (a smaller "
+                "share, fewer bits).",
+                stacklevel=2,
+            )
 
     def plan(self) -> plan.Plan:
         """Every technique's decisions for `strip`, merged (mid-search: the current ones,

@@ -115,6 +115,23 @@ def test_a_low_rank_kernel_strips_as_the_factor_pair_it_is_counted_as():
     assert th.profile(small).bits == pytest.approx(counted - 31 * biases)
 
 
+def test_stacked_with_df_its_last_c_step_counts_the_kept_channels_the_file_stores():
+    model = lenet_300_100()
+    techniques = [th.DF(ranks=False), th.LC({"fc2": th.Quantize(2) + th.Prune(keep=0.05)})]
+    compressed = th.hybrid_compress(model, th.Budget(macs=0.3), techniques, search_steps=8)
+    x = fit_search(compressed, epochs=3)
+    small = th.strip(compressed)
+    np.testing.assert_allclose(small(x), compressed(x), rtol=1e-4, atol=1e-5)
+    quantized = small.get_layer("fc2_part0").kernel.numpy()
+    rows, cols = quantized.shape
+    assert rows < 300 and cols < 100  # DF removed channels on both sides of fc2
+    assert len(np.unique(quantized)) == 2
+    corrections = np.count_nonzero(small.get_layer("fc2_part1").kernel.numpy())
+    assert corrections == math.floor(0.05 * rows * cols)  # 5% of the kept weights
+    counted = float(compressed.ratios(hard=True)["bits"]) * 32 * model.count_params()
+    assert th.profile(small).bits == pytest.approx(counted, rel=1e-6)
+
+
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
 def test_a_search_saves_loads_and_resumes(tmp_path, suffix):
     parts = {("conv2", "fc2"): th.Quantize(3) + th.Prune(keep=0.02)}

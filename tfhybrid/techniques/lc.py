@@ -25,6 +25,7 @@ non-zeros and bits from the last C step, so `Budget(bits=...)` reads them; MACs 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -217,25 +218,35 @@ class LC(base.Technique):
             self._c_step(model, update_multipliers=True)
 
     def finish(self, model: Any) -> None:
-        """A last C step; the kernels become Δ."""
-        self._c_step(model, update_multipliers=False)
+        """A last C step over the weights `strip` keeps (within the channels the other
+        techniques keep, e.g. DF's); the kernels become Δ, zero in removed channels."""
+        self._c_step(model, update_multipliers=False, kept=base.kept_kernel_channels(model))
         for wrapper in self.layers_of(model):
             wrapper.kernel.assign(wrapper.target)
 
-    def _c_step(self, model: Any, update_multipliers: bool) -> None:
-        """Δ = the C step of w − λ/μ for every part; then, if asked, λ ← λ − μ(w − Δ)."""
+    def _c_step(self, model: Any, update_multipliers: bool, kept: dict | None = None) -> None:
+        """Δ = the C step of w − λ/μ for every part; then, if asked, λ ← λ − μ(w − Δ).
+
+        With `kept` (`base.kept_kernel_channels`), the C step sees each Dense or Conv
+        kernel's kept input and output channels only, and Δ is zero in the others (which
+        `strip` removes), so the count is that of the stored kernel."""
         wrappers = {w.layer.name: w for w in self.layers_of(model)}
         for names, compression in self.parts.items():
             chosen = [wrappers[name] for name in names]
             mu = float(chosen[0].mu(chosen[0].step))
             weights = [w.kernel.numpy() for w in chosen]
-            shifted = [k - w.multipliers.numpy() / mu for k, w in zip(weights, chosen)]
+            regions = [_region(w.layer, (kept or {}).get(w.layer.name)) for w in chosen]
+            shifted = [
+                region.of(k - w.multipliers.numpy() / mu)
+                for k, w, region in zip(weights, chosen, regions)
+            ]
             found = compression.project(shifted, mu)
-            sizes = np.array([k.size for k in weights], float)
-            for index, (wrapper, kernel, value) in enumerate(zip(chosen, weights, found.values)):
-                wrapper.target.assign(value.astype(np.float32))
+            sizes = np.array([k.size for k in shifted], float)
+            for index, (wrapper, kernel, region) in enumerate(zip(chosen, weights, regions)):
+                value = region.placed(found.values[index], kernel.shape)
+                wrapper.target.assign(value)
                 for variable, part in zip(wrapper.part_values, found.parts):
-                    variable.assign(part[index].astype(np.float32))
+                    variable.assign(region.placed(part[index], kernel.shape))
                 share = found.bits * sizes[index] / sizes.sum()  # a joint codebook's, by size
                 wrapper.counted.assign([np.count_nonzero(value), share])
                 if update_multipliers:
@@ -296,6 +307,36 @@ def _parts(wrapper: LCWrapper, compressions: list[Compression]) -> plan.Parallel
         else:
             branches.append((plan.part_of(plain, name, [values, *extra]),))
     return plan.Parallel(layer.name, tuple(branches), plain["config"].get("activation"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Region:
+    """The kept input (`rows`, axis −2) and output (`cols`, axis −1) channels of a kernel;
+    None: all of that axis."""
+
+    rows: np.ndarray | None = None
+    cols: np.ndarray | None = None
+
+    def of(self, kernel: np.ndarray) -> np.ndarray:
+        """The kept sub-kernel (its shape's axes in order, fewer channels)."""
+        sub = kernel if self.rows is None else np.take(kernel, self.rows, axis=-2)
+        return sub if self.cols is None else np.take(sub, self.cols, axis=-1)
+
+    def placed(self, sub: np.ndarray, shape: tuple) -> np.ndarray:
+        """`sub` in a float32 kernel of `shape`, zero outside the kept channels."""
+        rows = np.arange(shape[-2]) if self.rows is None else np.asarray(self.rows)
+        cols = np.arange(shape[-1]) if self.cols is None else np.asarray(self.cols)
+        full = np.zeros(shape, np.float32)
+        full[..., rows[:, None], cols[None, :]] = sub
+        return full
+
+
+def _region(layer: Any, kept: tuple | None) -> _Region:
+    """The region of `layer`'s kernel a C step sees: the kept channels of a Dense or Conv
+    kernel; all of a depthwise kernel (whose last axis is not its output channels)."""
+    if kept is None or type(layer) is L.DepthwiseConv2D:
+        return _Region()
+    return _Region(*kept)
 
 
 def _rank_of(kernel: np.ndarray) -> tuple:

@@ -51,6 +51,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("fit_epochs", 24, "Epochs of the compressed fit (search + rest).")
     flags.DEFINE_list("mu", [str(m) for m in DEFAULT_MU], "μ's start and end over the search.")
     flags.DEFINE_float("alpha", 1e-6, "Rank selection's weight of a rank's storage.")
+    flags.DEFINE_enum(
+        "optimizer",
+        "adam",
+        ["adam", "sgd"],
+        "The compressed fit's optimizer: Adam(1e-3) or "
+        "SGD(0.05, momentum 0.9, Nesterov), each decayed along a cosine over the fit.",
+    )
     flags.DEFINE_integer("train_batches", 0, "Use only this many training batches (0: all).")
     flags.DEFINE_integer(
         "export_runs", 0, "With > 0: per seed-0 model, its files' sizes and LiteRT latency."
@@ -78,7 +85,7 @@ def run_one(method: str, base, train, test, steps: int, export: bool) -> dict:
     technique = th.LC(parts(method, base), mu=tuple(float(m) for m in FLAGS.mu))
     search = FLAGS.search_epochs * steps
     compressed = th.hybrid_compress(base, th.Budget(bits=1.0), [technique], search_steps=search)
-    compile_model(compressed, decay_steps=FLAGS.fit_epochs * steps)
+    compile_for_fit(compressed, decay_steps=FLAGS.fit_epochs * steps)
     start = time.perf_counter()
     compressed.fit(train, epochs=FLAGS.fit_epochs, callbacks=[th.CompressionScheduler()], verbose=0)
     seconds = time.perf_counter() - start
@@ -93,6 +100,19 @@ def run_one(method: str, base, train, test, steps: int, export: bool) -> dict:
     if export:
         entry["files"] = exported(small, test)
     return entry
+
+
+def compile_for_fit(model, decay_steps: int):
+    """Compiles `model` with `--optimizer`, its rate decayed to 0 over `decay_steps`."""
+    if FLAGS.optimizer == "adam":
+        return compile_model(model, decay_steps=decay_steps)
+    rate = keras.optimizers.schedules.CosineDecay(0.05, decay_steps)
+    model.compile(
+        optimizer=keras.optimizers.SGD(rate, momentum=0.9, nesterov=True),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
 
 
 def exported(model, test) -> dict:
@@ -121,6 +141,7 @@ def main(argv):
         for method in FLAGS.methods:
             keras.utils.set_random_seed(seed)
             entry = {"method": method, "seed": seed, "model": FLAGS.model}
+            entry["optimizer"] = FLAGS.optimizer
             entry.update(run_one(method, base, train, test, steps, export))
             runs.append(entry)
             print(json.dumps(entry), flush=True)

@@ -52,7 +52,7 @@ class CompactReport:
         path: the file.
         size_bytes: the whole file (header included).
         payload_bytes: the weights alone.
-        counted_bits: the weights' storage as counted (blocks and float32 values).
+        counted_bits: the weights' storage as counted (`th.profile(model, block).bits`).
         float32_bits: the same weights at 32 bits each.
         kernels: per kernel stored in blocks, its counts {"free", "unified", "pruned"}.
         encodings: per tensor ("<layer>/<index>"), its encoding ("float32", "sparse",

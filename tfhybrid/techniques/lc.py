@@ -15,9 +15,12 @@ The algorithm, as it runs inside `fit` with `CompressionScheduler`:
   projection; its penalty forms weighed by μ), then λ ← λ − μ·(w − Δ);
 - μ rises geometrically from `mu[0]` to `mu[1]` over the search's steps (the toolkit
   multiplies it by a constant after each C step);
-- end of the search: a last C step, and the kernels become Δ: the layers compute with Δ
-  from then on (their biases still train), and `strip` gives each layer with Δ as its
-  kernel (a quantized kernel holds its codebook's values, a pruned one its zeros).
+- end of the search: a last C step (over the channels the other techniques keep), and the
+  kernels become Δ: the layers compute with Δ from then on (their biases still train), and
+  `strip` gives each layer with Δ as its kernel (a quantized kernel holds its codebook's
+  values, a pruned one its zeros; a low-rank one is split into its factor pair where that
+  stores less, an additive one into its parts), which `th.save_compact` writes in the bits
+  counted.
 
 Storage is counted as LC counts it (`compressions`): the cost model takes each kernel's
 non-zeros and bits from the last C step, so `Budget(bits=...)` reads them; MACs stay dense.
@@ -273,8 +276,9 @@ class LC(base.Technique):
             weights[0] = wrapper.target.numpy()
             replace[wrapper.name] = plan.PlainLayer.of(layer, weights)
             if isinstance(compression, LowRank) and is_factorable(layer):
-                ranks[layer.name] = _rank_of(weights[0])[-1]
-        ranks = {name: rank for name, rank in ranks.items() if rank}  # a zero kernel stays
+                rank = _rank_of(weights[0])[-1]
+                if rank:  # a zero kernel stays whole
+                    ranks[layer.name] = rank
         return plan.Plan.of(self.name, replace=replace, ranks=ranks)
 
     def scalars(self, model: Any) -> dict[str, float]:

@@ -97,6 +97,35 @@ def test_a_unified_model_runs_in_litert_and_agrees(
 
 
 @pytest.fixture(scope="module")
+def lc_lenet(lenet_data):
+    """LeNet-5 trained, then compressed by LC: conv2 a 4-value codebook, fc1 a 4-value
+    codebook plus 2% of floats (two parts summed), fc2 at rank 8 (a factor pair); stripped."""
+    keras.utils.set_random_seed(0)
+    base = trained(lenet5(), lenet_data, epochs=2)
+    parts = {"conv2": th.Quantize(4), "fc1": th.Quantize(4) + th.Prune(keep=0.02)}
+    parts["fc2"] = th.LowRank(8)
+    searched = th.hybrid_compress(base, th.Budget(bits=0.5), [th.LC(parts)], search_steps=16)
+    searched.compile(
+        optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    searched.fit(*lenet_data, batch_size=64, epochs=3, callbacks=[th.CompressionScheduler()])
+    return th.strip(searched)
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_an_lc_model_runs_in_litert_and_agrees(lc_lenet, lenet_data, quantize, tmp_path):
+    inputs, labels = lenet_data
+    names = {layer.name for layer in lc_lenet.layers}
+    assert {"fc1_part0", "fc1_part1", "fc2_u", "fc2_v"} <= names
+    assert np.mean(np.argmax(lc_lenet(inputs[:256]), 1) == labels[:256]) > 0.9
+    report = th.export_tflite(lc_lenet, tmp_path / "m.tflite", quantize, representative_data=inputs)
+    if quantize == "none":
+        assert report.check["max_rel_diff"] <= 1e-4
+    else:
+        assert report.check["top1_agreement"] >= 0.98, str(report)
+
+
+@pytest.fixture(scope="module")
 def mobilenet_data():
     return templates_task((32, 32, 3))
 

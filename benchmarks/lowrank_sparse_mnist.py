@@ -77,6 +77,19 @@ def define_flags() -> None:
     flags.DEFINE_list("from_json", [], "Only print the table of these result JSONs (merged).")
 
 
+def once_each(runs: list[dict]) -> list[dict]:
+    """`runs` without repeats of a (method, params, seed) already there: merged files may
+    each hold the same seed's original network."""
+    seen = set()
+    kept = []
+    for run in runs:
+        key = (run["method"], run["params"], run["seed"])
+        if key not in seen:
+            seen.add(key)
+            kept.append(run)
+    return kept
+
+
 def techniques(method: str, params: float) -> list:
     """The techniques of `method` at a params budget (see the module's docstring)."""
     return {
@@ -114,7 +127,7 @@ def main(argv):
     del argv
     if FLAGS.from_json:
         runs = [r for p in FLAGS.from_json for r in json.loads(pathlib.Path(p).read_text())["runs"]]
-        print("\n".join(table(runs)))
+        print("\n".join(table(once_each(runs))))
         return
     test = mnist("test", 1000)
     runs = []

@@ -268,3 +268,9 @@ def test_the_lc_files_table_has_a_row_per_exported_model():
     assert lines[0].startswith("| model | test error % | bits measured | compact bytes |")
     assert lines[2].startswith("| quantize_k2 | 2.50 | 8,736 | 9,100 | 2,000 (300) | 0.250 |")
     assert len(lines) == 3 and lc_mnist.files_table_of(runs[2:]) == []
+
+
+def test_merged_lowrank_sparse_runs_count_a_seed_once():
+    original = {"method": "original", "params": 1.0, "seed": 0, "test_error": 0.02}
+    runs = [original, {**original, "test_error": 0.03}, {**original, "seed": 1}]
+    assert lowrank_sparse_bench.once_each(runs) == [original, {**original, "seed": 1}]

@@ -155,7 +155,7 @@ def main(argv):
 def files_table_of(runs: list[dict]) -> list[str]:
     """Markdown: per exported model, its test error, measured bits, compact file bytes and
     per `.tflite` variant its bytes, gzipped bytes and LiteRT median latency."""
-    exported = {
+    models = {
         r["method"]: {**r["files"], "test_error": r["test_error"]} for r in runs if "files" in r
     }
 
@@ -163,7 +163,7 @@ def files_table_of(runs: list[dict]) -> list[str]:
         return [f"{100 * r['test_error']:.2f}", f"{r['bits']:,}", f"{r['compact_bytes']:,}"]
 
     columns = ["model", "test error %", "bits measured", "compact bytes"]
-    return files_table(exported, columns, cells) if exported else []
+    return files_table(models, columns, cells) if models else []
 
 
 def table(runs: list[dict]) -> list[str]:

@@ -97,13 +97,15 @@ def save_compact(model: Any, path: str, block: tuple | str | None = (1, 4)) -> C
         for index, weight in enumerate(layer.get_weights()):
             entry = {"layer": layer.name, "index": index, "shape": list(weight.shape)}
             entry["encoding"], bits = plain_encoding(weight)
-            data = ENCODERS[entry["encoding"]](weight, entry)
+            coded = None
             if block is not None and index == 0 and blocks.in_blocks(layer, block):
                 coded = _encoded(weight.reshape(blocks.blocked_shape(layer)), block, bits)
-                if coded is not None:
-                    data, bits, entry["blocks"] = coded
-                    entry["encoding"] = "blocks"
-                    kernels[layer.name] = entry["blocks"]["counts"]
+            if coded is None:
+                data = ENCODERS[entry["encoding"]](weight, entry)
+            else:
+                data, bits, entry["blocks"] = coded
+                entry["encoding"] = "blocks"
+                kernels[layer.name] = entry["blocks"]["counts"]
             entry["bytes"] = len(data)
             entries.append(entry)
             payload += data
@@ -169,7 +171,7 @@ def _table(weight: np.ndarray, entry: dict) -> bytes:
 
 
 def _unpacked(data: bytes, entry: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(the bit stream, the float32 values) of a "sparse" or "table" tensor's bytes."""
+    """(the bit stream, the float32 values) of a tensor stored as bits then floats."""
     stream = np.unpackbits(np.frombuffer(data[: entry["bit_bytes"]], np.uint8), bitorder="little")
     return stream.astype(bool), np.frombuffer(data[entry["bit_bytes"] :], "<f4")
 
@@ -242,10 +244,7 @@ def _decoded(data: bytes, description: dict) -> np.ndarray:
     present = description["kinds"]
     code_bits = math.ceil(math.log2(len(present))) if len(present) > 1 else 0
     magnitude_bits = description.get("magnitude_bits", blocks.FLOAT_MAGNITUDES)
-    stream = np.unpackbits(
-        np.frombuffer(data[: description["bit_bytes"]], np.uint8), bitorder="little"
-    ).astype(bool)
-    values = np.frombuffer(data[description["bit_bytes"] :], "<f4")
+    stream, values = _unpacked(data, description)
     count = layout.count
     codes = _codes_of(stream, count, code_bits)
     kinds = np.asarray(present)[codes] if code_bits else np.full(count, present[0])

@@ -664,8 +664,13 @@ def constant_operands(op: graph.Op) -> list:
 
 def attention_arguments(op: graph.Op) -> dict:
     """A MultiHeadAttention call's arguments by name (query, value, key, attention_mask...)."""
-    signature = inspect.signature(op.layer.call)
-    return dict(signature.bind_partial(*op.call_args, **op.call_kwargs).arguments)
+    return call_arguments(op.layer, op.call_args, op.call_kwargs)
+
+
+def call_arguments(layer: Any, args: tuple, kwargs: dict) -> dict:
+    """The arguments of a call of `layer` with `args` and `kwargs`, by the names of its
+    `call`'s parameters."""
+    return dict(inspect.signature(layer.call).bind_partial(*args, **kwargs).arguments)
 
 
 def _channels_last(layer: Any) -> bool:

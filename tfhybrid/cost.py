@@ -134,6 +134,9 @@ def mac_terms(layer: Any, in_shape: tuple, out_shape: tuple) -> tuple[Fraction, 
         return zero, zero, Fraction(math.prod(in_shape[1:-1])), zero
     if isinstance(layer, L.MultiHeadAttention):
         return _attention_mac_terms(layer, in_shape)
+    if isinstance(layer, L.Attention):  # query (batch, ..., queries, key size) first
+        attended = Fraction(out_positions * in_shape[-2])  # as many keys as queries
+        return zero, attended, zero, attended
     return zero, zero, zero, zero
 
 
@@ -326,6 +329,8 @@ class LayerTerms:
             form's first 1 x 1 conv runs there, before any stride).
         kernel_per_input: a depthwise kernel's entries per input channel (they are in
             `pa`); the kernel's entries are `pb*cin*cout + kernel_per_input*cin`.
+        part: which of the layer's kernels this term costs, for a layer with several
+            (an attention layer's "query", "key", "value", "output"); "" otherwise.
     """
 
     name: str
@@ -336,6 +341,13 @@ class LayerTerms:
     factored: tuple | None = None
     input_positions: float = 0.0
     kernel_per_input: float = 0.0
+    part: str = ""
+
+    @property
+    def key(self) -> str:
+        """The layer's name, or `<name>/<part>` for one kernel of a layer with several
+        (an attention layer's projections): what decisions per kernel are keyed by."""
+        return f"{self.name}/{self.part}" if self.part else self.name
 
 
 class CostModel:
@@ -501,7 +513,8 @@ class CostModel:
                 pruned ones nothing, the rest float32, plus a code per block saying
                 which. The pruned weights do not count as parameters; MACs stay dense
                 (see `tfhybrid.techniques.unify`).
-            lowrank_sparse: layer name -> (rank, density): the layer as a low-rank part
+            lowrank_sparse: layer name (`<layer>/<part>` for one of an attention layer's
+                projections, see `LayerTerms.key`) -> (rank, density): the kernel as a low-rank part
                 (a pair split at that rank, or for a rank (r1, r2) a Tucker-2 chain as in
                 `tucker`; whatever it costs) plus a parallel sparse kernel of its whole
                 shape with that share of non-zeros (bitmap indexed). MACs add
@@ -586,9 +599,9 @@ class CostModel:
         paired = np.zeros(len(self.terms))
         if lowrank_sparse:
             paired = np.array(
-                [t.factored is not None and t.name in lowrank_sparse for t in self.terms], float
+                [t.factored is not None and t.key in lowrank_sparse for t in self.terms], float
             )
-            decided = [lowrank_sparse.get(t.name, (0, 1.0)) for t in self.terms]
+            decided = [lowrank_sparse.get(t.key, (0, 1.0)) for t in self.terms]
             cored = np.array([isinstance(rank, (tuple, list)) for rank, _ in decided])
             r1 = xp.stack([rank[0] if chain else rank for (rank, _), chain in zip(decided, cored)])
             r2 = xp.stack([rank[1] if chain else rank for (rank, _), chain in zip(decided, cored)])
@@ -725,31 +738,32 @@ def _latency_arrays(terms: list[LayerTerms], table: latency_lib.LatencyTable) ->
 
 
 def _attention_terms(layer: Any, analysis: Any, op: Any, heads: int, first: bool) -> list:
-    """Self-attention as three terms in its heads' count h: the projections (cin * h),
-    the scores and their weighted sum (h), the output projection (h * cout)."""
+    """Self-attention as five terms in its heads' count h: the query, key and value
+    projections (each a Dense from cin to h * its head size, part "query", "key",
+    "value"), the scores and their weighted sum (h), the output projection (a Dense from
+    h * value_dim to cout, part "output"). The projections may be costed as split
+    (`LayerTerms.factored`), e.g. by LowRankSparse, under the keys `<layer>/<part>`."""
+    config = layer.get_config()
+    key_dim = config["key_dim"]
+    value_dim = config["value_dim"] or key_dim
     part = _attention_parts(layer, tuple(op.inputs[0].shape))
-    h = ((heads, 1),)
-    zero = (0.0, 0.0, 0.0, 0.0)
+    positions = float(math.prod(op.inputs[0].shape[1:-1]))
+    bias, zero = part["bias"], (0.0, 0.0, 0.0, 0.0)
+    inputs, outputs = analysis.layout(op.inputs[0]), analysis.layout(op.outputs[0])
 
-    def params(*terms: float) -> tuple:
-        return terms if first else zero
+    def projection(name: str, ins: tuple, outs: tuple) -> LayerTerms:
+        params = (0.0, 0.0, 1.0, bias) if first else zero
+        return LayerTerms(
+            layer.name, ins, outs, (0.0, 0.0, positions, 0.0), params, (1.0, positions),
+            positions, part=name,
+        )  # fmt: skip
 
-    name, inputs, outputs = (
-        layer.name,
-        analysis.layout(op.inputs[0]),
-        analysis.layout(op.outputs[0]),
-    )
+    per_head = {"query": key_dim, "key": key_dim, "value": value_dim}
     return [
-        LayerTerms(
-            name, inputs, h, (0.0, 0.0, float(part["per_input"]), 0.0),
-            params(0.0, 0.0, part["params_per_input"], part["bias_per_head"]),
-        ),
-        LayerTerms(name, h, (), (0.0, float(part["scores"]), 0.0, 0.0), zero),
-        LayerTerms(
-            name, h, outputs, (0.0, 0.0, float(part["per_output"]), 0.0),
-            params(0.0, 0.0, part["params_per_output"], part["bias"]),
-        ),
-    ]  # fmt: skip
+        *(projection(name, inputs, ((heads, size),)) for name, size in per_head.items()),
+        LayerTerms(layer.name, ((heads, 1),), (), (0.0, float(part["scores"]), 0.0, 0.0), zero),
+        projection("output", ((heads, value_dim),), outputs),
+    ]
 
 
 class _NUMPY:

@@ -93,6 +93,71 @@ class Parallel:
         return call
 
 
+@dataclasses.dataclass(frozen=True)
+class Attention:
+    """A self-attention layer kept as plain layers: its query, key and value projections
+    (each a `PlainLayer` or `Parallel` from the input to heads x head size), the heads
+    split out (`Reshape`, `Permute`), the query scaled by 1/sqrt(key_dim) (`Rescaling`)
+    as `MultiHeadAttention` scales it, a dot-product `Attention` core over the heads
+    (softmax over the keys), the heads merged back and the output projection, which
+    takes the layer's name. Inputs are (batch, tokens, channels).
+
+    Attributes:
+        name: the layer's name.
+        query, key, value, output: the projections.
+        heads: the number of heads.
+        key_dim, value_dim: the size of each head's query and key, and of its value.
+        dropout: the dropout rate on the attention weights.
+    """
+
+    name: str
+    query: Any
+    key: Any
+    value: Any
+    output: Any
+    heads: int
+    key_dim: int
+    value_dim: int
+    dropout: float = 0.0
+
+    def producers(self) -> list[str]:
+        """The layers whose outputs are the layer's output: the output projection's."""
+        if isinstance(self.output, Parallel):
+            return self.output.producers()
+        return [self.output.config["name"]]
+
+    def call(self) -> graph.Replacement:
+        """A replacement that computes the attention with these plain layers."""
+        name, layers = self.name, keras.layers
+        project = {p: getattr(self, p).call() for p in ("query", "key", "value", "output")}
+        size = {"query": self.key_dim, "key": self.key_dim, "value": self.value_dim}
+        split = {
+            p: (
+                layers.Reshape((-1, self.heads, size[p]), name=f"{name}_{p}_heads"),
+                layers.Permute((2, 1, 3), name=f"{name}_{p}_by_head"),
+            )
+            for p in size
+        }
+        scale = layers.Rescaling(1.0 / float(np.sqrt(self.key_dim)), name=f"{name}_scale")
+        core = layers.Attention(dropout=self.dropout, name=f"{name}_core")
+        merge = (
+            layers.Permute((2, 1, 3), name=f"{name}_by_token"),
+            layers.Reshape((-1, self.heads * self.value_dim), name=f"{name}_merged"),
+        )
+
+        def call(query, value=None, key=None, *args, **kwargs):
+            value = query if value is None else value
+            sources = {"query": query, "key": value if key is None else key, "value": value}
+            heads = {}
+            for p, source in sources.items():
+                reshape, permute = split[p]
+                heads[p] = permute(reshape(project[p](source)))
+            attended = core([scale(heads["query"]), heads["value"], heads["key"]])
+            return project["output"](merge[1](merge[0](attended)))
+
+        return call
+
+
 def part_of(
     plain: dict, name: str, weights: list, width: int | None = None, pointwise: bool = False
 ) -> PlainLayer:
@@ -140,7 +205,8 @@ class Plan:
     """Decisions for `surgery.strip`, by layer name and channel group.
 
     Attributes:
-        replace: layer name -> `PlainLayer` or `Parallel`, or `IDENTITY` to drop the layer.
+        replace: layer name -> `PlainLayer`, `Parallel` or `Attention`, or `IDENTITY` to
+            drop the layer.
         remove: sorted producer names of a channel group -> channel indices to remove.
         ranks: layer name -> rank of its kernel; the layer is split in two where that
             needs fewer MACs, else kept whole.
@@ -182,8 +248,9 @@ class Plan:
 
     def key_after_replacing(self, key: tuple) -> tuple:
         """A channel group's key (its producers' names, sorted) once the layers are
-        replaced: a layer kept as `Parallel` parts produces through their last layers."""
-        parts = {s.name: s for s in self.replace.values() if isinstance(s, Parallel)}
+        replaced: a layer kept as `Parallel` parts (or as `Attention`) produces through
+        their last layers."""
+        parts = {s.name: s for s in self.replace.values() if isinstance(s, (Parallel, Attention))}
         names = [n for name in key for n in (parts[name].producers() if name in parts else [name])]
         return tuple(sorted(names))
 

@@ -7,6 +7,7 @@ models and never modify the one passed in.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -516,9 +517,18 @@ def strip(model: Any, decided: plan.Plan):
         A plain functional `keras.Model`.
     """
     plain = graph.rebuild(model, lambda op: decided.replacement(op.layer.name))
-    by_key = {g.key(): g.id for g in channels.channel_groups(plain)}
-    remove = {by_key[decided.key_after_replacing(tuple(k))]: v for k, v in decided.remove.items()}
-    pruned = prune_channels(plain, remove)
+    if decided.remove:
+        # The groups to remove were chosen on the original model (and what it could not
+        # see through warned of then); the layers a plan adds (e.g. an attention's heads
+        # split out) need no second warning.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="tfhybrid keeps the channels around")
+            by_key = {g.key(): g.id for g in channels.channel_groups(plain)}
+            keys = {k: decided.key_after_replacing(tuple(k)) for k in decided.remove}
+            remove = {by_key[keys[k]]: v for k, v in decided.remove.items()}
+            pruned = prune_channels(plain, remove)
+    else:
+        pruned = graph.flatten(plain)
     calls = {op.layer.name: op for op in graph.ops(pruned)}
     cheaper = {}
     for name, rank in decided.ranks.items():

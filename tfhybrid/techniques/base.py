@@ -289,17 +289,19 @@ def deserialize(config: dict) -> Technique:
 
 
 def kept_kernel_channels(model: Any) -> dict[str, tuple]:
-    """Eagerly: layer name -> (input, output) channels of its kernel that `strip` keeps,
+    """Eagerly: layer name (and `<layer>/<part>` for each kernel of a layer with several,
+    see `cost.LayerTerms.key`) -> (input, output) channels of its kernel that `strip` keeps,
     after every technique's `kept_channels` (None where an axis keeps all), for a
     technique that decides its weights within what the others keep."""
     keep = {gid: np.flatnonzero(kept) for gid, kept in model.kept_channels().items()}
     sizes = model.cost_model.sizes
     return {
-        t.name: (
+        key: (
             channels.channel_indices(t.inputs, keep, sizes),
             channels.channel_indices(t.outputs, keep, sizes),
         )
         for t in model.cost_model.terms
+        for key in {t.name, t.key}
     }
 
 

@@ -29,13 +29,15 @@ public; the choices here:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from tfhybrid import graph, plan, surgery
+from tfhybrid import channels, graph, plan, surgery
 from tfhybrid._keras import is_factorable, keras
 from tfhybrid.techniques import base
 from tfhybrid.techniques.sparse import (
@@ -186,6 +188,175 @@ class LowRankPlusSparse(L.Layer, tfmot.sparsity.keras.PrunableLayer):
         return plan.Parallel(name, (low, sparse_layer), plain["config"].get("activation"))
 
 
+#: An attention layer's projections, in the order its weights and masks are kept.
+PROJECTIONS = ("query", "key", "value", "output")
+
+
+@keras.utils.register_keras_serializable(package="tfhybrid")
+class LowRankSparseAttention(L.Layer, tfmot.sparsity.keras.PrunableLayer):
+    """A self-attention layer whose query, key, value and output projections each
+    compute with the kernel L + S (L = U V, a pair of factors; S of the projection's
+    whole matrix shape), on (batch, tokens, channels) inputs, as `MultiHeadAttention`
+    computes without a mask. TF-MOT's pruning wrapper prunes the four S's.
+
+    Args:
+        plain: `{"class_name", "config"}` of the `MultiHeadAttention` it stands for.
+        rank: L's rank per projection, {"query": r, "key": r, "value": r, "output": r}.
+        channels: the input's channels.
+        units: the output's channels.
+    """
+
+    def __init__(self, plain, rank, channels, units, **kwargs):
+        super().__init__(**kwargs)
+        self.plain = {"class_name": plain["class_name"], "config": dict(plain["config"])}
+        self.rank = {p: int(rank[p]) for p in PROJECTIONS}
+        self.channels, self.units = int(channels), int(units)
+        config = self.plain["config"]
+        self.heads, self.key_dim = int(config["num_heads"]), int(config["key_dim"])
+        self.value_dim = int(config["value_dim"] or self.key_dim)
+        self.use_bias = bool(config["use_bias"])
+        self.dropout = L.Dropout(float(config["dropout"]))
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Each projection's kernel as a matrix (rows, columns)."""
+        heads = self.heads
+        return {
+            "query": (self.channels, heads * self.key_dim),
+            "key": (self.channels, heads * self.key_dim),
+            "value": (self.channels, heads * self.value_dim),
+            "output": (heads * self.value_dim, self.units),
+        }
+
+    def build(self, input_shape):
+        self.factors = {}
+        for p, (rows, cols) in self.shapes().items():
+            u = self.add_weight(f"{p}_u", shape=(rows, self.rank[p]))
+            v = self.add_weight(f"{p}_v", shape=(self.rank[p], cols))
+            sparse = self.add_weight(f"{p}_sparse", shape=(rows, cols))
+            bias = self.add_weight(f"{p}_bias", shape=(cols,)) if self.use_bias else None
+            self.factors[p] = (u, v, sparse, bias)
+        super().build(input_shape)
+
+    def call(self, query, value=None, key=None, training=None):
+        value = query if value is None else value
+        key = value if key is None else key
+        q = self._heads(self._project("query", query), self.key_dim)
+        q = q * tf.cast(1.0 / math.sqrt(self.key_dim), q.dtype)
+        k = self._heads(self._project("key", key), self.key_dim)
+        v = self._heads(self._project("value", value), self.value_dim)
+        weights = tf.nn.softmax(tf.einsum("bqhd,bkhd->bhqk", q, k), axis=-1)
+        attended = tf.einsum("bhqk,bkhd->bqhd", self.dropout(weights, training=training), v)
+        merged = tf.reshape(attended, [tf.shape(attended)[0], -1, self.heads * self.value_dim])
+        return self._project("output", merged)
+
+    def _project(self, part: str, inputs):
+        u, v, sparse, bias = self.factors[part]
+        last = [[2], [0]]
+        outputs = tf.tensordot(tf.tensordot(inputs, u, last), v, last)
+        outputs = outputs + tf.tensordot(inputs, sparse, last)
+        return outputs if bias is None else outputs + bias
+
+    def _heads(self, projected, size: int):
+        return tf.reshape(projected, [tf.shape(projected)[0], -1, self.heads, size])
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape([*input_shape[:-1], self.units])
+
+    def get_prunable_weights(self) -> list:
+        return [self.factors[p][2] for p in PROJECTIONS]
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "plain": self.plain,
+            "rank": self.rank,
+            "channels": self.channels,
+            "units": self.units,
+        }
+
+    def initial_weights(self, weights: list, outliers: dict | None = None) -> list:
+        """Weights in `build` order from the attention layer's (`get_weights` order), L + S
+        being each projection's kernel: L fitted to it less `outliers[part]` (None:
+        nothing) by its truncated SVD, S the residual."""
+        kernels = self.kernels(weights)
+        built = []
+        for p, (kernel, bias) in kernels.items():
+            target = kernel - (outliers or {}).get(p, 0.0)
+            first, second = self.low_part(p, target)[0]
+            built += [first, second, kernel - first @ second, *([bias] if self.use_bias else [])]
+        return built
+
+    def kernels(self, weights: list) -> dict:
+        """part -> (kernel as a matrix, bias as a vector or None) of the attention layer's
+        weights (in its `get_weights` order: each projection's kernel, then its bias)."""
+        shapes, step = self.shapes(), 2 if self.use_bias else 1
+        return {
+            p: (
+                np.reshape(weights[i * step], shapes[p]),
+                np.reshape(weights[i * step + 1], -1) if self.use_bias else None,
+            )
+            for i, p in enumerate(PROJECTIONS)
+        }
+
+    def low_part(self, part: str, target: np.ndarray) -> tuple[list, np.ndarray]:
+        """(L's factors, L) of projection `part` fitted to `target` (its truncated SVD,
+        split evenly)."""
+        first, second = surgery.split_evenly(target, self.rank[part])
+        return [first, second], first @ second
+
+    def folded(self, sparses: list) -> plan.PlainLayer:
+        """The `MultiHeadAttention` this layer stands for, each kernel L + its S
+        (`sparses` in `PROJECTIONS` order)."""
+        config, heads = self.plain["config"], self.heads
+        kernel_shapes = {
+            "query": (self.channels, heads, self.key_dim),
+            "key": (self.channels, heads, self.key_dim),
+            "value": (self.channels, heads, self.value_dim),
+            "output": (heads, self.value_dim, self.units),
+        }
+        weights = []
+        for p, sparse in zip(PROJECTIONS, sparses):
+            u, v, _, bias = self.factors[p]
+            weights.append((u.numpy() @ v.numpy() + sparse).reshape(kernel_shapes[p]))
+            if bias is not None:
+                bias_shape = (self.units,) if p == "output" else kernel_shapes[p][1:]
+                weights.append(bias.numpy().reshape(bias_shape))
+        return plan.PlainLayer(self.plain["class_name"], config, weights)
+
+    def parts(self, sparses: list) -> plan.Attention:
+        """The plain layers `strip` keeps: each projection as a Dense pair of L's factors
+        beside a Dense of kernel S (summed by an `Add` named `<layer>_<part>`; the output
+        projection's takes the layer's name), around a dot-product attention core."""
+        config = self.plain["config"]
+        projections = {}
+        for p, sparse in zip(PROJECTIONS, sparses):
+            u, v, _, bias = self.factors[p]
+            name = self.name if p == "output" else f"{self.name}_{p}"
+            dense = {"class_name": "Dense", "config": _dense_config(config, name, sparse.shape[1])}
+            biases = [] if bias is None else [bias.numpy()]
+            low = plan.factor_pair(dense, f"{name}_lowrank", u.numpy(), v.numpy(), biases)
+            sparse_layer = (plan.part_of(dense, f"{name}_sparse", [sparse]),)
+            projections[p] = plan.Parallel(name, (low, sparse_layer))
+        return plan.Attention(
+            self.name,
+            **projections,
+            heads=self.heads,
+            key_dim=self.key_dim,
+            value_dim=self.value_dim,
+            dropout=float(config["dropout"]),
+        )
+
+
+def _dense_config(attention: dict, name: str, units: int) -> dict:
+    """A Dense layer's config for one projection of the attention layer whose config is
+    `attention`: `units` outputs, its initializers, regularizers and constraints."""
+    kinds = ("initializer", "regularizer", "constraint")
+    keys = [f"{w}_{kind}" for w in ("kernel", "bias") for kind in kinds]
+    given = {k: attention[k] for k in keys if attention.get(k) is not None}
+    config = L.Dense(units, name=name, use_bias=attention["use_bias"]).get_config()
+    return {**config, **given}
+
+
 @keras.utils.register_keras_serializable(package="tfhybrid")
 class LowRankSparseWrapper(SparseWrapper):
     """TF-MOT's pruning wrapper (with the search's counters) around a `LowRankPlusSparse`,
@@ -267,8 +438,9 @@ class LowRankSparse(PrunedByTFMOT):
         self.layers, self.skip = list(layers or []), list(skip)
         self.split = split
         self.fold = fold if isinstance(fold, bool) else list(fold)
-        self._ranks: dict[str, Any] = {}  # layer name -> rank of L, set by `select`
+        self._ranks: dict[str, Any] = {}  # kernel key -> rank of L, set by `select`
         self._taken: dict[str, Any] = {}  # layer name -> layer, set by `select`
+        self._kernels: dict[str, tuple] = {}  # kernel key -> its shape, set by `select`
 
     def get_config(self) -> dict:
         return {
@@ -291,57 +463,62 @@ class LowRankSparse(PrunedByTFMOT):
             _refuse_tfmot_wrapper(layer)
             if not any("kernel" in w.name for w in layer.weights):
                 continue  # no kernel to keep as L + S (pooling, normalization, ...)
-            reason = self._why_not(layer, only, skip)
+            reason = self._why_not(layer, setup, only, skip)
             if reason is None:
                 self._taken[layer.name] = layer
-                self._ranks[layer.name] = None if self.rank is None else self._rank_of(layer)
+                self._kernels.update(_kernel_shapes(layer))
             else:
                 why_not.append(f"{layer.name}: {reason}")
-        if not self._ranks:
+        if not self._taken:
             raise ValueError(
                 "LowRankSparse finds no layer to take. Per layer:\n  " + "\n  ".join(why_not)
             )
-        unknown = sorted(set(self.fold) - set(self._ranks)) if isinstance(self.fold, list) else []
+        if self.rank is not None:
+            self._ranks = {key: self._rank_of(key, shape) for key, shape in self._kernels.items()}
+        unknown = sorted(set(self.fold) - set(self._taken)) if isinstance(self.fold, list) else []
         if unknown:
             raise ValueError(
                 f"LowRankSparse(fold={self.fold}): it does not take {unknown}; fold only "
-                f"layers it takes: {sorted(self._ranks)}."
+                f"layers it takes: {sorted(self._taken)}."
             )
-        return dict.fromkeys(self._ranks, "weights")
+        return dict.fromkeys(self._taken, "weights")
 
-    def _why_not(self, layer: Any, only: set, skip: set) -> str | None:
+    def _why_not(self, layer: Any, setup: base.Setup, only: set, skip: set) -> str | None:
         """Why this LowRankSparse leaves `layer` alone, or None if it takes it."""
         if layer.name in skip or (only and layer.name not in only):
             return "left out by `layers=`/`skip=`"
+        if isinstance(layer, L.MultiHeadAttention):
+            return _why_not_attention(layer, setup.analysis)
         reason = _why_not(layer)
-        if reason is None and self.block_size != (1, 1) and _is_tucker(layer):
+        if reason is None and self.block_size != (1, 1) and len(_kernel_shape(layer)) == 4:
             return f"TF-MOT prunes blocks ({self.block_size}) only in 2-D kernels; its S is k x k"
         return reason
 
-    def _rank_of(self, layer: Any) -> int | tuple[int, int]:
-        """The layer's rank of L (r1, r2 for a Tucker-2 chain), checked against its
-        break-even rank.
+    def _rank_of(self, key: str, shape: tuple) -> int | tuple[int, int]:
+        """The rank of L (r1, r2 for a Tucker-2 chain) of the kernel `key` of `shape`,
+        checked against its break-even rank.
 
         Raises:
             ValueError: for an int rank at or above it, naming the layer.
         """
-        break_even = _break_even(layer)
+        break_even = _break_even(shape)
         if isinstance(self.rank, float):
-            return _rank_for_share(layer, self.rank)
+            return _rank_for_share(shape, self.rank)
         if self.rank >= break_even:
-            shape = " x ".join(str(d) for d in _kernel_shape(layer))
-            form = "a Tucker-2 chain" if _is_tucker(layer) else "two factors"
+            size = " x ".join(str(d) for d in shape)
+            form = "a Tucker-2 chain" if len(shape) == 4 else "two factors"
             raise ValueError(
-                f"LowRankSparse(rank={self.rank}): layer '{layer.name}' ({shape} kernel) "
-                f"holds fewer weights whole than as {form} from rank {break_even} on. Give a "
-                f"rank below {break_even}, a share such as 0.25, or skip=['{layer.name}']."
+                f"LowRankSparse(rank={self.rank}): layer '{_layer_of(key)}' ({key}: {size} "
+                f"kernel) holds fewer weights whole than as {form} from rank {break_even} on. "
+                f"Give a rank below {break_even}, a share such as 0.25, or "
+                f"skip=['{_layer_of(key)}']."
             )
-        return _rank_form(layer, self.rank)
+        return _rank_form(shape, self.rank)
 
     def prepare(self, setup: base.Setup, others: list[base.Technique]) -> None:
         """Derives the sparsity, or the rank (as a share of each kernel's weights), from
         the budget if none was given (saved as the option)."""
-        split = {n: la for n, la in self._taken.items() if not self._folds(n)}
+        split = {k: shape for k, shape in self._kernels.items() if not self._folds(_layer_of(k))}
         if not split and None in (self.rank, self.sparsity):
             raise ValueError(
                 "LowRankSparse(fold=...) folds every layer it takes back into one kernel, "
@@ -350,47 +527,90 @@ class LowRankSparse(PrunedByTFMOT):
             )
         if self.rank is None:
             self.rank = _share_for_budget(setup, split, self.sparsity)
-            self._ranks = {n: _rank_for_share(la, self.rank) for n, la in self._taken.items()}
+            kernels = self._kernels.items()
+            self._ranks = {k: _rank_for_share(shape, self.rank) for k, shape in kernels}
         if self.sparsity is None:
-            self.sparsity = _sparsity_for_budget(setup, {n: self._ranks[n] for n in split})
+            self.sparsity = _sparsity_for_budget(setup, {k: self._ranks[k] for k in split})
 
     def _folds(self, name: str) -> bool:
         """Whether `strip` folds layer `name`'s L + S into one kernel."""
         return self.fold is True or (self.fold is not False and name in self.fold)
 
     def replace_layer(self, op: graph.Op) -> graph.Replacement | None:
-        rank = self._ranks.get(op.layer.name)
-        if rank is None:
+        layer = op.layer
+        if layer.name not in self._taken:
             return None
-        plain = {"class_name": type(op.layer).__name__, "config": op.layer.get_config()}
-        inner = LowRankPlusSparse(plain, rank, name=op.layer.name)
-        schedule = SCHEDULES[self.schedule](self.sparsity)  # end_step: set_search_steps
-        wrapper = LowRankSparseWrapper(inner, pruning_schedule=schedule, block_size=self.block_size)
-        kernel, *bias = op.layer.get_weights()
+        if isinstance(layer, L.MultiHeadAttention):
+            return self._attention_in_training(op)
+        rank = self._ranks[layer.name]
+        plain = {"class_name": type(layer).__name__, "config": layer.get_config()}
+        inner = LowRankPlusSparse(plain, rank, name=layer.name)
+        kernel, *bias = layer.get_weights()
         outliers = None
         if self.split == "alternating":
             target = inner.in_sparse_shape(kernel)
-            outliers = robust_outliers(inner, target, 1.0 - self.sparsity)
+            outliers = robust_outliers(inner.low_part, target, 1.0 - self.sparsity)
         weights = inner.initial_weights(kernel, (bias or [None])[0], outliers)
-        return with_inner_weights(wrapper, weights)
+        return with_inner_weights(self._wrapped(inner), weights)
+
+    def _attention_in_training(self, op: graph.Op) -> graph.Replacement:
+        """A `LowRankSparseAttention` for `op`'s attention layer, called with its query,
+        value and key."""
+        layer = op.layer
+        shapes = _kernel_shapes(layer)
+        width, units = shapes[_key(layer.name, "query")][0], shapes[_key(layer.name, "output")][1]
+        plain = {"class_name": type(layer).__name__, "config": layer.get_config()}
+        ranks = {p: self._ranks[_key(layer.name, p)] for p in PROJECTIONS}
+        inner = LowRankSparseAttention(plain, ranks, width, units, name=layer.name)
+        weights = layer.get_weights()
+        outliers = None
+        if self.split == "alternating":
+            outliers = {
+                p: robust_outliers(partial(inner.low_part, p), kernel, 1.0 - self.sparsity)
+                for p, (kernel, _) in inner.kernels(weights).items()
+            }
+        call = with_inner_weights(self._wrapped(inner), inner.initial_weights(weights, outliers))
+
+        def attend(*args, **kwargs):
+            arguments = channels.call_arguments(layer, args, kwargs)
+            query, value, key = (arguments.get(n) for n in ("query", "value", "key"))
+            return call(query, value=value, key=key, training=arguments.get("training"))
+
+        return attend
+
+    def _wrapped(self, inner: Any) -> LowRankSparseWrapper:
+        """`inner` in TF-MOT's pruning wrapper, with this technique's schedule."""
+        schedule = SCHEDULES[self.schedule](self.sparsity)  # end_step: set_search_steps
+        return LowRankSparseWrapper(inner, pruning_schedule=schedule, block_size=self.block_size)
+
+    def kernel_keys(self, wrapper: Any) -> list[str]:
+        if isinstance(wrapper.layer, LowRankSparseAttention):
+            return [_key(wrapper.layer.name, p) for p in PROJECTIONS]
+        return [wrapper.layer.name]
 
     # -- training ----------------------------------------------------------------------
     def decisions(self, model: Any, hard: bool = False) -> base.Decisions:
         """Each layer's rank and S's density at the search's end (a folded layer costs
         as it did whole)."""
-        density = 1.0 - self.sparsity
-        wrappers = [w for w in self.layers_of(model) if not self._folds(w.layer.name)]
-        return base.Decisions(
-            lowrank_sparse={w.layer.name: (w.layer.rank, density) for w in wrappers}
-        )
+        density, decided = 1.0 - self.sparsity, {}
+        for wrapper in self.layers_of(model):
+            inner = wrapper.layer
+            if self._folds(inner.name):
+                continue
+            if isinstance(inner, LowRankSparseAttention):
+                decided.update({_key(inner.name, p): (inner.rank[p], density) for p in PROJECTIONS})
+            else:
+                decided[inner.name] = (inner.rank, density)
+        return base.Decisions(lowrank_sparse=decided)
 
     def plan(self, model: Any) -> plan.Plan:
         """Each layer becomes its parts, L's chain and S times TF-MOT's mask, or the
         layer whole with their sum folded into its kernel."""
         replace = {}
         for wrapper in self.layers_of(model):
-            weight, mask, _ = wrapper.pruning_vars[0]
-            sparse = (weight * mask).numpy()
+            sparse = [(weight * mask).numpy() for weight, mask, _ in wrapper.pruning_vars]
+            if not isinstance(wrapper.layer, LowRankSparseAttention):
+                (sparse,) = sparse
             inner = wrapper.layer
             folds = self._folds(inner.name)
             replace[wrapper.name] = inner.folded(sparse) if folds else inner.parts(sparse)
@@ -398,15 +618,16 @@ class LowRankSparse(PrunedByTFMOT):
 
 
 def robust_outliers(
-    layer: LowRankPlusSparse, kernel: np.ndarray, density: float, steps: int = 10
+    low_part: Callable, kernel: np.ndarray, density: float, steps: int = 10
 ) -> np.ndarray:
     """The sparse part of a robust-PCA-style split of `kernel` (in S's shape): `steps`
-    alternations of L fitted to the kernel less the outliers (`low_part`) and the
-    outliers the `density` share of the largest entries of what L leaves. L fitted to
-    the kernel less them spends its rank on the structure S will not keep."""
+    alternations of L fitted to the kernel less the outliers (`low_part`, a layer's
+    (factors, L) of a target) and the outliers the `density` share of the largest
+    entries of what L leaves. L fitted to the kernel less them spends its rank on the
+    structure S will not keep."""
     outliers = np.zeros_like(kernel)
     for _ in range(steps):
-        residual = kernel - layer.low_part(kernel - outliers)[1]
+        residual = kernel - low_part(kernel - outliers)[1]
         outliers = residual * largest_mask(residual, None, None, density)
     return outliers
 
@@ -422,69 +643,109 @@ def _kernel_shape(layer: Any) -> tuple:
     """`layer`'s kernel shape: (rows, cols) for a Dense or 1 x 1 conv (a matrix), else
     (kh, kw, input channels, output channels)."""
     shape = tuple(int(d) for d in layer.kernel.shape)
-    return shape if _is_tucker(layer) else (math.prod(shape[:-1]), shape[-1])
+    tucker = type(layer) is L.Conv2D and tuple(layer.kernel_size) != (1, 1)
+    return shape if tucker else (math.prod(shape[:-1]), shape[-1])
 
 
-def _is_tucker(layer: Any) -> bool:
-    """Whether L is a Tucker-2 chain for `layer` (a k x k conv), not a pair of factors."""
-    return type(layer) is L.Conv2D and tuple(layer.kernel_size) != (1, 1)
+def _kernel_shapes(layer: Any) -> dict[str, tuple]:
+    """Kernel key (`cost.LayerTerms.key`) -> shape of each kernel LowRankSparse keeps as
+    L + S in `layer`: its kernel (`_kernel_shape`), or an attention layer's four
+    projections as matrices (`<layer>/query`, ...)."""
+    if not isinstance(layer, L.MultiHeadAttention):
+        return {layer.name: _kernel_shape(layer)}
+    kernels = [w for w in layer.weights if "kernel" in w.name]  # query, key, value, output
+    shapes = [tuple(int(d) for d in w.shape) for w in kernels]
+    matrices = [(s[0], math.prod(s[1:])) for s in shapes[:3]]
+    matrices.append((math.prod(shapes[3][:-1]), shapes[3][-1]))
+    return {_key(layer.name, p): m for p, m in zip(PROJECTIONS, matrices)}
 
 
-def _rank_form(layer: Any, rank: int) -> int | tuple[int, int]:
-    """`rank` as L takes it: for a Tucker-2 chain, (r1, r2) = `rank` capped at the
-    input and output channels."""
-    if not _is_tucker(layer):
+def _key(layer_name: str, projection: str) -> str:
+    """The cost model's key of an attention layer's projection (`cost.LayerTerms.key`)."""
+    return f"{layer_name}/{projection}"
+
+
+def _layer_of(key: str) -> str:
+    """The layer a kernel key belongs to."""
+    layer, _, projection = key.rpartition("/")
+    return layer if projection in PROJECTIONS else key
+
+
+def _rank_form(shape: tuple, rank: int) -> int | tuple[int, int]:
+    """`rank` as L takes it for a kernel of `shape`: for a Tucker-2 chain (a 4-D
+    shape), (r1, r2) = `rank` capped at the input and output channels."""
+    if len(shape) == 2:
         return rank
-    *_, channels_in, channels_out = _kernel_shape(layer)
+    *_, channels_in, channels_out = shape
     return min(rank, channels_in), min(rank, channels_out)
 
 
-def _low_weights(layer: Any, rank: int | tuple[int, int]) -> int:
+def _low_weights(shape: tuple, rank: int | tuple[int, int]) -> int:
     """The weights of L at `rank` (as `_rank_form` gives it), the bias aside."""
-    shape = _kernel_shape(layer)
     if isinstance(rank, tuple):
         (r1, r2), area = rank, math.prod(shape[:-2])
         return shape[-2] * r1 + area * r1 * r2 + r2 * shape[-1]
     return rank * (shape[0] + shape[1])
 
 
-def _break_even(layer: Any) -> int:
-    """The smallest rank at which L holds at least the weights of `layer`'s kernel."""
-    shape = _kernel_shape(layer)
+def _break_even(shape: tuple) -> int:
+    """The smallest rank at which L holds at least the weights of a kernel of `shape`."""
     size = math.prod(shape)
-    if not _is_tucker(layer):
+    if len(shape) == 2:
         return math.ceil(size / (shape[0] + shape[1]))
     ranks = range(1, max(shape[-2:]) + 1)  # at the largest, L holds more than the kernel
-    return next(r for r in ranks if _low_weights(layer, _rank_form(layer, r)) >= size)
+    return next(r for r in ranks if _low_weights(shape, _rank_form(shape, r)) >= size)
 
 
-def _rank_for_share(layer: Any, share: float) -> int | tuple[int, int]:
-    """The rank at which L holds about `share` of the kernel's weights (at most, and
+def _rank_for_share(shape: tuple, share: float) -> int | tuple[int, int]:
+    """The rank at which L holds about `share` of a kernel's weights (at most, and
     fewer than the kernel): a pair's rank that share of its break-even rank; a Tucker-2
     chain's r1 and r2 the same share t of the input and output channels, t solving
     area*cin*cout*t^2 + (cin^2 + cout^2)*t = share*area*cin*cout."""
-    if not _is_tucker(layer):
-        return max(1, min(_break_even(layer) - 1, math.floor(share * _break_even(layer))))
-    *area, cin, cout = _kernel_shape(layer)
+    if len(shape) == 2:
+        return max(1, min(_break_even(shape) - 1, math.floor(share * _break_even(shape))))
+    *area, cin, cout = shape
     size = math.prod(area) * cin * cout
     quadratic, linear = size, cin * cin + cout * cout
     t = (math.sqrt(linear * linear + 4 * quadratic * share * size) - linear) / (2 * quadratic)
     r1, r2 = max(1, math.floor(t * cin)), max(1, math.floor(t * cout))
-    while _low_weights(layer, (r1, r2)) >= size:  # rounding r1 or r2 up to 1 overshot
+    while _low_weights(shape, (r1, r2)) >= size:  # rounding r1 or r2 up to 1 overshot
         lower_r1 = r2 == 1 or (r1 > 1 and r1 / cin > r2 / cout)
         r1, r2 = (r1 - 1, r2) if lower_r1 else (r1, r2 - 1)
     return r1, r2
 
 
 def _why_not(layer: Any) -> str | None:
-    """Why LowRankSparse cannot take `layer`, or None if it can."""
+    """Why LowRankSparse cannot take `layer` (not an attention layer), or None if it can."""
     if not is_factorable(layer):
         return (
-            "it takes Dense layers and channels-last Conv2D layers without groups, "
-            f"not {type(layer).__name__}"
+            "it takes Dense layers, channels-last Conv2D layers without groups and "
+            f"self-attention, not {type(layer).__name__}"
         )
-    if _break_even(layer) < 2:
+    if _break_even(_kernel_shape(layer)) < 2:
         return "its kernel holds fewer weights whole than L at rank 1"
+    return None
+
+
+def _why_not_attention(layer: Any, analysis: Any) -> str | None:
+    """Why LowRankSparse cannot take the `MultiHeadAttention` `layer`, or None if it can:
+    it takes self-attention over (batch, tokens, channels) without a mask, whose heads
+    the channel analysis keeps as a group."""
+    for op in graph.ops(analysis.model):
+        if op.layer is not layer:
+            continue
+        arguments = channels.attention_arguments(op)
+        query = arguments["query"]
+        if any(arguments.get(n) is not None for n in ("attention_mask", "use_causal_mask")):
+            return "it is called with an attention mask"
+        if arguments.get("return_attention_scores"):
+            return "it returns its attention scores"
+        if query.shape.rank != 3 or layer.get_config()["attention_axes"] not in (None, (1,), [1]):
+            return "its inputs are not (batch, tokens, channels) attended over the tokens"
+    if analysis.heads_group(layer.name) is None:
+        return "it is not self-attention with one output (value or key is another tensor)"
+    if min(_break_even(shape) for shape in _kernel_shapes(layer).values()) < 2:
+        return "a projection holds fewer weights whole than L at rank 1"
     return None
 
 
@@ -556,9 +817,9 @@ def _sparsity_for_budget(setup: base.Setup, ranks: dict) -> float:
     return sparsity_for_density(_largest(meets, 1e-7))
 
 
-def _share_for_budget(setup: base.Setup, layers: dict, sparsity: float) -> float:
+def _share_for_budget(setup: base.Setup, kernels: dict, sparsity: float) -> float:
     """The one share of each kernel's weights that L holds (`_rank_for_share`) that meets
-    the budget's params and bits targets with S at `sparsity`.
+    the budget's params and bits targets with S at `sparsity` (`kernels`: key -> shape).
 
     Raises:
         ValueError: without a params or bits target, or when even rank 1 misses it.
@@ -566,7 +827,8 @@ def _share_for_budget(setup: base.Setup, layers: dict, sparsity: float) -> float
     meter = _budget_meter(setup, "rank")
 
     def meets(share: float) -> bool:
-        decided = {n: (_rank_for_share(la, share), 1.0 - sparsity) for n, la in layers.items()}
+        density = 1.0 - sparsity
+        decided = {k: (_rank_for_share(shape, share), density) for k, shape in kernels.items()}
         return meter(decided)
 
     if not meets(0.0):

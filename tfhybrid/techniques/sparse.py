@@ -89,17 +89,22 @@ class PrunedByTFMOT(base.Technique):
         kept = base.kept_kernel_channels(model)
         for wrapper in self.layers_of(model):
             if self.block_size == (1, 1):
-                rows, cols = kept[wrapper.layer.name]
-                weight, mask, _ = wrapper.pruning_vars[0]
-                mask.assign(largest_mask(weight.numpy(), rows, cols, 1.0 - self.sparsity))
+                for key, (weight, mask, _) in zip(self.kernel_keys(wrapper), wrapper.pruning_vars):
+                    rows, cols = kept[key]
+                    mask.assign(largest_mask(weight.numpy(), rows, cols, 1.0 - self.sparsity))
             wrapper.pruning_obj.weight_mask_op()
+
+    def kernel_keys(self, wrapper: Any) -> list[str]:
+        """The cost model's keys (`cost.LayerTerms.key`) of the kernels `wrapper` prunes,
+        in the order of its `pruning_vars`."""
+        return [wrapper.layer.name]
 
     def scalars(self, model: Any) -> dict[str, float]:
         """The share of zeros in each pruned kernel now (`sparsity/<layer>`)."""
         figures = {}
         for wrapper in self.layers_of(model):
-            mask = wrapper.pruning_vars[0][1].numpy()
-            figures[f"sparsity/{wrapper.layer.name}"] = float(1.0 - mask.mean())
+            masks = [mask.numpy().ravel() for _, mask, _ in wrapper.pruning_vars]
+            figures[f"sparsity/{wrapper.layer.name}"] = float(1.0 - np.concatenate(masks).mean())
         return figures
 
 

@@ -82,9 +82,20 @@ def compress(
 
 
 def _training_time_call(op: graph.Op, techniques: list) -> graph.Replacement | None:
-    """What the rebuilt model calls for `op`: the first technique's stand-in for its layer
-    (or a copy of it), with every technique's ops on its outputs; None if none changes it."""
-    stand_in = next((r for t in techniques if (r := t.replace_layer(op)) is not None), None)
+    """What the rebuilt model calls for `op`: a technique's stand-in for its layer (or a
+    copy of it), with every technique's ops on its outputs; None if none changes it.
+
+    Raises:
+        ValueError: if two techniques would each replace the layer.
+    """
+    stand_ins = {t.name: r for t in techniques if (r := t.replace_layer(op)) is not None}
+    if len(stand_ins) > 1:
+        raise ValueError(
+            f"Layer '{op.layer.name}' would be replaced by training-time layers of "
+            f"{' and '.join(stand_ins)}, and it can be only one's. Leave it to one, with "
+            "the others' `skip=` (or `layers=`) option."
+        )
+    stand_in = next(iter(stand_ins.values()), None)
     start = stand_in or graph.copy_of(op.layer)
     wrapped = start
     for technique in techniques:

@@ -345,9 +345,19 @@ class LayerTerms:
 
     @property
     def key(self) -> str:
-        """The layer's name, or `<name>/<part>` for one kernel of a layer with several
-        (an attention layer's projections): what decisions per kernel are keyed by."""
-        return f"{self.name}/{self.part}" if self.part else self.name
+        """What decisions per kernel are keyed by (`kernel_key`)."""
+        return kernel_key(self.name, self.part)
+
+
+#: An attention layer's projections: the parts its kernels are costed as, in the order
+#: of its weights.
+PROJECTIONS = ("query", "key", "value", "output")
+
+
+def kernel_key(layer_name: str, part: str = "") -> str:
+    """The key of one kernel of a layer in per-kernel decisions: the layer's name, or
+    `<name>/<part>` for one of several (an attention layer's `PROJECTIONS`)."""
+    return f"{layer_name}/{part}" if part else layer_name
 
 
 class CostModel:
@@ -758,7 +768,7 @@ def _attention_terms(layer: Any, analysis: Any, op: Any, heads: int, first: bool
             positions, part=name,
         )  # fmt: skip
 
-    per_head = {"query": key_dim, "key": key_dim, "value": value_dim}
+    per_head = dict(zip(PROJECTIONS, (key_dim, key_dim, value_dim)))
     return [
         *(projection(name, inputs, ((heads, size),)) for name, size in per_head.items()),
         LayerTerms(layer.name, ((heads, 1),), (), (0.0, float(part["scores"]), 0.0, 0.0), zero),

@@ -39,12 +39,14 @@ import tensorflow_model_optimization as tfmot
 
 from tfhybrid import channels, graph, plan, surgery
 from tfhybrid._keras import is_factorable, keras
+from tfhybrid.cost import PROJECTIONS, kernel_key
 from tfhybrid.techniques import base
 from tfhybrid.techniques.sparse import (
     SCHEDULES,
     PrunedByTFMOT,
     SparseWrapper,
     largest_mask,
+    query_first,
     sparsity_for_density,
     with_inner_weights,
 )
@@ -186,10 +188,6 @@ class LowRankPlusSparse(L.Layer, tfmot.sparsity.keras.PrunableLayer):
         kernel_shape = (*self.kernel_size, -1, self.units) if conv else sparse.shape
         sparse_layer = (plan.part_of(plain, f"{name}_sparse", [sparse.reshape(kernel_shape)]),)
         return plan.Parallel(name, (low, sparse_layer), plain["config"].get("activation"))
-
-
-#: An attention layer's projections, in the order its weights and masks are kept.
-PROJECTIONS = ("query", "key", "value", "output")
 
 
 @keras.utils.register_keras_serializable(package="tfhybrid")
@@ -558,9 +556,12 @@ class LowRankSparse(PrunedByTFMOT):
         value and key."""
         layer = op.layer
         shapes = _kernel_shapes(layer)
-        width, units = shapes[_key(layer.name, "query")][0], shapes[_key(layer.name, "output")][1]
+        width, units = (
+            shapes[kernel_key(layer.name, "query")][0],
+            shapes[kernel_key(layer.name, "output")][1],
+        )
         plain = {"class_name": type(layer).__name__, "config": layer.get_config()}
-        ranks = {p: self._ranks[_key(layer.name, p)] for p in PROJECTIONS}
+        ranks = {p: self._ranks[kernel_key(layer.name, p)] for p in PROJECTIONS}
         inner = LowRankSparseAttention(plain, ranks, width, units, name=layer.name)
         weights = layer.get_weights()
         outliers = None
@@ -570,13 +571,7 @@ class LowRankSparse(PrunedByTFMOT):
                 for p, (kernel, _) in inner.kernels(weights).items()
             }
         call = with_inner_weights(self._wrapped(inner), inner.initial_weights(weights, outliers))
-
-        def attend(*args, **kwargs):
-            arguments = channels.call_arguments(layer, args, kwargs)
-            query, value, key = (arguments.get(n) for n in ("query", "value", "key"))
-            return call(query, value=value, key=key, training=arguments.get("training"))
-
-        return attend
+        return query_first(call, layer)
 
     def _wrapped(self, inner: Any) -> LowRankSparseWrapper:
         """`inner` in TF-MOT's pruning wrapper, with this technique's schedule."""
@@ -585,7 +580,7 @@ class LowRankSparse(PrunedByTFMOT):
 
     def kernel_keys(self, wrapper: Any) -> list[str]:
         if isinstance(wrapper.layer, LowRankSparseAttention):
-            return [_key(wrapper.layer.name, p) for p in PROJECTIONS]
+            return [kernel_key(wrapper.layer.name, p) for p in PROJECTIONS]
         return [wrapper.layer.name]
 
     # -- training ----------------------------------------------------------------------
@@ -598,7 +593,9 @@ class LowRankSparse(PrunedByTFMOT):
             if self._folds(inner.name):
                 continue
             if isinstance(inner, LowRankSparseAttention):
-                decided.update({_key(inner.name, p): (inner.rank[p], density) for p in PROJECTIONS})
+                decided.update(
+                    {kernel_key(inner.name, p): (inner.rank[p], density) for p in PROJECTIONS}
+                )
             else:
                 decided[inner.name] = (inner.rank, density)
         return base.Decisions(lowrank_sparse=decided)
@@ -657,12 +654,7 @@ def _kernel_shapes(layer: Any) -> dict[str, tuple]:
     shapes = [tuple(int(d) for d in w.shape) for w in kernels]
     matrices = [(s[0], math.prod(s[1:])) for s in shapes[:3]]
     matrices.append((math.prod(shapes[3][:-1]), shapes[3][-1]))
-    return {_key(layer.name, p): m for p, m in zip(PROJECTIONS, matrices)}
-
-
-def _key(layer_name: str, projection: str) -> str:
-    """The cost model's key of an attention layer's projection (`cost.LayerTerms.key`)."""
-    return f"{layer_name}/{projection}"
+    return {kernel_key(layer.name, p): m for p, m in zip(PROJECTIONS, matrices)}
 
 
 def _layer_of(key: str) -> str:

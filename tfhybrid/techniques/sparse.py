@@ -17,10 +17,11 @@ import math
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
 
-from tfhybrid import graph, plan
+from tfhybrid import channels, cost, graph, plan
 from tfhybrid._keras import CONV, DEPTHWISE_CONV, SEPARABLE_CONV, TRANSPOSED_CONV, keras
 from tfhybrid.techniques import base
 
@@ -91,7 +92,9 @@ class PrunedByTFMOT(base.Technique):
             if self.block_size == (1, 1):
                 for key, (weight, mask, _) in zip(self.kernel_keys(wrapper), wrapper.pruning_vars):
                     rows, cols = kept[key]
-                    mask.assign(largest_mask(weight.numpy(), rows, cols, 1.0 - self.sparsity))
+                    kernel = _as_matrix(weight.numpy(), key)
+                    chosen = largest_mask(kernel, rows, cols, 1.0 - self.sparsity)
+                    mask.assign(chosen.reshape(weight.shape))
             wrapper.pruning_obj.weight_mask_op()
 
     def kernel_keys(self, wrapper: Any) -> list[str]:
@@ -190,10 +193,26 @@ class Sparse(PrunedByTFMOT):
         only, skip = self._restriction
         if layer.name in skip or (only and layer.name not in only):
             return "left out by `layers=`/`skip=`"
+        if isinstance(layer, keras.layers.MultiHeadAttention):
+            return self._why_not_attention(layer, setup)
         if not isinstance(layer, PRUNED) or isinstance(layer, NOT_PRUNED):
-            return f"Sparse prunes Dense and Conv kernels, not a {type(layer).__name__}'s"
+            return (
+                "Sparse prunes Dense and Conv kernels and self-attention's projections, "
+                f"not a {type(layer).__name__}'s"
+            )
         if policy is not None and not policy.allow_pruning(layer):
             return "PruneForLatencyOnXNNPack runs it dense (not a 1x1 convolution)"
+        return None
+
+    def _why_not_attention(self, layer: Any, setup: base.Setup) -> str | None:
+        """Why Sparse leaves the attention layer `layer` alone, or None if it prunes its
+        query, key, value and output kernels."""
+        if self.latency_on_xnnpack:
+            return "PruneForLatencyOnXNNPack runs it dense (not a 1x1 convolution)"
+        if self.block_size != (1, 1):
+            return f"TF-MOT prunes blocks ({self.block_size}) only in 2-D kernels"
+        if setup.analysis.heads_group(layer.name) is None:
+            return "its kernels are costed per projection for self-attention only"
         return None
 
     def prepare(self, setup: base.Setup, others: list[base.Technique]) -> None:
@@ -206,8 +225,21 @@ class Sparse(PrunedByTFMOT):
             return None
         schedule = SCHEDULES[self.schedule](self.sparsity)  # end_step: set_search_steps
         inner = graph.clone_layer(op.layer)
+        if isinstance(inner, keras.layers.MultiHeadAttention):
+            # TF-MOT finds an attention layer's kernels only once it is built.
+            arguments = channels.attention_arguments(op)
+            shapes = {n: arguments[n].shape for n in ("query", "value", "key") if n in arguments}
+            inner(**{n: tf.zeros([1, *shape[1:]]) for n, shape in shapes.items()})
+            inner.set_weights(op.layer.get_weights())
+            wrapper = SparseWrapper(inner, pruning_schedule=schedule, block_size=self.block_size)
+            return query_first(wrapper, op.layer)
         wrapper = SparseWrapper(inner, pruning_schedule=schedule, block_size=self.block_size)
         return with_inner_weights(wrapper, op.layer.get_weights())
+
+    def kernel_keys(self, wrapper: Any) -> list[str]:
+        if isinstance(wrapper.layer, keras.layers.MultiHeadAttention):
+            return [cost.kernel_key(wrapper.layer.name, p) for p in cost.PROJECTIONS]
+        return [wrapper.layer.name]
 
     def decisions(self, model: Any, hard: bool = False) -> base.Decisions:
         """The density every pruned kernel has at the search's end."""
@@ -238,7 +270,34 @@ def largest_mask(kernel: np.ndarray, rows, cols, density: float) -> np.ndarray:
 
 
 def _has_kernel(layer: Any) -> bool:
+    if isinstance(layer, keras.layers.MultiHeadAttention):
+        return True
     return getattr(layer, "kernel", None) is not None and layer.kernel.shape.rank >= 2
+
+
+def _as_matrix(kernel: np.ndarray, key: str) -> np.ndarray:
+    """An attention projection's kernel (`key` names it, see `cost.kernel_key`) as the
+    matrix its channel layouts describe: (input channels, heads x head size) for the
+    query, key and value, (heads x value size, output channels) for the output; any
+    other kernel as it is."""
+    if kernel.ndim != 3:
+        return kernel
+    if key.endswith("/" + cost.PROJECTIONS[-1]):
+        return kernel.reshape(-1, kernel.shape[-1])
+    return kernel.reshape(kernel.shape[0], -1)
+
+
+def query_first(call: graph.Replacement, attention: Any) -> graph.Replacement:
+    """A replacement for a call of the attention layer `attention` that calls `call` (a
+    TF-MOT wrapper, or a replacement calling one) with the query first and every other
+    argument by name: a wrapper's `call(inputs, training=None, **kwargs)` would take a
+    value passed second as `training`."""
+
+    def attend(*args: Any, **kwargs: Any) -> Any:
+        arguments = channels.call_arguments(attention, args, kwargs)
+        return call(arguments.pop("query"), **arguments)
+
+    return attend
 
 
 def with_inner_weights(wrapper: Any, weights: list) -> graph.Replacement:

@@ -216,7 +216,7 @@ def test_the_alternating_split_leaves_less_for_s_to_drop(plain, shape, rank):
         return np.linalg.norm(residual - residual * largest_mask(residual, None, None, 0.05))
 
     svd = inner.initial_weights(kernel, None)
-    found = lowrank_sparse.robust_outliers(inner, kernel, 0.05)
+    found = lowrank_sparse.robust_outliers(inner.low_part, kernel, 0.05)
     alternating = inner.initial_weights(kernel, None, found)
     assert dropped(alternating) < 0.1 * dropped(svd)
     for weights in (svd, alternating):  # either way L + S is the kernel
@@ -278,7 +278,10 @@ def test_a_params_budget_sets_the_sparsity_and_strip_meets_it():
     compressed = th.hybrid_compress(model, th.Budget(params=0.8), [technique], search_steps=2)
     taken = set(_parts(compressed))
     assert "patches" in taken  # the patch embedding, a k x k conv: a Tucker-2 chain
-    assert all(isinstance(model.get_layer(n), layers.Dense) for n in taken - {"patches"})
+    attention = {n for n in taken if isinstance(model.get_layer(n), layers.MultiHeadAttention)}
+    assert attention == {"block0_attention", "block1_attention"}
+    rest = taken - {"patches"} - attention
+    assert all(isinstance(model.get_layer(n), layers.Dense) for n in rest)
     sparsity = compressed.technique("lowrank_sparse").sparsity
     assert 0 < sparsity < 1 and technique.sparsity is None  # the user's object unchanged
     compressed.finish_search()
@@ -373,6 +376,11 @@ def test_bad_input_gets_a_clear_error_and_leaves_the_model_alone():
     one_unit = keras.Model(other.inputs, layers.Dense(1, name="unit")(other.output))
     with pytest.raises(ValueError, match=r"unit: its kernel holds fewer weights whole"):
         th.hybrid_compress(one_unit, th.Budget(params=0.9), [th.LowRankSparse(layers=["unit"])])
+    with pytest.raises(
+        ValueError, match=r"layer 'attention' \(its query projection, a 12 x 12 kernel\).*below 6"
+    ):
+        technique = th.LowRankSparse(rank=6, layers=["attention"])
+        th.hybrid_compress(attention_model(), th.Budget(params=0.5), [technique])
     with pytest.raises(ValueError, match="cannot be met by LowRankSparse at these ranks"):
         th.hybrid_compress(model, th.Budget(params=0.01), [th.LowRankSparse(rank=0.9)])
     assert_unchanged(model, snapshot, config)
@@ -422,3 +430,165 @@ def test_a_budget_that_needs_s_over_99_percent_sparse_is_met():
     assert float(compressed.ratios(hard=True)["params"]) == pytest.approx(0.01, abs=1e-5)
     measured = th.profile(th.strip(compressed)).nonzero_params / th.profile(model).params
     assert measured <= 0.01  # (less: profile does not count the zero biases)
+
+
+def attention_model(heads: int = 3, key_dim: int = 4, value_dim: int = 5) -> keras.Model:
+    """Self-attention over 6 tokens of 12 channels (query/key heads of 4, value heads of
+    5), between two Dense layers, biases random."""
+    bias = {"bias_initializer": "random_normal"}
+    inputs = keras.Input((6, 12))
+    x = layers.Dense(12, name="embed", **bias)(inputs)
+    attention = layers.MultiHeadAttention(heads, key_dim, value_dim, name="attention", **bias)
+    x = attention(x, x)
+    return keras.Model(inputs, layers.Dense(4, name="logits", **bias)(x), name="attention_model")
+
+
+def test_self_attention_keeps_each_projection_as_l_plus_s_started_at_its_svd():
+    model = attention_model()
+    snapshot, config = weights_snapshot(model), model.get_config()
+    technique = th.LowRankSparse(rank=2, sparsity=0.5, layers=["attention"])
+    compressed = th.hybrid_compress(model, th.Budget(params=0.9), [technique], search_steps=4)
+    inner = _parts(compressed)["attention"]
+    assert isinstance(inner, lowrank_sparse.LowRankSparseAttention)
+    x = np.random.default_rng(6).normal(size=(4, 6, 12)).astype(np.float32)
+    np.testing.assert_allclose(compressed(x), model(x), rtol=1e-4, atol=1e-5)
+    kernels = [w.numpy() for w in model.get_layer("attention").weights if "kernel" in w.name]
+    matrices = [k.reshape(12, -1) for k in kernels[:3]] + [kernels[3].reshape(-1, 12)]
+    assert [m.shape for m in matrices] == [(12, 12), (12, 12), (12, 15), (15, 12)]
+    for part, matrix in zip(lowrank_sparse.PROJECTIONS, matrices):
+        u, v, sparse, _ = inner.factors[part]
+        left, s, right = np.linalg.svd(matrix, full_matrices=False)
+        truncated = (left[:, :2] * s[:2]) @ right[:2]
+        np.testing.assert_allclose(u.numpy() @ v.numpy(), truncated, atol=1e-5)
+        np.testing.assert_allclose(sparse.numpy(), matrix - truncated, atol=1e-5)
+    assert compressed.decisions(hard=True).lowrank_sparse == {
+        f"attention/{part}": (2, 0.5) for part in lowrank_sparse.PROJECTIONS
+    }
+    assert_unchanged(model, snapshot, config)
+
+
+def test_the_cost_model_counts_an_attention_kept_as_l_plus_s_by_hand():
+    model = attention_model()
+    compressed = th.hybrid_compress(
+        model, th.Budget(params=0.9), [th.LowRankSparse(rank=2, sparsity=0.5, layers=["attention"])]
+    )
+    ranks = {"query": 2, "key": 1, "value": 3, "output": 2}
+    costs = compressed.cost_model.costs(
+        lowrank_sparse={f"attention/{p}": (r, 0.25) for p, r in ranks.items()}
+    )
+    # Projections as matrices: query and key 12 x 12, value 12 x 15, output 15 x 12, each
+    # a pair r * (rows + cols) beside S (a quarter of its entries kept, bitmap indexed),
+    # at 6 tokens; the scores and weighted sum: 6 x 6 x 3 heads x (4 + 5); biases 12 + 12
+    # + 15 + 12; the Dense layers around: 12 x 12 + 12 and 12 x 4 + 4.
+    pairs = 2 * 24 + 1 * 24 + 3 * 27 + 2 * 27
+    entries = 144 + 144 + 180 + 180
+    macs = 6 * (pairs + entries) + 6 * 6 * 3 * 9 + 6 * (144 + 48)
+    params = pairs + entries / 4 + 51 + (156 + 52)
+    assert costs == {"macs": macs, "params": params, "bits": 32 * params + entries}
+
+
+@pytest.mark.parametrize("split", ["svd", "alternating"])
+def test_strip_keeps_an_attention_as_plain_layers_around_an_attention_core(tmp_path, split):
+    model = attention_model()
+    technique = th.LowRankSparse(rank=2, sparsity=0.75, split=split)
+    compressed = th.hybrid_compress(model, th.Budget(params=0.9), [technique], search_steps=4)
+    x = np.random.default_rng(7).normal(size=(16, 6, 12)).astype(np.float32)
+    compressed.compile("adam", "mse")
+    y = np.random.default_rng(8).normal(size=(16, 6, 4)).astype(np.float32)
+    compressed.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[th.CompressionScheduler()])
+    assert compressed.search_finished()
+    small = th.strip(compressed)
+    kinds = {type(la).__name__ for la in small.layers}
+    assert kinds == {"InputLayer", "Dense", "Add", "Reshape", "Permute", "Rescaling", "Attention"}
+    assert isinstance(small.get_layer("attention"), layers.Add)  # the output projection's sum
+    assert small.get_layer("attention_value_lowrank_out").kernel.shape == (2, 15)
+    sparse = small.get_layer("attention_key_sparse").kernel.numpy()
+    assert np.mean(sparse == 0) == pytest.approx(0.75, abs=1 / sparse.size)
+    np.testing.assert_allclose(small(x), compressed(x), rtol=1e-4, atol=1e-5)
+    counted, measured, original = compressed.ratios(hard=True), th.profile(small), th.profile(model)
+    assert float(counted["macs"]) == pytest.approx(measured.macs / original.macs, rel=1e-6)
+    assert float(counted["params"]) == pytest.approx(
+        measured.nonzero_params / original.params, rel=1e-6
+    )
+    assert float(counted["bits"]) == pytest.approx(measured.bits / (32 * original.params), rel=1e-6)
+    path = str(tmp_path / "small.keras")
+    small.save(path)
+    np.testing.assert_allclose(keras.models.load_model(path)(x), small(x), rtol=1e-6, atol=1e-6)
+    report = th.export_tflite(small, tmp_path / "small.tflite", representative_data=x)
+    assert report.check["max_rel_diff"] < 1e-4
+
+
+def test_a_folded_attention_strips_to_the_layer_it_was():
+    model = attention_model()
+    technique = th.LowRankSparse(rank=2, sparsity=0.5, fold=["attention"])
+    compressed = th.hybrid_compress(model, th.Budget(params=0.9), [technique], search_steps=4)
+    x = fit_search_on(compressed, np.random.default_rng(9).normal(size=(8, 6, 12)))
+    small = th.strip(compressed)
+    folded = small.get_layer("attention")
+    assert folded.get_config() == model.get_layer("attention").get_config()
+    np.testing.assert_allclose(small(x), compressed(x), rtol=1e-4, atol=1e-5)
+    counted = compressed.ratios(hard=True)
+    measured = th.profile(small)
+    assert float(counted["macs"]) == pytest.approx(measured.macs / th.profile(model).macs)
+
+
+def fit_search_on(compressed, x: np.ndarray) -> np.ndarray:
+    """Runs `compressed`'s whole search on `x` (an `attention_model`'s input) towards zeros;
+    returns x as float32."""
+    x = x.astype(np.float32)
+    compressed.compile("adam", "mse")
+    y = np.zeros((len(x), 6, 4), np.float32)
+    compressed.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[th.CompressionScheduler()])
+    assert compressed.search_finished()
+    return x
+
+
+def test_attention_it_cannot_take_is_named_with_the_reason():
+    inputs = keras.Input((6, 12))
+    other = keras.Input((4, 12))
+    attention = layers.MultiHeadAttention(2, 4, name="cross")
+    cross = keras.Model([inputs, other], attention(inputs, other))
+    with pytest.raises(ValueError, match=r"cross: it is not self-attention"):
+        th.hybrid_compress(cross, th.Budget(params=0.5), [th.LowRankSparse(sparsity=0.5)])
+    mask = keras.Input((6, 6))
+    masked = layers.MultiHeadAttention(2, 4, name="masked")
+    with_mask = keras.Model([inputs, mask], masked(inputs, inputs, attention_mask=mask))
+    with pytest.raises(ValueError, match=r"masked: it is called with an attention mask"):
+        th.hybrid_compress(with_mask, th.Budget(params=0.5), [th.LowRankSparse(sparsity=0.5)])
+
+
+def test_df_and_lowrank_sparse_cannot_both_replace_an_attention():
+    model = small_vit(size=16, width=32, depth=1)
+    techniques = [th.DF(ranks=False), th.LowRankSparse(rank=0.2, sparsity=0.5)]
+    with pytest.raises(ValueError, match=r"'block0_attention'.*df and lowrank_sparse.*skip="):
+        th.hybrid_compress(model, th.Budget(macs=0.9), techniques, search_steps=4)
+    techniques[0] = th.DF(ranks=False, skip=["block0_attention"])
+    compressed = th.hybrid_compress(model, th.Budget(macs=0.9), techniques, search_steps=4)
+    rng = np.random.default_rng(10)
+    for logits in df.gates_of(compressed).logits:
+        logits.assign(rng.normal(0.1, 0.3, logits.shape).astype(np.float32))
+    compressed.finish_search()
+    small = th.strip(compressed)
+    x = rng.normal(size=(4, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(small(x), compressed(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_an_attention_search_saves_loads_and_resumes(tmp_path, suffix):
+    model = attention_model()
+    technique = th.LowRankSparse(rank=2, sparsity=0.5)
+    compressed = th.hybrid_compress(model, th.Budget(params=0.9), [technique], search_steps=8)
+    x = np.random.default_rng(11).normal(size=(8, 6, 12)).astype(np.float32)
+    y = np.zeros((8, 6, 4), np.float32)
+    compressed.compile("adam", "mse")
+    compressed.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[th.CompressionScheduler()])
+    path = str(tmp_path / f"attention{suffix}")
+    compressed.save(path)
+    with th.custom_object_scope():
+        loaded = keras.models.load_model(path)
+    assert int(loaded.compression_step.numpy()) == 4
+    np.testing.assert_allclose(loaded(x), compressed(x), rtol=1e-5, atol=1e-6)
+    loaded.compile("adam", "mse")
+    loaded.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[th.CompressionScheduler()])
+    assert loaded.search_finished()
+    np.testing.assert_allclose(th.strip(loaded)(x), loaded(x), rtol=1e-4, atol=1e-5)

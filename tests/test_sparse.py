@@ -136,3 +136,37 @@ def test_a_budget_that_needs_over_99_percent_sparsity_is_met():
     assert float(compressed.ratios(hard=True)["params"]) == pytest.approx(0.01, abs=1e-5)
     measured = th.profile(th.strip(compressed)).nonzero_params / th.profile(model).params
     assert measured <= 0.01  # (less: profile does not count the zero biases)
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_self_attentions_four_kernels_are_pruned_counted_and_saved(tmp_path, suffix):
+    inputs = keras.Input((6, 12))
+    x = keras.layers.Dense(12, name="embed")(inputs)
+    x = keras.layers.MultiHeadAttention(3, 4, 5, name="attention")(x, x)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="logits")(x))
+    compressed = th.hybrid_compress(
+        model, th.Budget(params=0.5), [th.Sparse(layers=["attention"])], search_steps=4
+    )
+    x = np.random.default_rng(12).normal(size=(8, 6, 12)).astype(np.float32)
+    np.testing.assert_allclose(compressed(x), model(x), rtol=1e-5, atol=1e-6)
+    compressed.compile("adam", "mse")
+    y = np.zeros((8, 6, 4), np.float32)
+    compressed.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[th.CompressionScheduler()])
+    path = str(tmp_path / f"attention{suffix}")
+    compressed.save(path)
+    with th.custom_object_scope():
+        loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded(x), compressed(x), rtol=1e-5, atol=1e-6)
+    small = th.strip(compressed)
+    attention = small.get_layer("attention")
+    assert isinstance(attention, keras.layers.MultiHeadAttention)
+    density = 1.0 - compressed.technique("sparse").sparsity
+    for kernel in [w.numpy() for w in attention.weights if "kernel" in w.name]:
+        assert np.mean(kernel != 0) == pytest.approx(density, abs=1 / kernel.size)
+    np.testing.assert_allclose(small(x), compressed(x), rtol=1e-5, atol=1e-6)
+    counted, measured = compressed.ratios(hard=True), th.profile(small)
+    original = th.profile(model)
+    # (each kernel keeps floor(density * entries): up to one weight less than counted)
+    share = measured.nonzero_params / original.params
+    assert float(counted["params"]) == pytest.approx(share, abs=4 / original.params)
+    assert share <= float(counted["params"]) <= 0.5

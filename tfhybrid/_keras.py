@@ -5,6 +5,8 @@ Everything Keras-version specific (private classes included) is named here or in
 `graph.py`, so a later Keras 3 port touches few files.
 """
 
+from typing import Any
+
 import tensorflow as tf
 import tf_keras as keras
 from tf_keras.src.applications.convnext import LayerScale
@@ -89,6 +91,22 @@ def call_with_kernel(layer, inputs, kernel):
         first = getattr(layer, "data_format", None) == "channels_first"
         outputs = tf.nn.bias_add(outputs, layer.bias, data_format="NCHW" if first else None)
     return layer.activation(outputs)
+
+
+def build_self_attention(layer: Any, input_shape: Any) -> None:
+    """Builds a `MultiHeadAttention` for self-attention on inputs of `input_shape`
+    (query, value and key alike) as its first call would, projections and their kernels
+    included: TF-MOT's pruning wrapper looks the kernels up in its own `build`. (It calls
+    private methods, hence here.)"""
+    shape = tf.TensorShape(input_shape)
+    if not getattr(layer, "_built_from_signature", False):
+        layer._build_from_signature(query=shape, value=shape)
+    heads = shape[:-1].concatenate([layer._num_heads, layer._value_dim or layer._key_dim])
+    projections = (layer._query_dense, layer._key_dense, layer._value_dense, layer._output_dense)
+    for projection, inputs in zip(projections, (shape, shape, shape, heads)):
+        if not projection.built:
+            with tf.name_scope(projection.name):  # query/kernel, ..., as its own call names
+                projection.build(inputs)
 
 
 @keras.utils.register_keras_serializable(package="tfhybrid")

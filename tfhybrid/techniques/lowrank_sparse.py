@@ -503,13 +503,14 @@ class LowRankSparse(PrunedByTFMOT):
         if isinstance(self.rank, float):
             return _rank_for_share(shape, self.rank)
         if self.rank >= break_even:
-            size = " x ".join(str(d) for d in shape)
+            layer, kernel = _layer_of(key), " x ".join(str(d) for d in shape) + " kernel"
+            if key != layer:
+                kernel = f"its {key.rpartition('/')[2]} projection, a {kernel}"
             form = "a Tucker-2 chain" if len(shape) == 4 else "two factors"
             raise ValueError(
-                f"LowRankSparse(rank={self.rank}): layer '{_layer_of(key)}' ({key}: {size} "
-                f"kernel) holds fewer weights whole than as {form} from rank {break_even} on. "
-                f"Give a rank below {break_even}, a share such as 0.25, or "
-                f"skip=['{_layer_of(key)}']."
+                f"LowRankSparse(rank={self.rank}): layer '{layer}' ({kernel}) holds fewer "
+                f"weights whole than as {form} from rank {break_even} on. Give a rank below "
+                f"{break_even}, a share such as 0.25, or skip=['{layer}']."
             )
         return _rank_form(shape, self.rank)
 

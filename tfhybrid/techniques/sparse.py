@@ -17,12 +17,18 @@ import math
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
 
 from tfhybrid import channels, cost, graph, plan
-from tfhybrid._keras import CONV, DEPTHWISE_CONV, SEPARABLE_CONV, TRANSPOSED_CONV, keras
+from tfhybrid._keras import (
+    CONV,
+    DEPTHWISE_CONV,
+    SEPARABLE_CONV,
+    TRANSPOSED_CONV,
+    build_self_attention,
+    keras,
+)
 from tfhybrid.techniques import base
 
 _sparsity = tfmot.sparsity.keras
@@ -45,8 +51,20 @@ class SparseWrapper(pruning_wrapper.PruneLowMagnitude):
     """
 
     def build(self, input_shape):
+        if isinstance(self.layer, keras.layers.MultiHeadAttention):
+            build_self_attention(self.layer, input_shape)  # Sparse takes self-attention only
         super().build(input_shape)
         base.add_search_state(self)
+
+    def add_weight(self, name=None, *args, **kwargs):
+        """TF-MOT's `add_weight`, numbering the masks and thresholds of a layer with
+        several pruned kernels (an attention's four): `mask`, `mask_1`, ... (names that
+        repeat within a layer cannot be saved in HDF5)."""
+        if name in ("mask", "threshold"):
+            numbered = self.__dict__.setdefault("_numbered", {})
+            count = numbered[name] = numbered.get(name, -1) + 1
+            name = f"{name}_{count}" if count else name
+        return super().add_weight(name, *args, **kwargs)
 
 
 class PrunedByTFMOT(base.Technique):
@@ -225,16 +243,11 @@ class Sparse(PrunedByTFMOT):
             return None
         schedule = SCHEDULES[self.schedule](self.sparsity)  # end_step: set_search_steps
         inner = graph.clone_layer(op.layer)
-        if isinstance(inner, keras.layers.MultiHeadAttention):
-            # TF-MOT finds an attention layer's kernels only once it is built.
-            arguments = channels.attention_arguments(op)
-            shapes = {n: arguments[n].shape for n in ("query", "value", "key") if n in arguments}
-            inner(**{n: tf.zeros([1, *shape[1:]]) for n, shape in shapes.items()})
-            inner.set_weights(op.layer.get_weights())
-            wrapper = SparseWrapper(inner, pruning_schedule=schedule, block_size=self.block_size)
-            return query_first(wrapper, op.layer)
         wrapper = SparseWrapper(inner, pruning_schedule=schedule, block_size=self.block_size)
-        return with_inner_weights(wrapper, op.layer.get_weights())
+        call = with_inner_weights(wrapper, op.layer.get_weights())
+        if isinstance(inner, keras.layers.MultiHeadAttention):
+            return query_first(call, op.layer)
+        return call
 
     def kernel_keys(self, wrapper: Any) -> list[str]:
         if isinstance(wrapper.layer, keras.layers.MultiHeadAttention):

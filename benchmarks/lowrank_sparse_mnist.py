@@ -41,6 +41,7 @@ from mnist import (  # noqa: E402
     mobilenet_v3_small,
     pretrained,
 )
+from vit import small_vit  # noqa: E402
 
 import tfhybrid as th  # noqa: E402
 
@@ -58,6 +59,7 @@ MODELS = {
     "lenet5": lenet5,
     "lenet_300_100": lenet_300_100,
     "mobilenet_v3_small": mobilenet_v3_small,
+    "small_vit": lambda: small_vit(28, 1),  # 4 x 4 patches, width 64, 2 blocks of 4 heads
 }
 
 FLAGS = flags.FLAGS

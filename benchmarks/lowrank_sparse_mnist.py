@@ -3,7 +3,8 @@
     python benchmarks/lowrank_sparse_mnist.py --model=lenet_300_100 --params=0.5,0.25,0.1 \
         --seeds=0,1,2 --out=docs/results/lowrank_sparse_mnist.json
 
-For every params budget (share of the original's parameters, non-zeros counted) and seed,
+For every params budget (share of the original's parameters, non-zeros counted; with
+`--budget=bits`, of its float32 storage) and seed,
 from the same pretrained network and with the same epochs after it (`--search_epochs` of
 search inside `--fit_epochs`, Adam with a cosine-decayed rate):
   lowrank_sparse  th.LowRankSparse(rank=budget / 2): L holds that share of each layer's
@@ -59,7 +60,7 @@ MODELS = {
     "lenet5": lenet5,
     "lenet_300_100": lenet_300_100,
     "mobilenet_v3_small": mobilenet_v3_small,
-    "small_vit": lambda: small_vit(28, 1),  # 4 x 4 patches, width 64, 2 blocks of 4 heads
+    "small_vit": lambda: small_vit(28, 1, positions=True),  # 4 x 4 patches, 2 blocks
 }
 
 FLAGS = flags.FLAGS
@@ -68,7 +69,8 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """The command line (defined only when run, so tests can import the table)."""
     flags.DEFINE_enum("model", "lenet_300_100", list(MODELS), "The network.")
-    flags.DEFINE_list("params", ["0.5", "0.25", "0.1"], "Params budgets.")
+    flags.DEFINE_list("params", ["0.5", "0.25", "0.1"], "Budgets (shares of --budget).")
+    flags.DEFINE_enum("budget", "params", ["params", "bits"], "What the budgets are shares of.")
     flags.DEFINE_list("methods", METHODS, f"Methods, of {METHODS}.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (each pretrains its own network).")
     flags.DEFINE_integer("pretrain_epochs", 4, "Epochs of the original model.")
@@ -85,11 +87,16 @@ def once_each(runs: list[dict]) -> list[dict]:
     seen = set()
     kept = []
     for run in runs:
-        key = (run["method"], run["params"], run["seed"])
+        key = (run["method"], kind_of(run), run["params"], run["seed"])
         if key not in seen:
             seen.add(key)
             kept.append(run)
     return kept
+
+
+def kind_of(run: dict) -> str:
+    """What a run's budget is a share of ("params" in files written before --budget)."""
+    return run.get("budget", "params")
 
 
 def techniques(method: str, params: float) -> list:
@@ -109,7 +116,8 @@ def techniques(method: str, params: float) -> list:
 
 def run_one(method: str, base, params: float, train, test, steps: int) -> dict:
     chosen, search = techniques(method, params), FLAGS.search_epochs * steps
-    compressed = th.hybrid_compress(base, th.Budget(params=params), chosen, search_steps=search)
+    budget = th.Budget(**{FLAGS.budget: params})
+    compressed = th.hybrid_compress(base, budget, chosen, search_steps=search)
     compile_model(compressed, decay_steps=FLAGS.fit_epochs * steps)
     start = time.perf_counter()
     compressed.fit(train, epochs=FLAGS.fit_epochs, callbacks=[th.CompressionScheduler()], verbose=0)
@@ -142,6 +150,7 @@ def main(argv):
             for method in FLAGS.methods:
                 keras.utils.set_random_seed(seed)
                 entry = {"method": method, "params": params, "seed": seed, "model": FLAGS.model}
+                entry["budget"] = FLAGS.budget
                 entry.update(run_one(method, base, params, train, test, steps))
                 runs.append(entry)
                 print(json.dumps(entry), flush=True)
@@ -158,23 +167,30 @@ def save(runs: list[dict]) -> None:
 
 
 def table(runs: list[dict]) -> list[str]:
-    """Markdown rows: per params budget and method, the mean test error (%) over seeds,
-    its range, and the mean measured shares of MACs, non-zero params and bits."""
+    """Markdown rows: per budget (what it is a share of, the share) and method, the mean
+    test error (%) over seeds, its range, and the mean measured shares of MACs, non-zero
+    params and bits. The original's row comes first."""
     lines = [
-        "| params budget | method | seeds | test error % (range) | MACs | params | bits |",
+        "| budget | method | seeds | test error % (range) | MACs | params | bits |",
         "|---|---|---|---|---|---|---|",
     ]
-    keys = dict.fromkeys((r["params"], r["method"]) for r in runs)
+    keys = dict.fromkeys((kind_of(r), r["params"], r["method"]) for r in runs)
     order = ["original", *METHODS]
-    for params, method in sorted(keys, key=lambda k: (-k[0], order.index(k[1]))):
-        mine = [r for r in runs if r["params"] == params and r["method"] == method]
+
+    def rank(key: tuple) -> tuple:
+        kind, share, method = key
+        return (method != "original", kind, -share, order.index(method))
+
+    for kind, params, method in sorted(keys, key=rank):
+        mine = [r for r in runs if (kind_of(r), r["params"], r["method"]) == (kind, params, method)]
         errors = [100 * r["test_error"] for r in mine]
         shares = [
             f"{statistics.mean(r[k] for r in mine):.3f}" if k in mine[0] else "-"
             for k in ("mac_ratio", "param_ratio", "bits_ratio")
         ]
         lines.append(
-            f"| {params:g} | {method} | {len(mine)} | {statistics.mean(errors):.2f} "
+            f"| {'-' if method == 'original' else f'{kind} {params:g}'} | {method} | "
+            f"{len(mine)} | {statistics.mean(errors):.2f} "
             f"({min(errors):.2f}-{max(errors):.2f}) | " + " | ".join(shares) + " |"
         )
     return lines

@@ -202,11 +202,18 @@ def test_the_lowrank_sparse_table_has_a_row_per_budget_and_method_in_order():
         run("sparse", 0.1, 0, 0.030),
         run("lowrank_sparse", 0.1, 0, 0.024),
         run("lowrank_sparse", 0.1, 1, 0.026),
+        {**run("sparse", 0.5, 0, 0.021), "budget": "bits"},  # after every params row
     ]
+    repeats = [runs[0], {**runs[2], "test_error": 0.5}]  # a second file's copies: left out
+    runs = lowrank_sparse_bench.once_each(runs + repeats)
     lines = lowrank_sparse_bench.table(runs)
-    assert lines[2] == "| 1 | original | 1 | 2.00 (2.00-2.00) | - | - | - |"
-    assert lines[3] == "| 0.1 | lowrank_sparse | 2 | 2.50 (2.40-2.60) | 1.050 | 0.100 | 0.130 |"
-    assert lines[4].startswith("| 0.1 | sparse | 1 | 3.00")
+    assert lines[2] == "| - | original | 1 | 2.00 (2.00-2.00) | - | - | - |"
+    assert lines[3] == (
+        "| params 0.1 | lowrank_sparse | 2 | 2.50 (2.40-2.60) | 1.050 | 0.100 | 0.130 |"
+    )
+    assert lines[4].startswith("| params 0.1 | sparse | 1 | 3.00")
+    assert lines[5].startswith("| bits 0.5 | sparse | 1 | 2.10")
+    assert len(lines) == 6
 
 
 _EXPORT_SPEC = importlib.util.spec_from_file_location(

@@ -76,7 +76,7 @@ def test_two_techniques_changing_one_layers_weights_are_refused():
 def test_sparse_options_and_their_errors():
     with pytest.raises(ValueError, match=r"Sparse\(sparsity=1.0\)"):
         th.Sparse(sparsity=1.0)
-    with pytest.raises(ValueError, match="needs a params budget"):
+    with pytest.raises(ValueError, match="needs a params or bits budget"):
         th.hybrid_compress(lenet5(), th.Budget(macs=0.5), [th.Sparse()])
     with pytest.raises(ValueError, match=r"no layer to prune(.|\n)*conv1: .*XNNPack"):
         th.hybrid_compress(lenet5(), th.Budget(params=0.5), [th.Sparse(latency_on_xnnpack=True)])
@@ -170,3 +170,23 @@ def test_self_attentions_four_kernels_are_pruned_counted_and_saved(tmp_path, suf
     share = measured.nonzero_params / original.params
     assert float(counted["params"]) == pytest.approx(share, abs=4 / original.params)
     assert share <= float(counted["params"]) <= 0.5
+
+
+def test_a_bits_budget_sets_the_sparsity_and_strip_meets_it():
+    """Bits fall with the kept share as params do, plus each pruned kernel's bitmap: at
+    `bits=0.2` the derived sparsity is higher than at `params=0.2`, and both are met."""
+    model = lenet5()
+    original = th.profile(model)
+    sparsities = {}
+    for budget in (th.Budget(params=0.2), th.Budget(bits=0.2), th.Budget(params=0.3, bits=0.2)):
+        compressed = th.hybrid_compress(model, budget, [th.Sparse()], search_steps=2)
+        compressed.finish_search()
+        small = th.profile(th.strip(compressed))
+        sparsities[str(budget)] = compressed.technique("sparse").sparsity
+        target = budget.targets()
+        if "bits" in target:
+            assert 0.19 < small.bits / (32 * original.params) <= 0.2  # zero biases store less
+        if "params" in target:
+            assert small.nonzero_params / original.params <= target["params"]
+    by_params, by_bits, both = sparsities.values()
+    assert by_bits > by_params and both == by_bits

@@ -135,7 +135,8 @@ class Sparse(PrunedByTFMOT):
 
     Args:
         sparsity: share of each pruned kernel's weights set to zero at the search's end;
-            None: the share that meets `Budget(params=...)` with the other layers whole.
+            None: the share that meets `Budget(params=...)` and `Budget(bits=...)` with the
+            other layers whole.
         schedule: TF-MOT's schedule over the search: "polynomial" (`PolynomialDecay`, 0
             to `sparsity`, cubic) or "constant" (`ConstantSparsity`: `sparsity` from the
             first mask update).
@@ -338,29 +339,33 @@ def _masked_layer(wrapper: Any) -> plan.PlainLayer:
 
 
 def _sparsity_for_budget(setup: base.Setup, taken: list[str]) -> float:
-    """The one sparsity of the `taken` kernels that meets the params budget alone.
+    """The one sparsity of the `taken` kernels that meets the budget's params and bits
+    targets alone (both fall linearly with the kept share).
 
     Raises:
-        ValueError: without a params budget, or when even all-zero kernels miss it.
+        ValueError: without a params or bits target, or when even all-zero kernels miss it.
     """
-    target = setup.budget.targets().get("params")
-    if target is None:
+    targets = {k: v for k, v in setup.budget.targets().items() if k in ("params", "bits")}
+    if not targets:
         raise ValueError(
-            f"Sparse() without a sparsity needs a params budget to derive it from, and "
-            f"{setup.budget} has none: zeros do not reduce dense MACs. Give "
+            f"Sparse() without a sparsity needs a params or bits budget to derive it from, "
+            f"and {setup.budget} has none: zeros do not reduce dense MACs. Give "
             "Sparse(sparsity=0.8), or Budget(params=...)."
         )
-    full = setup.cost_model.evaluate()[1]
-    empty = setup.cost_model.evaluate(densities=dict.fromkeys(taken, 0.0))[1]
-    allowed = target * setup.original["params"]
-    if empty > allowed:
-        raise ValueError(
-            f"{setup.budget} cannot be met by Sparse alone: with every pruned kernel empty "
-            f"the model keeps {empty / setup.original['params']:.4f} of its params. Raise "
-            "the budget or stack a technique that removes channels."
-        )
-    share_kept = (allowed - empty) / (full - empty) if full > empty else 1.0
-    return sparsity_for_density(share_kept)
+    empty = setup.cost_model.costs(densities=dict.fromkeys(taken, 0.0))
+    full = setup.cost_model.costs(densities=dict.fromkeys(taken, 1.0))
+    kept = []
+    for name, share in targets.items():
+        allowed = share * setup.original[name]
+        if empty[name] > allowed:
+            raise ValueError(
+                f"{setup.budget} cannot be met by Sparse alone: with every pruned kernel "
+                f"empty the model keeps {empty[name] / setup.original[name]:.4f} of its "
+                f"{name}. Raise the budget or stack a technique that removes channels."
+            )
+        gain = full[name] - empty[name]
+        kept.append((allowed - empty[name]) / gain if gain > 0 else 1.0)
+    return sparsity_for_density(min(kept))
 
 
 def sparsity_for_density(density: float) -> float:

@@ -179,7 +179,7 @@ def table(runs: list[dict]) -> list[str]:
 
     def rank(key: tuple) -> tuple:
         kind, share, method = key
-        return (method != "original", kind, -share, order.index(method))
+        return (method != "original", kind != "params", -share, order.index(method))
 
     for kind, params, method in sorted(keys, key=rank):
         mine = [r for r in runs if (kind_of(r), r["params"], r["method"]) == (kind, params, method)]

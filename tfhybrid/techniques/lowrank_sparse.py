@@ -6,8 +6,10 @@ little from low rank alone, so the coarse structure goes to a low-rank part L an
 fine structure to a sparse part S, and both are compressed. Only the abstract is
 public; the choices here:
 
-- Layers: Dense (a transformer's MLP and any Dense projection) and Conv2D, any kernel
-  size. Depthwise, separable and transposed kernels are left whole, named in `select`'s
+- Layers: Dense (a transformer's MLP and any Dense projection), Conv2D (any kernel size)
+  and self-attention (`MultiHeadAttention` on (batch, tokens, channels), no mask): its
+  query, key, value and output kernels, each as a matrix (`LowRankSparseAttention`).
+  Depthwise, separable and transposed kernels are left whole, named in `select`'s
   reasons.
 - L of a matrix kernel (Dense, 1 x 1 conv) = U V, started at the kernel's truncated SVD
   with the singular values split evenly (U = U_r sqrt(s), V = sqrt(s) V_r:
@@ -23,7 +25,8 @@ public; the choices here:
   LiteRT runs a sparse kernel dense unless XNNPack takes it (see `techniques.sparse`). So
   the method saves parameters and bits, not MACs.
 - `strip`: the layer becomes `plan.Parallel` parts, L's chain and a sparse layer of the
-  kernel's shape, summed by an `Add` named like the layer, then its activation.
+  kernel's shape, summed by an `Add` named like the layer, then its activation; an
+  attention becomes `plan.Attention`, its four projections so around a dot-product core.
 """
 
 from __future__ import annotations
@@ -366,10 +369,11 @@ class LowRankSparse(PrunedByTFMOT):
     """Each taken kernel as a low-rank pair plus a sparse correction (W = L + S).
 
     Args:
-        rank: components of L per layer: an int (below each layer's break-even rank,
-            from which L holds as many weights as the kernel; r1 = r2 = rank capped at
-            the channels for a Tucker-2 chain), or a share in (0, 1) of each kernel's
-            weights that L holds; None: the one share that meets the budget's params or
+        rank: components of L per kernel (each of an attention's four projections has
+            its own): an int (below its break-even rank, from which L holds as many
+            weights as the kernel; r1 = r2 = rank capped at the channels for a Tucker-2
+            chain), or a share in (0, 1) of each kernel's weights that L holds; None: the
+            one share that meets the budget's params or
             bits target at the given `sparsity`.
         sparsity: share of S's entries set to zero at the search's end; None: the one
             share that meets the budget's params or bits target.

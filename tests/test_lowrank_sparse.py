@@ -11,6 +11,7 @@ from tfhybrid.techniques import df, lowrank_sparse
 from tfhybrid.techniques.sparse import largest_mask
 
 from models import (
+    APPLICATIONS,
     MODERN,
     assert_unchanged,
     fit_search,
@@ -592,3 +593,29 @@ def test_an_attention_search_saves_loads_and_resumes(tmp_path, suffix):
     loaded.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[th.CompressionScheduler()])
     assert loaded.search_finished()
     np.testing.assert_allclose(th.strip(loaded)(x), loaded(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_efficientnetb0_strips_exactly_and_meets_its_budget():
+    """Its 1 x 1 convs (squeeze-and-excite's too), its 3 x 3 stem as a Tucker-2 chain and
+    its head; depthwise convs are left whole."""
+    keras.utils.set_random_seed(1)
+    model = randomize_batchnorm(APPLICATIONS["EfficientNetB0"]())
+    compressed = th.hybrid_compress(
+        model, th.Budget(params=0.5), [th.LowRankSparse(rank=0.1)], search_steps=4
+    )
+    parts = _parts(compressed)
+    assert "block1a_se_reduce" in parts and "top_conv" in parts
+    assert isinstance(parts["stem_conv"].rank, tuple)
+    assert not any(isinstance(model.get_layer(n), layers.DepthwiseConv2D) for n in parts)
+    x = np.random.default_rng(13).normal(size=(4, *model.input_shape[1:])).astype(np.float32)
+    scale = np.abs(model(x).numpy()).max()
+    np.testing.assert_allclose(compressed(x), model(x), atol=1e-4 * scale)
+    compressed.finish_search()
+    small = th.strip(compressed)
+    np.testing.assert_allclose(small(x), compressed(x), atol=1e-4 * scale)
+    counted, measured = compressed.ratios(hard=True), th.profile(small)
+    share = measured.nonzero_params / th.profile(model).params
+    # (the fresh network's zero biases count in the budget, not among the non-zeros)
+    assert share <= float(counted["params"]) <= 0.5
+    assert float(counted["params"]) == pytest.approx(share, abs=5e-3)

@@ -8,9 +8,13 @@ S's sparsity, not on what the weights learned) is compressed to `--params` of it
 parameters by each variant below, its search finished at once (`finish_search`), and
 stripped:
   sparse          th.Sparse(): TF-MOT's pruning alone
-  lowrank         th.DF(filters=False): low rank alone (ranks from the budget projection)
+  lowrank         th.DF(filters=False): low rank alone (ranks from the budget projection;
+                  DF splits Dense and Conv2D layers, not attention)
+  lowrank_fixed   L alone: th.LowRankSparse(rank=None, sparsity=0.9999), the one share of
+                  each kernel's weights that meets the budget, S all but empty
   lowrank_sparse  th.LowRankSparse(rank=params / 2): L's chain beside S, summed by an Add
-  folded          the same with fold=True: L + S folded back into each layer's one kernel
+  lowrank_sparse_fifth  th.LowRankSparse(rank=params / 5): L a fifth of the budget's share
+  folded          the last L + S above with fold=True, folded back into each layer's one kernel
                   (as large as the original's; in the table for its latency)
 For each and for the dense original: the `.tflite` files (float and int8, each with and
 without the converter's sparse encoding), their gzipped sizes, and the LiteRT latency of
@@ -37,13 +41,16 @@ import tfhybrid as th  # noqa: E402
 
 keras = th.keras
 FLAGS = flags.FLAGS
-METHODS = ["sparse", "lowrank", "lowrank_sparse", "folded"]
+METHODS = ["sparse", "lowrank", "lowrank_fixed", "lowrank_sparse", "lowrank_sparse_fifth", "folded"]
 
 
 def define_flags() -> None:
     """The command line (defined only when run, so tests can import the table)."""
     flags.DEFINE_enum("model", "mobilenet_v3_small", list(MODELS), "The network.")
     flags.DEFINE_float("params", 0.25, "Params budget (share of the original's).")
+    flags.DEFINE_list(
+        "methods", ["sparse", "lowrank", "lowrank_sparse", "folded"], f"Of {METHODS}."
+    )
     flags.DEFINE_integer("runs", 200, "Timed LiteRT inferences per file.")
     flags.DEFINE_string("out", "docs/results/lowrank_sparse_export.json", "Result JSON.")
     flags.DEFINE_list("from_json", [], "Only print the table of this result JSON.")
@@ -55,7 +62,9 @@ def stripped(base, variant: str, params: float, sparsity: float | None):
     chosen = {
         "sparse": lambda: [th.Sparse()],
         "lowrank": lambda: [th.DF(filters=False)],
+        "lowrank_fixed": lambda: [th.LowRankSparse(rank=None, sparsity=0.9999)],
         "lowrank_sparse": lambda: [th.LowRankSparse(rank=params / 2)],
+        "lowrank_sparse_fifth": lambda: [th.LowRankSparse(rank=params / 5)],
         "folded": lambda: [th.LowRankSparse(rank=params / 2, sparsity=sparsity, fold=True)],
     }[variant]()
     compressed = th.hybrid_compress(base, th.Budget(params=params), chosen, search_steps=1)
@@ -76,9 +85,9 @@ def main(argv):
     sparsity = None
     with tempfile.TemporaryDirectory() as folder:
         results["dense"] = files_of(base, None, representative, folder, FLAGS.runs)
-        for method in METHODS:
+        for method in FLAGS.methods:
             small, compressed = stripped(base, method, FLAGS.params, sparsity)
-            if method == "lowrank_sparse":
+            if method.startswith("lowrank_sparse"):
                 sparsity = compressed.technique("lowrank_sparse").sparsity
             results[method] = files_of(small, None, representative, folder, FLAGS.runs)
             now, original = th.profile(small), th.profile(base)

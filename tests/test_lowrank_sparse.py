@@ -398,22 +398,30 @@ def test_the_wrapper_prunes_s_alone():
     assert inner.get_prunable_weights() == [inner.sparse]
 
 
-def test_mobilenetv3_pointwise_convs_strip_exactly_and_int8_sparse_tflite_agrees(tmp_path):
-    keras.utils.set_random_seed(0)
-    model = randomize_batchnorm(MODERN["MobileNetV3Large"]())
-    compressed = th.hybrid_compress(
-        model, th.Budget(params=0.9), [th.LowRankSparse(rank=0.25, sparsity=0.8)], search_steps=4
-    )
-    parts = _parts(compressed)
-    assert "expanded_conv/project" in parts and "Logits" in parts
-    assert parts["Conv"].rank == (1, 4)  # the 3 x 3 stem, 3 -> 16 channels, as Tucker-2
-    assert not any(isinstance(model.get_layer(n), layers.DepthwiseConv2D) for n in parts)
+def _started_and_stripped_exactly(model, technique, budget) -> tuple:
+    """(compression model, stripped model, inputs): `model` (a zoo network) compressed by
+    `technique`, checked to start at the original function, its search finished at once
+    and stripped, checked to compute the same; no depthwise kernel taken."""
+    compressed = th.hybrid_compress(model, budget, [technique], search_steps=4)
+    taken = _parts(compressed)
+    assert not any(isinstance(model.get_layer(n), layers.DepthwiseConv2D) for n in taken)
     x = np.random.default_rng(5).normal(size=(4, *model.input_shape[1:])).astype(np.float32)
     scale = np.abs(model(x).numpy()).max()
     np.testing.assert_allclose(compressed(x), model(x), atol=1e-4 * scale)
     compressed.finish_search()
     small = th.strip(compressed)
     np.testing.assert_allclose(small(x), compressed(x), atol=1e-4 * scale)
+    return compressed, small, x
+
+
+def test_mobilenetv3_pointwise_convs_strip_exactly_and_int8_sparse_tflite_agrees(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = randomize_batchnorm(MODERN["MobileNetV3Large"]())
+    technique = th.LowRankSparse(rank=0.25, sparsity=0.8)
+    compressed, small, x = _started_and_stripped_exactly(model, technique, th.Budget(params=0.9))
+    parts = _parts(compressed)
+    assert "expanded_conv/project" in parts and "Logits" in parts
+    assert parts["Conv"].rank == (1, 4)  # the 3 x 3 stem, 3 -> 16 channels, as Tucker-2
     assert th.profile(small).nonzero_params <= 0.9 * th.profile(model).params
     # (float agreement is checked on the small model above: each export here takes 20 s)
     report = th.export_tflite(
@@ -601,19 +609,11 @@ def test_efficientnetb0_strips_exactly_and_meets_its_budget():
     its head; depthwise convs are left whole."""
     keras.utils.set_random_seed(1)
     model = randomize_batchnorm(APPLICATIONS["EfficientNetB0"]())
-    compressed = th.hybrid_compress(
-        model, th.Budget(params=0.5), [th.LowRankSparse(rank=0.1)], search_steps=4
-    )
+    technique = th.LowRankSparse(rank=0.1)
+    compressed, small, _ = _started_and_stripped_exactly(model, technique, th.Budget(params=0.5))
     parts = _parts(compressed)
     assert "block1a_se_reduce" in parts and "top_conv" in parts
     assert isinstance(parts["stem_conv"].rank, tuple)
-    assert not any(isinstance(model.get_layer(n), layers.DepthwiseConv2D) for n in parts)
-    x = np.random.default_rng(13).normal(size=(4, *model.input_shape[1:])).astype(np.float32)
-    scale = np.abs(model(x).numpy()).max()
-    np.testing.assert_allclose(compressed(x), model(x), atol=1e-4 * scale)
-    compressed.finish_search()
-    small = th.strip(compressed)
-    np.testing.assert_allclose(small(x), compressed(x), atol=1e-4 * scale)
     counted, measured = compressed.ratios(hard=True), th.profile(small)
     share = measured.nonzero_params / th.profile(model).params
     # (the fresh network's zero biases count in the budget, not among the non-zeros)

@@ -14,6 +14,7 @@ search inside `--fit_epochs`, Adam with a cosine-decayed rate):
                   less the entries S keeps)
   lowrank_sparse_fifth  th.LowRankSparse(rank=budget / 5): L holds a fifth of the budget's
                   share of each layer's weights, S the rest
+  lowrank_sparse_tenth  th.LowRankSparse(rank=budget / 10): L at a tenth
   sparse          th.Sparse(): TF-MOT's prune_low_magnitude, the sparsity that meets it
   lowrank_fixed   L alone: th.LowRankSparse(rank=None, sparsity=0.9999), the one share of
                   each layer's weights that meets the budget (truncated SVD pairs,
@@ -51,6 +52,7 @@ METHODS = [
     "lowrank_sparse",
     "lowrank_sparse_alternating",
     "lowrank_sparse_fifth",
+    "lowrank_sparse_tenth",
     "sparse",
     "lowrank_fixed",
     "lowrank",
@@ -104,6 +106,7 @@ def techniques(method: str, params: float) -> list:
     return {
         "lowrank_sparse": lambda: [th.LowRankSparse(rank=params / 2)],
         "lowrank_sparse_fifth": lambda: [th.LowRankSparse(rank=params / 5)],
+        "lowrank_sparse_tenth": lambda: [th.LowRankSparse(rank=params / 10)],
         "lowrank_sparse_alternating": lambda: [
             th.LowRankSparse(rank=params / 2, split="alternating")
         ],

@@ -523,6 +523,10 @@ def test_strip_keeps_an_attention_as_plain_layers_around_an_attention_core(tmp_p
     path = str(tmp_path / "small.keras")
     small.save(path)
     np.testing.assert_allclose(keras.models.load_model(path)(x), small(x), rtol=1e-6, atol=1e-6)
+    compact = th.save_compact(small, str(tmp_path / "small.thc"), block=None)
+    assert compact.counted_bits == measured.bits
+    assert 0 <= 8 * compact.payload_bytes - measured.bits < 8 * len(small.weights)
+    np.testing.assert_array_equal(th.load_compact(str(tmp_path / "small.thc"))(x), small(x))
     report = th.export_tflite(small, tmp_path / "small.tflite", representative_data=x)
     assert report.check["max_rel_diff"] < 1e-4
 

@@ -15,6 +15,9 @@ search inside `--fit_epochs`, Adam with a cosine-decayed rate):
   lowrank_sparse_fifth  th.LowRankSparse(rank=budget / 5): L holds a fifth of the budget's
                   share of each layer's weights, S the rest
   lowrank_sparse_tenth  th.LowRankSparse(rank=budget / 10): L at a tenth
+  lowrank_sparse_fifth_of_nonzeros  for a bits budget: L a fifth of the non-zeros it
+                  leaves once S's bitmap (1/32 of float32) is paid,
+                  th.LowRankSparse(rank=(budget - 1/32) / 5)
   sparse          th.Sparse(): TF-MOT's prune_low_magnitude, the sparsity that meets it
   lowrank_fixed   L alone: th.LowRankSparse(rank=None, sparsity=0.9999), the one share of
                   each layer's weights that meets the budget (truncated SVD pairs,
@@ -53,6 +56,7 @@ METHODS = [
     "lowrank_sparse_alternating",
     "lowrank_sparse_fifth",
     "lowrank_sparse_tenth",
+    "lowrank_sparse_fifth_of_nonzeros",
     "sparse",
     "lowrank_fixed",
     "lowrank",
@@ -101,12 +105,19 @@ def kind_of(run: dict) -> str:
     return run.get("budget", "params")
 
 
+#: The share of float32 storage that S's bitmap takes (1 bit per entry of 32).
+BITMAP_SHARE = 1 / 32
+
+
 def techniques(method: str, params: float) -> list:
-    """The techniques of `method` at a params budget (see the module's docstring)."""
+    """The techniques of `method` at a budget's share (see the module's docstring)."""
     return {
         "lowrank_sparse": lambda: [th.LowRankSparse(rank=params / 2)],
         "lowrank_sparse_fifth": lambda: [th.LowRankSparse(rank=params / 5)],
         "lowrank_sparse_tenth": lambda: [th.LowRankSparse(rank=params / 10)],
+        "lowrank_sparse_fifth_of_nonzeros": lambda: [
+            th.LowRankSparse(rank=(params - BITMAP_SHARE) / 5)
+        ],
         "lowrank_sparse_alternating": lambda: [
             th.LowRankSparse(rank=params / 2, split="alternating")
         ],

@@ -161,6 +161,8 @@ def test_self_attentions_four_kernels_are_pruned_counted_and_saved(tmp_path, suf
     attention = small.get_layer("attention")
     assert isinstance(attention, keras.layers.MultiHeadAttention)
     density = 1.0 - compressed.technique("sparse").sparsity
+    logged = compressed.technique("sparse").scalars(compressed)["sparsity/attention"]
+    assert logged == pytest.approx(1.0 - density, abs=0.01)  # over its four kernels
     for kernel in [w.numpy() for w in attention.weights if "kernel" in w.name]:
         assert np.mean(kernel != 0) == pytest.approx(density, abs=1 / kernel.size)
     np.testing.assert_allclose(small(x), compressed(x), rtol=1e-5, atol=1e-6)

@@ -262,6 +262,10 @@ def channel_groups(model: Any) -> list[ChannelGroup]:
     return analyze(model).groups
 
 
+#: How the warning about layers the analysis cannot see through begins.
+OPAQUE_WARNING = "tfhybrid keeps the channels around these layers whole"
+
+
 def analyze(model: Any) -> ChannelAnalysis:
     """Channel groups and tensor layouts of `model` (nested models inlined).
 
@@ -272,8 +276,8 @@ def analyze(model: Any) -> ChannelAnalysis:
     analysis.nested = nested
     if analysis.unsupported:
         warnings.warn(
-            "tfhybrid keeps the channels around these layers whole, since it cannot see "
-            f"through them: {', '.join(analysis.unsupported)}",
+            f"{OPAQUE_WARNING}, since it cannot see through them: "
+            f"{', '.join(analysis.unsupported)}",
             stacklevel=3,
         )
     return analysis

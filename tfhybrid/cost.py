@@ -354,6 +354,15 @@ class LayerTerms:
 PROJECTIONS = ("query", "key", "value", "output")
 
 
+def projection_matrix(shape: tuple, part: str) -> tuple[int, int]:
+    """The (rows, columns) of an attention projection's kernel of `shape` as the matrix
+    its channel layouts describe: input channels x heads * head size for the query, key
+    and value; heads * value size x output channels for the output."""
+    if part == PROJECTIONS[-1]:
+        return math.prod(shape[:-1]), shape[-1]
+    return shape[0], math.prod(shape[1:])
+
+
 def kernel_key(layer_name: str, part: str = "") -> str:
     """The key of one kernel of a layer in per-kernel decisions: the layer's name, or
     `<name>/<part>` for one of several (an attention layer's `PROJECTIONS`)."""

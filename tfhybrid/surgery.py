@@ -522,7 +522,7 @@ def strip(model: Any, decided: plan.Plan):
         # see through warned of then); the layers a plan adds (e.g. an attention's heads
         # split out) need no second warning.
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="tfhybrid keeps the channels around")
+            warnings.filterwarnings("ignore", message=channels.OPAQUE_WARNING)
             by_key = {g.key(): g.id for g in channels.channel_groups(plain)}
             keys = {k: decided.key_after_replacing(tuple(k)) for k in decided.remove}
             remove = {by_key[keys[k]]: v for k, v in decided.remove.items()}

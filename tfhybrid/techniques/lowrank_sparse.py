@@ -42,7 +42,7 @@ import tensorflow_model_optimization as tfmot
 
 from tfhybrid import channels, graph, plan, surgery
 from tfhybrid._keras import is_factorable, keras
-from tfhybrid.cost import PROJECTIONS, kernel_key
+from tfhybrid.cost import PROJECTIONS, kernel_key, projection_matrix
 from tfhybrid.techniques import base
 from tfhybrid.techniques.sparse import (
     SCHEDULES,
@@ -655,11 +655,11 @@ def _kernel_shapes(layer: Any) -> dict[str, tuple]:
     projections as matrices (`<layer>/query`, ...)."""
     if not isinstance(layer, L.MultiHeadAttention):
         return {layer.name: _kernel_shape(layer)}
-    kernels = [w for w in layer.weights if "kernel" in w.name]  # query, key, value, output
-    shapes = [tuple(int(d) for d in w.shape) for w in kernels]
-    matrices = [(s[0], math.prod(s[1:])) for s in shapes[:3]]
-    matrices.append((math.prod(shapes[3][:-1]), shapes[3][-1]))
-    return {kernel_key(layer.name, p): m for p, m in zip(PROJECTIONS, matrices)}
+    kernels = [w for w in layer.weights if "kernel" in w.name]  # in PROJECTIONS' order
+    return {
+        kernel_key(layer.name, p): projection_matrix(tuple(int(d) for d in w.shape), p)
+        for p, w in zip(PROJECTIONS, kernels)
+    }
 
 
 def _layer_of(key: str) -> str:

@@ -290,15 +290,11 @@ def _has_kernel(layer: Any) -> bool:
 
 
 def _as_matrix(kernel: np.ndarray, key: str) -> np.ndarray:
-    """An attention projection's kernel (`key` names it, see `cost.kernel_key`) as the
-    matrix its channel layouts describe: (input channels, heads x head size) for the
-    query, key and value, (heads x value size, output channels) for the output; any
-    other kernel as it is."""
+    """An attention projection's kernel (`key` names it, see `cost.kernel_key`) as a
+    matrix (`cost.projection_matrix`); any other kernel as it is."""
     if kernel.ndim != 3:
         return kernel
-    if key.endswith("/" + cost.PROJECTIONS[-1]):
-        return kernel.reshape(-1, kernel.shape[-1])
-    return kernel.reshape(kernel.shape[0], -1)
+    return kernel.reshape(cost.projection_matrix(kernel.shape, key.rpartition("/")[2]))
 
 
 def query_first(call: graph.Replacement, attention: Any) -> graph.Replacement:

@@ -15,6 +15,8 @@ search inside `--fit_epochs`, Adam with a cosine-decayed rate):
   lowrank_sparse_fifth  th.LowRankSparse(rank=budget / 5): L holds a fifth of the budget's
                   share of each layer's weights, S the rest
   lowrank_sparse_tenth  th.LowRankSparse(rank=budget / 10): L at a tenth
+  lowrank_sparse_auto   th.LowRankSparse(rank="auto"): each layer's split chosen from its
+                        weights (the share of L that leaves the least of its kernels out)
   lowrank_sparse_fifth_of_nonzeros  for a bits budget: L a fifth of the non-zeros it
                   leaves once S's bitmap (1/32 of float32) is paid,
                   th.LowRankSparse(rank=(budget - 1/32) / 5)
@@ -57,6 +59,7 @@ METHODS = [
     "lowrank_sparse_fifth",
     "lowrank_sparse_tenth",
     "lowrank_sparse_fifth_of_nonzeros",
+    "lowrank_sparse_auto",
     "sparse",
     "lowrank_fixed",
     "lowrank",
@@ -115,6 +118,7 @@ def techniques(method: str, params: float) -> list:
         "lowrank_sparse": lambda: [th.LowRankSparse(rank=params / 2)],
         "lowrank_sparse_fifth": lambda: [th.LowRankSparse(rank=params / 5)],
         "lowrank_sparse_tenth": lambda: [th.LowRankSparse(rank=params / 10)],
+        "lowrank_sparse_auto": lambda: [th.LowRankSparse(rank="auto")],
         "lowrank_sparse_fifth_of_nonzeros": lambda: [
             th.LowRankSparse(rank=(params - BITMAP_SHARE) / 5)
         ],

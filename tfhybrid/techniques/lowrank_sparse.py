@@ -57,6 +57,8 @@ from tfhybrid.techniques.sparse import (
 L = keras.layers
 #: How L starts (see `LowRankSparse`'s `split`).
 SPLITS = ("svd", "alternating")
+#: The shares of a layer's budget that `rank="auto"` tries giving L (0: S alone).
+AUTO_SHARES = (0.0, 0.05, 0.1, 0.2, 1 / 3, 0.5)
 
 
 @keras.utils.register_keras_serializable(package="tfhybrid")
@@ -65,7 +67,8 @@ class LowRankPlusSparse(L.Layer, tfmot.sparsity.keras.PrunableLayer):
 
     For a Dense layer or a 1 x 1 conv, L = U V (a pair of factors); for a k x k conv,
     L is a Tucker-2 chain: U (input channels to r1), a k x k core (r1 to r2) and V (r2
-    to output channels). TF-MOT's pruning wrapper prunes S alone (`get_prunable_weights`).
+    to output channels). At rank 0 there is no L: the layer computes with S alone.
+    TF-MOT's pruning wrapper prunes S alone (`get_prunable_weights`).
 
     Args:
         plain: `{"class_name", "config"}` of the layer this one stands for.
@@ -83,10 +86,14 @@ class LowRankPlusSparse(L.Layer, tfmot.sparsity.keras.PrunableLayer):
         self.kernel_size = tuple(config.get("kernel_size", (1, 1)))
         self.strides = tuple(config.get("strides", (1, 1)))
         self.tucker = isinstance(self.rank, tuple)
+        self.has_low = _has_low(self.rank)
 
     def build(self, input_shape):
         channels_in = int(input_shape[-1])
-        if self.tucker:
+        if not self.has_low:
+            shape = (*self.kernel_size, channels_in, self.units)
+            shape = shape if self.tucker else (math.prod(shape[:-1]), self.units)
+        elif self.tucker:
             r1, r2 = self.rank
             self.u = self.add_weight("u", shape=(channels_in, r1))
             self.core = self.add_weight("core", shape=(*self.kernel_size, r1, r2))
@@ -102,7 +109,12 @@ class LowRankPlusSparse(L.Layer, tfmot.sparsity.keras.PrunableLayer):
 
     def call(self, inputs):
         last = [[inputs.shape.rank - 1], [0]]
-        if self.tucker:
+        if not self.has_low:
+            if inputs.shape.rank == 4 and (self.tucker or self.strides != (1, 1)):
+                outputs = self._convolve(inputs, tf.reshape(self.sparse, self._kernel_shape()))
+            else:
+                outputs = tf.tensordot(inputs, self.sparse, last)
+        elif self.tucker:
             projected = self._convolve(tf.tensordot(inputs, self.u, last), self.core)
             outputs = tf.tensordot(projected, self.v, last) + self._convolve(inputs, self.sparse)
         else:
@@ -113,6 +125,14 @@ class LowRankPlusSparse(L.Layer, tfmot.sparsity.keras.PrunableLayer):
         if self.use_bias:
             outputs = outputs + self.bias
         return self.activation(outputs)
+
+    def _kernel_shape(self) -> tuple:
+        """The plain layer's kernel shape (-1 for the input channels)."""
+        return (
+            (*self.kernel_size, -1, self.units)
+            if "filters" in self.plain["config"]
+            else (-1, self.units)
+        )
 
     def _convolve(self, inputs, kernel):
         """`inputs` convolved with `kernel` as the plain layer convolves."""
@@ -154,28 +174,27 @@ class LowRankPlusSparse(L.Layer, tfmot.sparsity.keras.PrunableLayer):
         a pair, its truncated SVD split evenly; for a Tucker-2 chain, its truncated HOSVD
         (U, V the leading left singular vectors of `target` unfolded along its input and
         output axes, the core `target` projected on them)."""
-        if not self.tucker:
-            first, second = surgery.split_evenly(target, self.rank)
-            return [first, second], first @ second
-        u, v = (_leading_vectors(target, axis, r) for axis, r in zip((2, 3), self.rank))
-        core = np.einsum("hwio,ir,os->hwrs", target, u, v)
-        return [u, core, v.T], np.einsum("hwrs,ir,os->hwio", core, u, v)
+        return fitted_low_part(target, self.rank)
 
     def folded(self, sparse: np.ndarray) -> plan.PlainLayer:
         """The plain layer this one stands for, with the kernel L + `sparse` (folded into
         one kernel of the layer's shape) and the bias."""
-        u, v = self.u.numpy(), self.v.numpy()
-        low = np.einsum("ir,hwrs,so->hwio", u, self.core.numpy(), v) if self.tucker else u @ v
-        config = self.plain["config"]
-        shape = (*self.kernel_size, -1, self.units) if "filters" in config else low.shape
+        if not self.has_low:
+            low = 0.0
+        elif self.tucker:
+            low = np.einsum("ir,hwrs,so->hwio", self.u.numpy(), self.core.numpy(), self.v.numpy())
+        else:
+            low = self.u.numpy() @ self.v.numpy()
         bias = [self.bias.numpy()] if self.use_bias else []
-        kernel = (low + sparse).reshape(shape)
-        return plan.PlainLayer(self.plain["class_name"], config, [kernel, *bias])
+        kernel = (low + sparse).reshape(self._kernel_shape())
+        return plan.PlainLayer(self.plain["class_name"], self.plain["config"], [kernel, *bias])
 
-    def parts(self, sparse: np.ndarray) -> plan.Parallel:
+    def parts(self, sparse: np.ndarray) -> plan.Parallel | plan.PlainLayer:
         """The plain layers `strip` keeps: L's chain beside a layer of kernel `sparse`
         (the bias rides on L's last layer), summed by an `Add` of this layer's name, then
-        the activation."""
+        the activation; at rank 0, the plain layer with kernel `sparse`."""
+        if not self.has_low:
+            return self.folded(sparse)
         name, plain = self.name, self.plain
         bias = [self.bias.numpy()] if self.use_bias else []
         u, v = self.u.numpy(), self.v.numpy()
@@ -187,9 +206,9 @@ class LowRankPlusSparse(L.Layer, tfmot.sparsity.keras.PrunableLayer):
             )
         else:
             low = plan.factor_pair(plain, f"{name}_lowrank", u, v, bias)
-        conv = plain["class_name"] == "Conv2D"
-        kernel_shape = (*self.kernel_size, -1, self.units) if conv else sparse.shape
-        sparse_layer = (plan.part_of(plain, f"{name}_sparse", [sparse.reshape(kernel_shape)]),)
+        sparse_layer = (
+            plan.part_of(plain, f"{name}_sparse", [sparse.reshape(self._kernel_shape())]),
+        )
         return plan.Parallel(name, (low, sparse_layer), plain["config"].get("activation"))
 
 
@@ -231,8 +250,10 @@ class LowRankSparseAttention(L.Layer, tfmot.sparsity.keras.PrunableLayer):
     def build(self, input_shape):
         self.factors = {}
         for p, (rows, cols) in self.shapes().items():
-            u = self.add_weight(f"{p}_u", shape=(rows, self.rank[p]))
-            v = self.add_weight(f"{p}_v", shape=(self.rank[p], cols))
+            u = v = None
+            if self.rank[p]:
+                u = self.add_weight(f"{p}_u", shape=(rows, self.rank[p]))
+                v = self.add_weight(f"{p}_v", shape=(self.rank[p], cols))
             sparse = self.add_weight(f"{p}_sparse", shape=(rows, cols))
             bias = self.add_weight(f"{p}_bias", shape=(cols,)) if self.use_bias else None
             self.factors[p] = (u, v, sparse, bias)
@@ -253,8 +274,9 @@ class LowRankSparseAttention(L.Layer, tfmot.sparsity.keras.PrunableLayer):
     def _project(self, part: str, inputs):
         u, v, sparse, bias = self.factors[part]
         last = [[2], [0]]
-        outputs = tf.tensordot(tf.tensordot(inputs, u, last), v, last)
-        outputs = outputs + tf.tensordot(inputs, sparse, last)
+        outputs = tf.tensordot(inputs, sparse, last)
+        if u is not None:
+            outputs = outputs + tf.tensordot(tf.tensordot(inputs, u, last), v, last)
         return outputs if bias is None else outputs + bias
 
     def _heads(self, projected, size: int):
@@ -282,9 +304,8 @@ class LowRankSparseAttention(L.Layer, tfmot.sparsity.keras.PrunableLayer):
         kernels = self.kernels(weights)
         built = []
         for p, (kernel, bias) in kernels.items():
-            target = kernel - (outliers or {}).get(p, 0.0)
-            first, second = self.low_part(p, target)[0]
-            built += [first, second, kernel - first @ second, *([bias] if self.use_bias else [])]
+            factors, low = self.low_part(p, kernel - (outliers or {}).get(p, 0.0))
+            built += [*factors, kernel - low, *([bias] if self.use_bias else [])]
         return built
 
     def kernels(self, weights: list) -> dict:
@@ -302,8 +323,7 @@ class LowRankSparseAttention(L.Layer, tfmot.sparsity.keras.PrunableLayer):
     def low_part(self, part: str, target: np.ndarray) -> tuple[list, np.ndarray]:
         """(L's factors, L) of projection `part` fitted to `target` (its truncated SVD,
         split evenly)."""
-        first, second = surgery.split_evenly(target, self.rank[part])
-        return [first, second], first @ second
+        return fitted_low_part(target, self.rank[part])
 
     def folded(self, sparses: list) -> plan.PlainLayer:
         """The `MultiHeadAttention` this layer stands for, each kernel L + its S
@@ -318,7 +338,8 @@ class LowRankSparseAttention(L.Layer, tfmot.sparsity.keras.PrunableLayer):
         weights = []
         for p, sparse in zip(PROJECTIONS, sparses):
             u, v, _, bias = self.factors[p]
-            weights.append((u.numpy() @ v.numpy() + sparse).reshape(kernel_shapes[p]))
+            low = 0.0 if u is None else u.numpy() @ v.numpy()
+            weights.append((low + sparse).reshape(kernel_shapes[p]))
             if bias is not None:
                 bias_shape = (self.units,) if p == "output" else kernel_shapes[p][1:]
                 weights.append(bias.numpy().reshape(bias_shape))
@@ -327,7 +348,8 @@ class LowRankSparseAttention(L.Layer, tfmot.sparsity.keras.PrunableLayer):
     def parts(self, sparses: list) -> plan.Attention:
         """The plain layers `strip` keeps: each projection as a Dense pair of L's factors
         beside a Dense of kernel S (summed by an `Add` named `<layer>_<part>`; the output
-        projection's takes the layer's name), around a dot-product attention core."""
+        projection's takes the layer's name), around a dot-product attention core; a
+        projection at rank 0 as one Dense of kernel S."""
         config = self.plain["config"]
         projections = {}
         for p, sparse in zip(PROJECTIONS, sparses):
@@ -335,6 +357,9 @@ class LowRankSparseAttention(L.Layer, tfmot.sparsity.keras.PrunableLayer):
             name = self.name if p == "output" else f"{self.name}_{p}"
             dense = {"class_name": "Dense", "config": _dense_config(config, name, sparse.shape[1])}
             biases = [] if bias is None else [bias.numpy()]
+            if u is None:
+                projections[p] = plan.PlainLayer("Dense", dense["config"], [sparse, *biases])
+                continue
             low = plan.factor_pair(dense, f"{name}_lowrank", u.numpy(), v.numpy(), biases)
             sparse_layer = (plan.part_of(dense, f"{name}_sparse", [sparse]),)
             projections[p] = plan.Parallel(name, (low, sparse_layer))
@@ -410,21 +435,22 @@ class LowRankSparse(PrunedByTFMOT):
         split: str = "svd",
         fold: bool | list = False,
     ):
-        share = isinstance(rank, float)
-        if rank is not None and ((share and not 0 < rank < 1) or (not share and rank < 1)):
-            raise ValueError(
-                f"LowRankSparse(rank={rank!r}): give a number of components (>= 1) or a "
-                "share of each kernel's weights in (0, 1)."
-            )
+        _check_rank(rank)
         if rank is None and sparsity is None:
             raise ValueError(
                 "LowRankSparse(rank=None, sparsity=None): give one of them; the budget "
                 "derives the other."
             )
-        if sparsity is not None and not 0 <= sparsity < 1:
+        if rank == "auto" and sparsity is not None:
+            raise ValueError(
+                f"LowRankSparse(rank='auto', sparsity={sparsity!r}): 'auto' chooses each "
+                "layer's sparsity with its ranks; leave sparsity=None."
+            )
+        given = sparsity.values() if isinstance(sparsity, dict) else [sparsity]
+        if any(s is not None and not 0 <= s < 1 for s in given):
             raise ValueError(
                 f"LowRankSparse(sparsity={sparsity!r}): give the share of S's entries to "
-                "zero, in [0, 1)."
+                "zero, in [0, 1) (one, or one per layer name)."
             )
         if schedule not in SCHEDULES:
             raise ValueError(
@@ -432,8 +458,14 @@ class LowRankSparse(PrunedByTFMOT):
             )
         if split not in SPLITS:
             raise ValueError(f"LowRankSparse(split={split!r}): give one of {list(SPLITS)}.")
-        self.rank = rank if share or rank is None else int(rank)
-        self.sparsity = None if sparsity is None else float(sparsity)
+        self.rank = _rank_option(rank)
+        self.sparsity = (
+            {name: float(s) for name, s in sparsity.items()}
+            if isinstance(sparsity, dict)
+            else None
+            if sparsity is None
+            else float(sparsity)
+        )
         self.schedule = schedule
         self.block_size = tuple(int(b) for b in block_size)
         self.frequency = None if frequency is None else int(frequency)
@@ -445,8 +477,11 @@ class LowRankSparse(PrunedByTFMOT):
         self._kernels: dict[str, tuple] = {}  # kernel key -> its shape, set by `select`
 
     def get_config(self) -> dict:
+        rank = self.rank
+        if isinstance(rank, dict):
+            rank = {k: list(r) if isinstance(r, tuple) else r for k, r in rank.items()}
         return {
-            "rank": self.rank,
+            "rank": rank,
             "sparsity": self.sparsity,
             "schedule": self.schedule,
             "block_size": list(self.block_size),
@@ -475,8 +510,13 @@ class LowRankSparse(PrunedByTFMOT):
             raise ValueError(
                 "LowRankSparse finds no layer to take. Per layer:\n  " + "\n  ".join(why_not)
             )
-        if self.rank is not None:
-            self._ranks = {key: self._rank_of(key, shape) for key, shape in self._kernels.items()}
+        if isinstance(self.rank, dict):
+            self._ranks = self._given_ranks()
+        elif self.rank not in (None, "auto"):
+            ranks = self._kernels.items()
+            self._ranks = {key: self._rank_of(key, shape, self.rank) for key, shape in ranks}
+        if isinstance(self.sparsity, dict):
+            _check_named(self.sparsity, set(self._taken), "sparsity", "layer")
         unknown = sorted(set(self.fold) - set(self._taken)) if isinstance(self.fold, list) else []
         if unknown:
             raise ValueError(
@@ -496,27 +536,47 @@ class LowRankSparse(PrunedByTFMOT):
             return f"TF-MOT prunes blocks ({self.block_size}) only in 2-D kernels; its S is k x k"
         return reason
 
-    def _rank_of(self, key: str, shape: tuple) -> int | tuple[int, int]:
-        """The rank of L (r1, r2 for a Tucker-2 chain) of the kernel `key` of `shape`,
-        checked against its break-even rank.
+    def _given_ranks(self) -> dict:
+        """The ranks given per kernel key (an attention's layer name standing for its four
+        projections), checked.
 
         Raises:
-            ValueError: for an int rank at or above it, naming the layer.
+            ValueError: naming the kernels missing or unknown, or a rank too large.
         """
-        break_even = _break_even(shape)
-        if isinstance(self.rank, float):
-            return _rank_for_share(shape, self.rank)
-        if self.rank >= break_even:
+        given = {}
+        for name, rank in self.rank.items():
+            keys = [k for k in self._kernels if _layer_of(k) == name and k != name]
+            given.update(dict.fromkeys(keys or [name], rank))
+        _check_named(given, set(self._kernels), "rank", "kernel")
+        return {key: self._rank_of(key, self._kernels[key], r) for key, r in given.items()}
+
+    def _rank_of(self, key: str, shape: tuple, rank: Any) -> int | tuple[int, int]:
+        """The rank of L (r1, r2 for a Tucker-2 chain) of the kernel `key` of `shape` for
+        the option `rank` (a share, an int or (r1, r2)), checked against its break-even.
+
+        Raises:
+            ValueError: for a rank at or above it, or (r1, r2) for a matrix, naming the
+                layer.
+        """
+        if isinstance(rank, float):
+            return _rank_for_share(shape, rank)
+        break_even, size = _break_even(shape), math.prod(shape)
+        chain = _rank_form(shape, rank) if isinstance(rank, int) else rank
+        too_large = _low_weights(shape, chain) >= size if len(shape) == 4 else rank >= break_even
+        if isinstance(rank, tuple) and (len(shape) != 4 or _has_low(rank) != (max(rank) > 0)):
+            too_large = True  # (r1, r2) is a Tucker-2 chain's, both 0 or both above
+        if too_large:
             layer, kernel = _layer_of(key), " x ".join(str(d) for d in shape) + " kernel"
             if key != layer:
                 kernel = f"its {key.rpartition('/')[2]} projection, a {kernel}"
             form = "a Tucker-2 chain" if len(shape) == 4 else "two factors"
             raise ValueError(
-                f"LowRankSparse(rank={self.rank}): layer '{layer}' ({kernel}) holds fewer "
-                f"weights whole than as {form} from rank {break_even} on. Give a rank below "
-                f"{break_even}, a share such as 0.25, or skip=['{layer}']."
+                f"LowRankSparse(rank={rank}): layer '{layer}' ({kernel}) holds fewer "
+                f"weights whole than as {form} from rank {break_even} on (r1, r2 only for a "
+                f"k x k conv, both 0 or both above). Give a rank below {break_even}, a share "
+                f"such as 0.25, or skip=['{layer}']."
             )
-        return _rank_form(shape, self.rank)
+        return chain
 
     def prepare(self, setup: base.Setup, others: list[base.Technique]) -> None:
         """Derives the sparsity, or the rank (as a share of each kernel's weights), from
@@ -528,12 +588,33 @@ class LowRankSparse(PrunedByTFMOT):
                 "which costs what the layer did: no rank or sparsity meets the budget. Give "
                 "LowRankSparse(rank=..., sparsity=...), or fold fewer layers."
             )
+        if self.rank == "auto":
+            self.rank, self.sparsity = self._auto_split(setup, split)
+            self._ranks = dict(self.rank)
         if self.rank is None:
-            self.rank = _share_for_budget(setup, split, self.sparsity)
+            densities = {k: 1.0 - self.target_sparsity(_layer_of(k)) for k in split}
+            self.rank = _share_for_budget(setup, split, densities)
             kernels = self._kernels.items()
             self._ranks = {k: _rank_for_share(shape, self.rank) for k, shape in kernels}
         if self.sparsity is None:
             self.sparsity = _sparsity_for_budget(setup, {k: self._ranks[k] for k in split})
+
+    def _auto_split(self, setup: base.Setup, split: dict) -> tuple[dict, dict]:
+        """({kernel key: rank}, {layer: sparsity}) for `rank="auto"`: each layer holds the
+        share of its weights that S alone would at the budget (`split`: the kernels the
+        budget counts as L + S), split between L and S by `auto_split`."""
+        alone = {k: _rank_form(shape, 0) for k, shape in split.items()}
+        density = 1.0 - _sparsity_for_budget(setup, alone)
+        ranks, sparsities = {}, {}
+        for name, layer in self._taken.items():
+            layer_ranks, kept = auto_split(_kernel_values(layer), density)
+            ranks.update(layer_ranks)
+            sparsities[name] = sparsity_for_density(kept)
+        return ranks, sparsities
+
+    def target_sparsity(self, name: str) -> float:
+        """The sparsity of layer `name`'s S at the search's end."""
+        return self.sparsity[name] if isinstance(self.sparsity, dict) else self.sparsity
 
     def _folds(self, name: str) -> bool:
         """Whether `strip` folds layer `name`'s L + S into one kernel."""
@@ -552,7 +633,8 @@ class LowRankSparse(PrunedByTFMOT):
         outliers = None
         if self.split == "alternating":
             target = inner.in_sparse_shape(kernel)
-            outliers = robust_outliers(inner.low_part, target, 1.0 - self.sparsity)
+            density = 1.0 - self.target_sparsity(layer.name)
+            outliers = robust_outliers(inner.low_part, target, density)
         weights = inner.initial_weights(kernel, (bias or [None])[0], outliers)
         return with_inner_weights(self._wrapped(inner), weights)
 
@@ -571,8 +653,9 @@ class LowRankSparse(PrunedByTFMOT):
         weights = layer.get_weights()
         outliers = None
         if self.split == "alternating":
+            density = 1.0 - self.target_sparsity(layer.name)
             outliers = {
-                p: robust_outliers(partial(inner.low_part, p), kernel, 1.0 - self.sparsity)
+                p: robust_outliers(partial(inner.low_part, p), kernel, density)
                 for p, (kernel, _) in inner.kernels(weights).items()
             }
         call = with_inner_weights(self._wrapped(inner), inner.initial_weights(weights, outliers))
@@ -580,7 +663,8 @@ class LowRankSparse(PrunedByTFMOT):
 
     def _wrapped(self, inner: Any) -> LowRankSparseWrapper:
         """`inner` in TF-MOT's pruning wrapper, with this technique's schedule."""
-        schedule = SCHEDULES[self.schedule](self.sparsity)  # end_step: set_search_steps
+        target = self.target_sparsity(inner.name)
+        schedule = SCHEDULES[self.schedule](target)  # end_step: set_search_steps
         return LowRankSparseWrapper(inner, pruning_schedule=schedule, block_size=self.block_size)
 
     def kernel_keys(self, wrapper: Any) -> list[str]:
@@ -592,11 +676,12 @@ class LowRankSparse(PrunedByTFMOT):
     def decisions(self, model: Any, hard: bool = False) -> base.Decisions:
         """Each layer's rank and S's density at the search's end (a folded layer costs
         as it did whole)."""
-        density, decided = 1.0 - self.sparsity, {}
+        decided = {}
         for wrapper in self.layers_of(model):
             inner = wrapper.layer
             if self._folds(inner.name):
                 continue
+            density = 1.0 - self.target_sparsity(inner.name)
             if isinstance(inner, LowRankSparseAttention):
                 decided.update(
                     {kernel_key(inner.name, p): (inner.rank[p], density) for p in PROJECTIONS}
@@ -634,6 +719,26 @@ def robust_outliers(
     return outliers
 
 
+def fitted_low_part(target: np.ndarray, rank: int | tuple[int, int]) -> tuple[list, np.ndarray]:
+    """(L's factors, L) at `rank` fitted to `target` (a kernel in S's shape): for a pair,
+    its truncated SVD split evenly; for a Tucker-2 chain, its truncated HOSVD (U, V the
+    leading left singular vectors of `target` unfolded along its input and output axes,
+    the core `target` projected on them); at rank 0, no factors and L = 0."""
+    if not _has_low(rank):
+        return [], np.zeros_like(target)
+    if not isinstance(rank, tuple):
+        first, second = surgery.split_evenly(target, rank)
+        return [first, second], first @ second
+    u, v = (_leading_vectors(target, axis, r) for axis, r in zip((2, 3), rank))
+    core = np.einsum("hwio,ir,os->hwrs", target, u, v)
+    return [u, core, v.T], np.einsum("hwrs,ir,os->hwio", core, u, v)
+
+
+def _has_low(rank: int | tuple[int, int]) -> bool:
+    """Whether L at `rank` has factors (rank 0, or (0, 0): S alone)."""
+    return min(rank) > 0 if isinstance(rank, tuple) else rank > 0
+
+
 def _leading_vectors(kernel: np.ndarray, axis: int, count: int) -> np.ndarray:
     """The `count` leading left singular vectors of `kernel` unfolded along `axis`
     (a matrix with one row per index of that axis), as columns."""
@@ -660,6 +765,49 @@ def _kernel_shapes(layer: Any) -> dict[str, tuple]:
         kernel_key(layer.name, p): projection_matrix(tuple(int(d) for d in w.shape), p)
         for p, w in zip(PROJECTIONS, kernels)
     }
+
+
+def _kernel_values(layer: Any) -> dict[str, np.ndarray]:
+    """Kernel key -> each kernel of `layer` that LowRankSparse keeps as L + S, in S's
+    shape (`_kernel_shapes`)."""
+    kernels = [w.numpy() for w in layer.weights if "kernel" in w.name]
+    return {
+        key: k.reshape(shape) for (key, shape), k in zip(_kernel_shapes(layer).items(), kernels)
+    }
+
+
+def auto_split(kernels: dict[str, np.ndarray], density: float) -> tuple[dict, float]:
+    """How one layer's kernels (key -> kernel in S's shape) hold `density` of their
+    entries as L + S: L at ranks holding a share of that (one of `AUTO_SHARES`, the same
+    for each kernel), S the rest as its density, at the share that leaves the least of
+    the kernels out (the squared entries neither L, fitted by `fitted_low_part`, nor S,
+    the largest entries of what L leaves, keeps). Weights alone decide: a kernel close
+    to low rank gives L more, one without that structure leaves it all to S.
+
+    Returns:
+        ({kernel key: rank}, S's density).
+    """
+    entries = sum(k.size for k in kernels.values())
+    best = None
+    for share in AUTO_SHARES:
+        ranks = {
+            key: _rank_for_share(k.shape, share * density, least=0) for key, k in kernels.items()
+        }
+        low = sum(_low_weights(k.shape, ranks[key]) for key, k in kernels.items())
+        kept = (density * entries - low) / entries
+        if kept < 0:
+            continue
+        lost = sum(_left_out(k, ranks[key], kept) for key, k in kernels.items())
+        if best is None or lost < best[0]:
+            best = (lost, ranks, kept)
+    return best[1], best[2]
+
+
+def _left_out(kernel: np.ndarray, rank: int | tuple[int, int], density: float) -> float:
+    """The sum of the squared entries of `kernel` that neither L at `rank` nor S, the
+    largest `density` share of what L leaves, keeps."""
+    residual = kernel - fitted_low_part(kernel, rank)[1]
+    return float(np.sum((residual * (1.0 - largest_mask(residual, None, None, density))) ** 2))
 
 
 def _layer_of(key: str) -> str:
@@ -694,22 +842,78 @@ def _break_even(shape: tuple) -> int:
     return next(r for r in ranks if _low_weights(shape, _rank_form(shape, r)) >= size)
 
 
-def _rank_for_share(shape: tuple, share: float) -> int | tuple[int, int]:
+def _rank_for_share(shape: tuple, share: float, least: int = 1) -> int | tuple[int, int]:
     """The rank at which L holds about `share` of a kernel's weights (at most, and
-    fewer than the kernel): a pair's rank that share of its break-even rank; a Tucker-2
-    chain's r1 and r2 the same share t of the input and output channels, t solving
+    fewer than the kernel), `least` at least (1, or 0: S alone where rank 1 holds more):
+    a pair's rank that share of its break-even rank; a Tucker-2 chain's r1 and r2 the
+    same share t of the input and output channels, t solving
     area*cin*cout*t^2 + (cin^2 + cout^2)*t = share*area*cin*cout."""
     if len(shape) == 2:
-        return max(1, min(_break_even(shape) - 1, math.floor(share * _break_even(shape))))
+        return max(least, min(_break_even(shape) - 1, math.floor(share * _break_even(shape))))
     *area, cin, cout = shape
     size = math.prod(area) * cin * cout
     quadratic, linear = size, cin * cin + cout * cout
     t = (math.sqrt(linear * linear + 4 * quadratic * share * size) - linear) / (2 * quadratic)
-    r1, r2 = max(1, math.floor(t * cin)), max(1, math.floor(t * cout))
+    r1, r2 = max(least, math.floor(t * cin)), max(least, math.floor(t * cout))
+    if min(r1, r2) == 0:
+        return 0, 0
     while _low_weights(shape, (r1, r2)) >= size:  # rounding r1 or r2 up to 1 overshot
         lower_r1 = r2 == 1 or (r1 > 1 and r1 / cin > r2 / cout)
         r1, r2 = (r1 - 1, r2) if lower_r1 else (r1, r2 - 1)
     return r1, r2
+
+
+def _check_rank(rank: Any) -> None:
+    """Raises for a `rank` option that is none of: None, "auto", a share in (0, 1), an
+    int >= 1, or a dict by layer name (or kernel key) of ints >= 0 or [r1, r2].
+
+    Raises:
+        ValueError: naming the bad value and what to give.
+    """
+    if isinstance(rank, dict):
+        fine = all(_is_rank(r) or (_is_pair(r) and all(map(_is_rank, r))) for r in rank.values())
+    else:
+        share = isinstance(rank, float) and 0 < rank < 1
+        fine = rank is None or rank == "auto" or share or (_is_rank(rank) and rank >= 1)
+    if not fine:
+        raise ValueError(
+            f"LowRankSparse(rank={rank!r}): give a number of components (>= 1), a share of "
+            "each kernel's weights in (0, 1), 'auto', or a dict of ranks (>= 0, or "
+            "[r1, r2] for a k x k conv) by layer name."
+        )
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2
+
+
+def _rank_option(rank: Any) -> Any:
+    """The `rank` option as kept: ints as ints, a dict's [r1, r2] as a tuple."""
+    if isinstance(rank, dict):
+        return {
+            k: tuple(int(r) for r in v) if isinstance(v, (list, tuple)) else int(v)
+            for k, v in rank.items()
+        }
+    return int(rank) if isinstance(rank, int) else rank
+
+
+def _check_named(given: dict, taken: set, option: str, what: str) -> None:
+    """Raises unless the per-layer `option` dict `given` names each of `taken` once.
+
+    Raises:
+        ValueError: naming what is missing or unknown.
+    """
+    missing, unknown = sorted(taken - set(given)), sorted(set(given) - taken)
+    if missing or unknown:
+        raise ValueError(
+            f"LowRankSparse({option}={{...}}) names the {what}s it takes, each once: missing "
+            f"{missing}, unknown {unknown}. It takes {sorted(taken)}; leave a layer out "
+            "with skip=[...]."
+        )
 
 
 def _why_not(layer: Any) -> str | None:
@@ -814,9 +1018,10 @@ def _sparsity_for_budget(setup: base.Setup, ranks: dict) -> float:
     return sparsity_for_density(_largest(meets, 1e-7))
 
 
-def _share_for_budget(setup: base.Setup, kernels: dict, sparsity: float) -> float:
+def _share_for_budget(setup: base.Setup, kernels: dict, densities: dict) -> float:
     """The one share of each kernel's weights that L holds (`_rank_for_share`) that meets
-    the budget's params and bits targets with S at `sparsity` (`kernels`: key -> shape).
+    the budget's params and bits targets with each S at its density (`kernels`: key ->
+    shape; `densities`: key -> S's density).
 
     Raises:
         ValueError: without a params or bits target, or when even rank 1 misses it.
@@ -824,13 +1029,14 @@ def _share_for_budget(setup: base.Setup, kernels: dict, sparsity: float) -> floa
     meter = _budget_meter(setup, "rank")
 
     def meets(share: float) -> bool:
-        density = 1.0 - sparsity
-        decided = {k: (_rank_for_share(shape, share), density) for k, shape in kernels.items()}
-        return meter(decided)
+        ranks = {k: _rank_for_share(shape, share) for k, shape in kernels.items()}
+        return meter({k: (rank, densities[k]) for k, rank in ranks.items()})
 
     if not meets(0.0):
+        sparsities = sorted({round(1.0 - d, 6) for d in densities.values()})
+        sparsities = sparsities[0] if len(sparsities) == 1 else sparsities
         raise ValueError(
-            f"{setup.budget} cannot be met by LowRankSparse at sparsity {sparsity}: at rank 1 "
+            f"{setup.budget} cannot be met by LowRankSparse at sparsity {sparsities}: at rank 1 "
             "L and S exceed it. Raise the sparsity, or stack a technique that removes "
             "channels."
         )

@@ -111,9 +111,14 @@ class PrunedByTFMOT(base.Technique):
                 for key, (weight, mask, _) in zip(self.kernel_keys(wrapper), wrapper.pruning_vars):
                     rows, cols = kept[key]
                     kernel = _as_matrix(weight.numpy(), key)
-                    chosen = largest_mask(kernel, rows, cols, 1.0 - self.sparsity)
+                    density = 1.0 - self.target_sparsity(wrapper.layer.name)
+                    chosen = largest_mask(kernel, rows, cols, density)
                     mask.assign(chosen.reshape(weight.shape))
             wrapper.pruning_obj.weight_mask_op()
+
+    def target_sparsity(self, name: str) -> float:
+        """The sparsity of layer `name`'s pruned kernels at the search's end."""
+        return self.sparsity
 
     def kernel_keys(self, wrapper: Any) -> list[str]:
         """The cost model's keys (`cost.LayerTerms.key`) of the kernels `wrapper` prunes,

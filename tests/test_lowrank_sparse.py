@@ -628,3 +628,139 @@ def test_efficientnetb0_strips_exactly_and_meets_its_budget():
     # (the fresh network's zero biases count in the budget, not among the non-zeros)
     assert share <= float(counted["params"]) <= 0.5
     assert float(counted["params"]) == pytest.approx(share, abs=5e-3)
+
+
+def _rank_one_and_spiky(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two 64 x 64 kernels: one of rank 1 plus faint noise (L's kind), one of faint noise
+    plus a fifth of its entries at +-1 (S's kind)."""
+    faint = 0.01 * rng.normal(size=(2, 64, 64))
+    low = np.outer(rng.normal(size=64), rng.normal(size=64)) + faint[0]
+    spikes = (rng.random((64, 64)) < 0.2) * rng.choice([-1.0, 1.0], (64, 64))
+    return low.astype(np.float32), (spikes + faint[1]).astype(np.float32)
+
+
+def test_auto_split_gives_l_to_a_low_rank_kernel_and_leaves_spikes_to_s():
+    low, spiky = _rank_one_and_spiky(np.random.default_rng(0))
+    density = float(np.mean(np.abs(spiky) > 0.5))  # the spikes' share
+    ranks, kept = lowrank_sparse.auto_split({"low": low}, density)
+    assert ranks == {"low": 1} and kept == pytest.approx(density - 128 / 4096)
+    ranks, kept = lowrank_sparse.auto_split({"spiky": spiky}, density)
+    assert ranks == {"spiky": 0} and kept == density  # any L would cost S some spikes
+    # one layer's kernels (an attention's projections) take one share and one density:
+    # here L's gain on `low` outweighs the spikes S then drops
+    ranks, kept = lowrank_sparse.auto_split({"a": low, "b": spiky}, density)
+    assert ranks == {"a": 1, "b": 1} and kept == pytest.approx(density - 128 / 4096)
+
+
+def spiky_model() -> keras.Model:
+    """Dense 64 -> 64 -> 64 -> 10: `low` of rank 1 plus noise, `spiky` a fifth at +-1."""
+    inputs = keras.Input((64,))
+    x = layers.Dense(64, name="low", bias_initializer="random_normal")(inputs)
+    x = layers.Dense(64, name="spiky", bias_initializer="random_normal")(x)
+    model = keras.Model(inputs, layers.Dense(10, name="logits")(x), name="spiky_model")
+    for name, kernel in zip(("low", "spiky"), _rank_one_and_spiky(np.random.default_rng(1))):
+        model.get_layer(name).kernel.assign(kernel)
+    return model
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_auto_chooses_ranks_and_sparsities_per_layer_within_the_budget(tmp_path, suffix):
+    model = spiky_model()
+    snapshot, config = weights_snapshot(model), model.get_config()
+    budget = th.Budget(params=0.2)
+    technique = th.LowRankSparse(rank="auto")
+    compressed = th.hybrid_compress(model, budget, [technique], search_steps=8)
+    chosen = compressed.technique("lowrank_sparse")
+    ranks, sparsities = chosen.get_config()["rank"], chosen.get_config()["sparsity"]
+    assert ranks["low"] >= 1 and ranks["spiky"] == 0
+    assert sparsities["low"] > sparsities["spiky"] == sparsities["logits"]  # L's share
+    x = np.random.default_rng(2).normal(size=(16, 64)).astype(np.float32)
+    np.testing.assert_allclose(compressed(x), model(x), rtol=1e-4, atol=1e-4)
+    compressed.compile("adam", "mse")
+    y = np.zeros((16, 10), np.float32)
+    compressed.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[th.CompressionScheduler()])
+    path = str(tmp_path / f"auto{suffix}")
+    compressed.save(path)
+    with th.custom_object_scope():
+        loaded = keras.models.load_model(path)
+    assert loaded.technique("lowrank_sparse").get_config()["rank"] == ranks
+    np.testing.assert_allclose(loaded(x), compressed(x), rtol=1e-5, atol=1e-6)
+    loaded.compile("adam", "mse")
+    loaded.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[th.CompressionScheduler()])
+    assert loaded.search_finished()
+    small = th.strip(loaded)
+    np.testing.assert_allclose(small(x), loaded(x), rtol=1e-4, atol=1e-4)
+    assert isinstance(small.get_layer("spiky"), layers.Dense)  # rank 0: the plain layer
+    spiky = small.get_layer("spiky").kernel.numpy()
+    assert np.mean(spiky != 0) == pytest.approx(1 - sparsities["spiky"], abs=1 / spiky.size)
+    measured = th.profile(small).nonzero_params / th.profile(model).params
+    counted = float(loaded.ratios(hard=True)["params"])
+    assert measured <= counted <= 0.2 and counted == pytest.approx(0.2, abs=1e-3)
+    assert_unchanged(model, snapshot, config)
+
+
+def test_ranks_and_sparsities_given_per_layer_with_rank_0_for_s_alone():
+    model = pointwise_model()
+    ranks = {"pointwise": 0, "spatial": [0, 0], "hidden": 2, "logits": 0}
+    sparsity = {"pointwise": 0.5, "spatial": 0.7, "hidden": 0.6, "logits": 0.2}
+    technique = th.LowRankSparse(rank=ranks, sparsity=sparsity)
+    compressed = th.hybrid_compress(model, th.Budget(params=0.9), [technique], search_steps=4)
+    parts = _parts(compressed)
+    assert {n: p.rank for n, p in parts.items()} == {**ranks, "spatial": (0, 0)}
+    assert [w.name.rpartition("/")[2] for w in parts["spatial"].weights] == ["sparse:0", "bias:0"]
+    x = np.random.default_rng(3).normal(size=(4, 8, 8, 6)).astype(np.float32)
+    np.testing.assert_allclose(compressed(x), model(x), rtol=1e-4, atol=1e-5)
+    compressed.finish_search()
+    small = th.strip(compressed)
+    np.testing.assert_allclose(small(x), compressed(x), rtol=1e-4, atol=1e-5)
+    for name, share in sparsity.items():
+        kernel = small.get_layer(name if name != "hidden" else "hidden_sparse").kernel.numpy()
+        assert np.mean(kernel == 0) == pytest.approx(share, abs=1 / kernel.size)
+    assert small.get_layer("pointwise").get_config()["strides"] == (2, 2)
+    counted = compressed.ratios(hard=True)
+    measured = th.profile(small)
+    assert float(counted["macs"]) == pytest.approx(measured.macs / th.profile(model).macs)
+
+
+def test_an_attention_projection_at_rank_0_strips_to_one_dense_layer():
+    model = attention_model()
+    ranks = {"attention/query": 0, "attention/key": 2, "attention/value": 0}
+    ranks.update({"attention/output": 1, "embed": 0, "logits": 1})
+    technique = th.LowRankSparse(rank=ranks, sparsity=0.5)
+    compressed = th.hybrid_compress(model, th.Budget(params=0.9), [technique], search_steps=4)
+    x = np.random.default_rng(12).normal(size=(8, 6, 12)).astype(np.float32)
+    np.testing.assert_allclose(compressed(x), model(x), rtol=1e-4, atol=1e-5)
+    x = fit_search_on(compressed, x)
+    small = th.strip(compressed)
+    names = {la.name for la in small.layers}
+    assert {"attention_query", "attention_value", "embed"} <= names
+    assert "attention_key_lowrank_in" in names and "attention_query_lowrank_in" not in names
+    np.testing.assert_allclose(small(x), compressed(x), rtol=1e-4, atol=1e-5)
+    counted = compressed.ratios(hard=True)
+    measured = th.profile(small)
+    assert float(counted["macs"]) == pytest.approx(measured.macs / th.profile(model).macs)
+
+
+def test_per_layer_options_that_do_not_fit_get_a_clear_error():
+    model = pointwise_model()
+    budget = th.Budget(params=0.9)
+    with pytest.raises(ValueError, match=r"rank='fast'"):
+        th.LowRankSparse(rank="fast")
+    with pytest.raises(ValueError, match=r"rank='auto', sparsity=0.5.*leave sparsity=None"):
+        th.LowRankSparse(rank="auto", sparsity=0.5)
+    with pytest.raises(ValueError, match=r"sparsity=\{'hidden': 1.0\}"):
+        th.LowRankSparse(rank=2, sparsity={"hidden": 1.0})
+    with pytest.raises(ValueError, match=r"missing \['logits', 'spatial'\], unknown \['head'\]"):
+        ranks = {"pointwise": 1, "hidden": 1, "head": 1}
+        th.hybrid_compress(model, budget, [th.LowRankSparse(rank=ranks, sparsity=0.5)])
+    with pytest.raises(ValueError, match=r"sparsity=\{...\}.*missing \['spatial'\]"):
+        given = {"pointwise": 0.5, "hidden": 0.5, "logits": 0.5}
+        th.hybrid_compress(model, budget, [th.LowRankSparse(rank=1, sparsity=given)])
+    with pytest.raises(ValueError, match=r"rank=\(1, 1\).*layer 'hidden'.*r1, r2 only for"):
+        ranks = {"pointwise": 1, "spatial": 1, "hidden": [1, 1], "logits": 1}
+        th.hybrid_compress(model, budget, [th.LowRankSparse(rank=ranks, sparsity=0.5)])
+    with pytest.raises(ValueError, match=r"rank=\(0, 2\).*layer 'spatial'"):
+        ranks = {"pointwise": 1, "spatial": [0, 2], "hidden": 1, "logits": 1}
+        th.hybrid_compress(model, budget, [th.LowRankSparse(rank=ranks, sparsity=0.5)])
+    with pytest.raises(ValueError, match="needs a params or bits budget"):
+        th.hybrid_compress(model, th.Budget(macs=0.5), [th.LowRankSparse(rank="auto")])

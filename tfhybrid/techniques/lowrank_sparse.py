@@ -560,11 +560,12 @@ class LowRankSparse(PrunedByTFMOT):
         """
         if isinstance(rank, float):
             return _rank_for_share(shape, rank)
-        break_even, size = _break_even(shape), math.prod(shape)
-        chain = _rank_form(shape, rank) if isinstance(rank, int) else rank
-        too_large = _low_weights(shape, chain) >= size if len(shape) == 4 else rank >= break_even
-        if isinstance(rank, tuple) and (len(shape) != 4 or _has_low(rank) != (max(rank) > 0)):
-            too_large = True  # (r1, r2) is a Tucker-2 chain's, both 0 or both above
+        break_even = _break_even(shape)
+        if isinstance(rank, tuple):  # a Tucker-2 chain's (r1, r2): both 0 or both above
+            chain = len(shape) == 4 and _has_low(rank) == (max(rank) > 0)
+            too_large = not chain or _low_weights(shape, rank) >= math.prod(shape)
+        else:
+            too_large = rank >= break_even
         if too_large:
             layer, kernel = _layer_of(key), " x ".join(str(d) for d in shape) + " kernel"
             if key != layer:
@@ -576,7 +577,7 @@ class LowRankSparse(PrunedByTFMOT):
                 f"k x k conv, both 0 or both above). Give a rank below {break_even}, a share "
                 f"such as 0.25, or skip=['{layer}']."
             )
-        return chain
+        return rank if isinstance(rank, tuple) else _rank_form(shape, rank)
 
     def prepare(self, setup: base.Setup, others: list[base.Technique]) -> None:
         """Derives the sparsity, or the rank (as a share of each kernel's weights), from

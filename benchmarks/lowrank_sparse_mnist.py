@@ -88,6 +88,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("train_batches", 0, "Use only this many training batches (0: all).")
     flags.DEFINE_string("out", "docs/results/lowrank_sparse_mnist.json", "Result JSON.")
     flags.DEFINE_list("from_json", [], "Only print the table of these result JSONs (merged).")
+    flags.DEFINE_bool(
+        "splits",
+        False,
+        "Only print, per budget and method, the share of the model's weights L holds and "
+        "S's densities (untrained network: the shares depend on the shapes alone, except "
+        "lowrank_sparse_auto's).",
+    )
 
 
 def once_each(runs: list[dict]) -> list[dict]:
@@ -157,6 +164,10 @@ def main(argv):
         runs = [r for p in FLAGS.from_json for r in json.loads(pathlib.Path(p).read_text())["runs"]]
         print("\n".join(table(once_each(runs))))
         return
+    if FLAGS.splits:
+        model, budgets = MODELS[FLAGS.model](), list(map(float, FLAGS.params))
+        print("\n".join(splits(model, FLAGS.budget, budgets, FLAGS.methods)))
+        return
     test = mnist("test", 1000)
     runs = []
     for seed in map(int, FLAGS.seeds):
@@ -174,6 +185,32 @@ def main(argv):
                 print(json.dumps(entry), flush=True)
                 save(runs)
     print("\n".join(table(runs)))
+
+
+def splits(model, kind: str, budgets: list[float], methods: list[str]) -> list[str]:
+    """Markdown rows: per budget (shares of `kind`) and LowRankSparse or Sparse method,
+    the share of `model`'s weights that L holds and the range of S's densities (the share
+    of its entries each S keeps) at the search's end."""
+    lines = ["| budget | method | L's weights / model's | S's density |", "|---|---|---|---|"]
+    for params in budgets:
+        for method in methods:
+            chosen = techniques(method, params)
+            if chosen[0].name not in ("lowrank_sparse", "sparse"):
+                continue
+            budget = th.Budget(**{kind: params})
+            compressed = th.hybrid_compress(model, budget, chosen, search_steps=2)
+            technique = compressed.technique(chosen[0].name)
+            low, densities = 0, []
+            for wrapper in technique.layers_of(compressed):
+                pruned = {id(w) for w, _, _ in wrapper.pruning_vars}
+                kernels = [w for w in wrapper.layer.trainable_weights if "bias" not in w.name]
+                low += sum(int(w.shape.num_elements()) for w in kernels if id(w) not in pruned)
+                densities.append(1.0 - technique.target_sparsity(wrapper.layer.name))
+            lines.append(
+                f"| {kind} {params:g} | {method} | {low / model.count_params():.3f} | "
+                f"{min(densities):.4f}-{max(densities):.4f} |"
+            )
+    return lines
 
 
 def save(runs: list[dict]) -> None:

@@ -216,6 +216,24 @@ def test_the_lowrank_sparse_table_has_a_row_per_budget_and_method_in_order():
     assert len(lines) == 6
 
 
+def test_the_splits_table_counts_what_l_holds_and_what_s_keeps():
+    from models import lenet_300_100
+
+    model = lenet_300_100()  # 784 x 300, 300 x 100 and 100 x 10 kernels, 410 biases
+    methods = ["lowrank_sparse_fifth", "sparse", "df"]
+    lines = lowrank_sparse_bench.splits(model, "params", [0.1], methods)
+    assert len(lines) == 4  # DF is neither
+    fifth, sparse = (line.strip("| ").split(" | ") for line in lines[2:])
+    # L at a fifth of 10%: ranks 4, 1 and 1 (2% of each break-even rank, at least 1)
+    low = 4 * (784 + 300) + 1 * (300 + 100) + 1 * (100 + 10)
+    total, entries = model.count_params(), model.count_params() - 410
+    assert fifth[:3] == ["params 0.1", "lowrank_sparse_fifth", f"{low / total:.3f}"]
+    assert sparse[:3] == ["params 0.1", "sparse", "0.000"]
+    for row, kept in ((sparse, 0.1 * total - 410), (fifth, 0.1 * total - 410 - low)):
+        least, most = map(float, row[3].split("-"))
+        assert least == most == pytest.approx(kept / entries, abs=1e-4)
+
+
 _EXPORT_SPEC = importlib.util.spec_from_file_location(
     "lowrank_sparse_export", _PATH.parent / "lowrank_sparse_export.py"
 )

@@ -91,8 +91,9 @@ def define_flags() -> None:
     flags.DEFINE_bool(
         "splits",
         False,
-        "Only print, per budget and method, the share of the model's weights L holds and "
-        "S's densities (untrained network: the shares depend on the shapes alone, except "
+        "Only print, per budget and method, the share of the model's weights L holds, S's "
+        "densities and L's ranks, on the first seed's network pretrained as for the runs "
+        "(untrained with --pretrain_epochs=0: the shares depend on the shapes alone, except "
         "lowrank_sparse_auto's).",
     )
 
@@ -166,6 +167,11 @@ def main(argv):
         return
     if FLAGS.splits:
         model, budgets = MODELS[FLAGS.model](), list(map(float, FLAGS.params))
+        if FLAGS.pretrain_epochs:
+            seed = int(FLAGS.seeds[0])
+            model = pretrained(
+                MODELS[FLAGS.model], seed, FLAGS.pretrain_epochs, FLAGS.train_batches
+            )[0]
         print("\n".join(splits(model, FLAGS.budget, budgets, FLAGS.methods)))
         return
     test = mnist("test", 1000)
@@ -189,9 +195,13 @@ def main(argv):
 
 def splits(model, kind: str, budgets: list[float], methods: list[str]) -> list[str]:
     """Markdown rows: per budget (shares of `kind`) and LowRankSparse or Sparse method,
-    the share of `model`'s weights that L holds and the range of S's densities (the share
-    of its entries each S keeps) at the search's end."""
-    lines = ["| budget | method | L's weights / model's | S's density |", "|---|---|---|---|"]
+    the share of `model`'s weights that L holds, the range of S's densities (the share
+    of its entries each S keeps) at the search's end, and L's rank per layer (an
+    attention's query/key/value/output)."""
+    lines = [
+        "| budget | method | L's weights / model's | S's density | L's ranks |",
+        "|---|---|---|---|---|",
+    ]
     for params in budgets:
         for method in methods:
             chosen = techniques(method, params)
@@ -200,15 +210,19 @@ def splits(model, kind: str, budgets: list[float], methods: list[str]) -> list[s
             budget = th.Budget(**{kind: params})
             compressed = th.hybrid_compress(model, budget, chosen, search_steps=2)
             technique = compressed.technique(chosen[0].name)
-            low, densities = 0, []
+            low, densities, ranks = 0, [], []
             for wrapper in technique.layers_of(compressed):
+                rank = getattr(wrapper.layer, "rank", None)
+                if rank is not None:
+                    rank = "/".join(map(str, rank.values())) if isinstance(rank, dict) else rank
+                    ranks.append(f"{wrapper.layer.name} {rank}")
                 pruned = {id(w) for w, _, _ in wrapper.pruning_vars}
                 kernels = [w for w in wrapper.layer.trainable_weights if "bias" not in w.name]
                 low += sum(int(w.shape.num_elements()) for w in kernels if id(w) not in pruned)
                 densities.append(1.0 - technique.target_sparsity(wrapper.layer.name))
             lines.append(
                 f"| {kind} {params:g} | {method} | {low / model.count_params():.3f} | "
-                f"{min(densities):.4f}-{max(densities):.4f} |"
+                f"{min(densities):.4f}-{max(densities):.4f} | {', '.join(ranks) or '-'} |"
             )
     return lines
 

@@ -229,6 +229,7 @@ def test_the_splits_table_counts_what_l_holds_and_what_s_keeps():
     total, entries = model.count_params(), model.count_params() - 410
     assert fifth[:3] == ["params 0.1", "lowrank_sparse_fifth", f"{low / total:.3f}"]
     assert sparse[:3] == ["params 0.1", "sparse", "0.000"]
+    assert fifth[4] == "fc1 4, fc2 1, fc3 1" and sparse[4] == "-"
     for row, kept in ((sparse, 0.1 * total - 410), (fifth, 0.1 * total - 410 - low)):
         least, most = map(float, row[3].split("-"))
         assert least == most == pytest.approx(kept / entries, abs=1e-4)

@@ -212,8 +212,8 @@ def splits(model, kind: str, budgets: list[float], methods: list[str]) -> list[s
             technique = compressed.technique(chosen[0].name)
             low, densities, ranks = 0, [], []
             for wrapper in technique.layers_of(compressed):
-                rank = getattr(wrapper.layer, "rank", None)
-                if rank is not None:
+                if technique.name == "lowrank_sparse":  # (a Conv2D's `rank` is its spatial rank)
+                    rank = wrapper.layer.rank
                     rank = "/".join(map(str, rank.values())) if isinstance(rank, dict) else rank
                     ranks.append(f"{wrapper.layer.name} {rank}")
                 pruned = {id(w) for w, _, _ in wrapper.pruning_vars}

@@ -217,8 +217,14 @@ def test_the_lowrank_sparse_table_has_a_row_per_budget_and_method_in_order():
 
 
 def test_the_splits_table_counts_what_l_holds_and_what_s_keeps():
+    from tfhybrid import keras
+
     from models import lenet_300_100
 
+    inputs = keras.Input((28, 28, 1))
+    conv = keras.layers.Conv2D(2, 3, name="conv")(inputs)  # a Conv2D's `rank` is 2: no rank
+    with_conv = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(conv)))
+    assert lowrank_sparse_bench.splits(with_conv, "params", [0.5], ["sparse"])[2].endswith("| - |")
     model = lenet_300_100()  # 784 x 300, 300 x 100 and 100 x 10 kernels, 410 biases
     methods = ["lowrank_sparse_fifth", "sparse", "df"]
     lines = lowrank_sparse_bench.splits(model, "params", [0.1], methods)

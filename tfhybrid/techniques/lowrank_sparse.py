@@ -397,11 +397,15 @@ class LowRankSparse(PrunedByTFMOT):
         rank: components of L per kernel (each of an attention's four projections has
             its own): an int (below its break-even rank, from which L holds as many
             weights as the kernel; r1 = r2 = rank capped at the channels for a Tucker-2
-            chain), or a share in (0, 1) of each kernel's weights that L holds; None: the
-            one share that meets the budget's params or
-            bits target at the given `sparsity`.
+            chain), or a share in (0, 1) of each kernel's weights that L holds (at least
+            rank 1); None: the one share that meets the budget's params or bits target at
+            the given `sparsity`; "auto": each layer's ranks and sparsity chosen from its
+            weights (`auto_split`) at the budget pruning alone would meet; or a dict by
+            layer name (or `<attention>/<projection>`) of ints >= 0 (0: S alone) or
+            [r1, r2] for a Tucker-2 chain, naming every layer taken.
         sparsity: share of S's entries set to zero at the search's end; None: the one
-            share that meets the budget's params or bits target.
+            share that meets the budget's params or bits target; or a dict by layer name,
+            naming every layer taken.
         split: how L starts: "svd", the kernel's truncated SVD (HOSVD for a k x k
             conv); "alternating", a robust-PCA-style split (`robust_outliers`) in which
             L is fitted to the kernel less the entries S will keep.
@@ -416,8 +420,9 @@ class LowRankSparse(PrunedByTFMOT):
         skip: never these layers.
 
     Raises:
-        ValueError: for a rank below 1 or a share outside (0, 1), a sparsity outside
-            [0, 1), neither a rank nor a sparsity, an unknown schedule or split.
+        ValueError: for a rank below 1 (below 0 in a dict) or a share outside (0, 1), a
+            sparsity outside [0, 1), neither a rank nor a sparsity, "auto" with a
+            sparsity, an unknown schedule or split.
     """
 
     name = "lowrank_sparse"
@@ -459,13 +464,7 @@ class LowRankSparse(PrunedByTFMOT):
         if split not in SPLITS:
             raise ValueError(f"LowRankSparse(split={split!r}): give one of {list(SPLITS)}.")
         self.rank = _rank_option(rank)
-        self.sparsity = (
-            {name: float(s) for name, s in sparsity.items()}
-            if isinstance(sparsity, dict)
-            else None
-            if sparsity is None
-            else float(sparsity)
-        )
+        self.sparsity = sparsity if sparsity is None else _floats(sparsity)
         self.schedule = schedule
         self.block_size = tuple(int(b) for b in block_size)
         self.frequency = None if frequency is None else int(frequency)
@@ -890,6 +889,13 @@ def _is_rank(value: Any) -> bool:
 
 def _is_pair(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and len(value) == 2
+
+
+def _floats(value: float | dict) -> float | dict:
+    """`value` as a float, or a dict's values as floats."""
+    if isinstance(value, dict):
+        return {k: float(v) for k, v in value.items()}
+    return float(value)
 
 
 def _rank_option(rank: Any) -> Any:

@@ -141,8 +141,10 @@ def test_latency_table_saves_the_table_a_latency_budget_reads(model_file, tmp_pa
     table = th.LatencyTable.load(out_path)
     assert table.quantize == "int8" and {"conv1", "conv2", "fc1"} <= set(table.layers)
     assert f"{out_path}: {len(table.layers)} layers timed (int8, 1 thread(s))" in out
-    budget = th.Budget(latency=0.9, latency_table=out_path)
-    th.hybrid_compress(keras.models.load_model(model_file), budget)  # the table fits
+    # the table fits the model (a budget below 1 could be out of reach: on LeNet-5 int8 the
+    # fixed ops' share of 2 timed runs varies from run to run, 0.93 seen)
+    budget = th.Budget(latency=1.0, latency_table=out_path)
+    th.hybrid_compress(keras.models.load_model(model_file), budget)
 
 
 @pytest.fixture(scope="module")

@@ -764,3 +764,18 @@ def test_per_layer_options_that_do_not_fit_get_a_clear_error():
         th.hybrid_compress(model, budget, [th.LowRankSparse(rank=ranks, sparsity=0.5)])
     with pytest.raises(ValueError, match="needs a params or bits budget"):
         th.hybrid_compress(model, th.Budget(macs=0.5), [th.LowRankSparse(rank="auto")])
+
+
+def test_a_budget_sets_the_rank_share_for_sparsities_given_per_layer():
+    model = pointwise_model()
+    sparsity = {"pointwise": 0.3, "spatial": 0.9, "hidden": 0.6, "logits": 0.2}
+    technique = th.LowRankSparse(rank=None, sparsity=sparsity)
+    compressed = th.hybrid_compress(model, th.Budget(params=0.5), [technique], search_steps=4)
+    share = compressed.technique("lowrank_sparse").rank
+    assert isinstance(share, float) and 0 < share < 1
+    compressed.finish_search()
+    assert float(compressed.ratios(hard=True)["params"]) <= 0.5
+    small = th.strip(compressed)
+    for name, kept in sparsity.items():
+        kernel = small.get_layer(f"{name}_sparse").kernel.numpy()
+        assert np.mean(kernel == 0) == pytest.approx(kept, abs=1 / kernel.size)

@@ -107,11 +107,11 @@ class PrunedByTFMOT(base.Technique):
         """
         kept = base.kept_kernel_channels(model)
         for wrapper in self.layers_of(model):
+            density = 1.0 - self.target_sparsity(wrapper.layer.name)
             if self.block_size == (1, 1):
                 for key, (weight, mask, _) in zip(self.kernel_keys(wrapper), wrapper.pruning_vars):
                     rows, cols = kept[key]
                     kernel = _as_matrix(weight.numpy(), key)
-                    density = 1.0 - self.target_sparsity(wrapper.layer.name)
                     chosen = largest_mask(kernel, rows, cols, density)
                     mask.assign(chosen.reshape(weight.shape))
             wrapper.pruning_obj.weight_mask_op()
